@@ -1,0 +1,162 @@
+"""The ``selfsup`` command: parses arguments, builds a config, calls the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="selfsup", description="Self-supervised visual representation learning.")
+    p.add_argument("--version", action="version", version=f"selfsup {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    pre = sub.add_parser("pretrain", help="pre-train a backbone without labels")
+    pre.add_argument("--method", help="simclr (default: the preset's, else simclr)")
+    pre.add_argument("--data", help="digits | cifar10 | cifar100 | stl10 | image folder | .tar/.tar.gz/.zip")
+    pre.add_argument("--out", help="run folder for config, metrics and checkpoints")
+    pre.add_argument("--backbone", help="resnet18 | resnet34 | resnet50")
+    pre.add_argument("--epochs", type=int)
+    pre.add_argument("--batch-size", type=int, help="global batch size (split over ranks)")
+    pre.add_argument("--preset", help="a named recipe, e.g. digits-simclr, cifar10-simclr")
+    pre.add_argument("--config", help="a YAML file of settings (applied after the preset)")
+    pre.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                     help="override any setting, e.g. --set optim.lr=0.5 train.seed=1")
+    pre.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    pre.add_argument("--seed", type=int)
+    pre.add_argument("--unlabeled", action="store_true", default=None,
+                     help="STL-10: also pre-train on the 100k unlabelled images")
+    pre.add_argument("--skip-corrupt", action="store_true", default=None,
+                     help="skip undecodable images (counted) instead of stopping")
+    pre.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                     help="batch-norm statistics over the global batch when distributed (default: "
+                          "the method's; on for SimCLR, as in the paper)")
+    pre.add_argument("--max-minutes", type=float, help="stop at the first epoch end after this long")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+
+    ev = sub.add_parser("eval", help="evaluate a pre-trained backbone")
+    ev.add_argument("protocol", choices=["knn", "linear"])
+    ev.add_argument("--checkpoint", required=True, help="run folder, checkpoint.pt or backbone.pt")
+    ev.add_argument("--data", required=True, help="a labelled source with a test split")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--random-init", action="store_true",
+                    help="evaluate the same architecture at random initialisation (the baseline)")
+    ev.add_argument("--k", type=int, default=200, help="kNN neighbours")
+    ev.add_argument("--t", type=float, default=0.1, help="kNN temperature")
+    ev.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    ev.add_argument("--lr", type=float, default=0.1, help="linear probe learning rate")
+    ev.add_argument("--batch-size", type=int, default=512, help="feature extraction batch")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--skip-corrupt", action="store_true")
+    return p
+
+
+def _pretrain(a: argparse.Namespace) -> int:
+    from . import distributed as D
+    from .config import PRESETS, resolve
+    from .train import pretrain
+
+    if a.list_presets:
+        for name, recipe in sorted(PRESETS.items()):
+            print(f"{name}: {recipe.get('_about', '')}")
+        return 0
+    overrides: dict = {"data": {}, "model": {}, "train": {}}
+    for value, section, key in [(a.data, "data", "source"), (a.backbone, "model", "backbone"),
+                                (a.epochs, "train", "epochs"), (a.batch_size, "train", "batch_size"),
+                                (a.device, "train", "device"), (a.seed, "train", "seed"),
+                                (a.unlabeled, "data", "unlabeled"), (a.skip_corrupt, "data", "skip_corrupt"),
+                                (a.max_minutes, "train", "max_minutes"), (a.sync_bn, "model", "sync_bn")]:
+        if value is not None:
+            overrides[section][key] = value
+    if a.method is not None:
+        overrides["method"] = a.method
+    if a.out is not None:
+        overrides["out"] = a.out
+    if a.no_progress:
+        overrides["train"]["progress"] = False
+    if a.resume:
+        if not a.out:
+            raise SystemExit("selfsup: error: --resume needs --out DIR (the run to continue)")
+        from .config import Config
+        cfg = Config(out=a.out)
+        cfg.train.device = a.device or "auto"
+        cfg.train.progress = not a.no_progress
+        cfg.train.max_minutes = a.max_minutes
+    else:
+        cfg = resolve(preset_name=a.preset, file=a.config, sets=a.sets, overrides=overrides)
+    pretrain(cfg, resume=a.resume)
+    D.cleanup()  # leave the torchrun process group cleanly (no-op in a single process)
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .data import load_data
+    from .evaluate import extract_features, knn_accuracy, linear_probe, load_backbone
+    from .train import resolve_device
+
+    torch.manual_seed(a.seed)
+    backbone, meta = load_backbone(a.checkpoint, random_init=a.random_init)
+    device = resolve_device(a.device)
+    splits = load_data(a.data, image_size=meta.get("data_image_size"), skip_corrupt=a.skip_corrupt)
+    if splits.test is None:
+        raise SystemExit(f"selfsup: error: '{a.data}' has no labelled test split to evaluate on")
+    backbone.to(device)
+    kw = dict(size=meta["image_size"], mean=meta["mean"], std=meta["std"], device=device,
+              batch_size=a.batch_size)
+    train_f = extract_features(backbone, splits.train.images, **kw)
+    test_f = extract_features(backbone, splits.test.images, **kw)
+    labels = lambda d: torch.tensor(np.asarray(d.labels), dtype=torch.long, device=device)  # noqa: E731
+    n_cls = len(splits.train.classes)
+    if a.protocol == "knn":
+        top1 = knn_accuracy(train_f, labels(splits.train), test_f, labels(splits.test),
+                            num_classes=n_cls, k=a.k, temperature=a.t)
+        result = {"protocol": "knn", "top1": top1, "k": a.k, "t": a.t}
+    else:
+        result = {"protocol": "linear", "epochs": a.epochs, "lr": a.lr,
+                  **linear_probe(train_f, labels(splits.train), test_f, labels(splits.test),
+                                 num_classes=n_cls, epochs=a.epochs, lr=a.lr, seed=a.seed)}
+    result.update(data=a.data, checkpoint=str(a.checkpoint), random_init=a.random_init)
+    where = Path(a.checkpoint)
+    where = where if where.is_dir() else where.parent
+    name = f"eval_{a.protocol}{'_random_init' if a.random_init else ''}.json"
+    (where / name).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{a.protocol} top-1{' (random init)' if a.random_init else ''}: {result['top1']:.2f}% "
+          f"-> {where / name}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .train import TrainingError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # data decoding/cache notes
+    args = _parser().parse_args(argv)
+    try:
+        return _pretrain(args) if args.command == "pretrain" else _eval(args)
+    except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as e:
+        print(f"selfsup: error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, TrainingError) else 1
+    except KeyboardInterrupt:
+        print("selfsup: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Everything that touches ``torch.distributed`` lives here.
+
+Helpers fall back to rank 0 / world size 1 when no process group exists, so every method
+and loss runs unchanged on one CPU, one GPU, or many processes launched by ``torchrun``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup(device: str) -> None:
+    """Join the process group that ``torchrun`` describes in the environment (no-op otherwise).
+
+    NCCL for CUDA devices, gloo for CPU.
+    """
+    if is_distributed() or not launched_by_torchrun():
+        return
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward returns to each rank the gradient of its own slice, summed
+    over every rank's loss (so DDP's gradient averaging yields the gradient of the global mean)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # (N, D) -> (W*N, D)
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # (W*N, D) -> (N, D)
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        n = grad.shape[0] // world_size()
+        return grad[rank() * n:(rank() + 1) * n]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every rank in rank order, keeping gradients. (N, D) -> (W*N, D)."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every rank in rank order, without gradients."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """In-place sum over ranks (identity without a process group)."""
+    if is_distributed() and world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """In-place mean over ranks (identity without a process group)."""
+    if is_distributed() and world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= world_size()
+    return x
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's Python object, in rank order (``[obj]`` without a process group)."""
+    if not is_distributed() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's Python object on every rank."""
+    if not is_distributed() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Global batch norm: statistics over every rank's samples (SimCLR §2.2, BYOL, SwAV, SimSiam).
+
+class GlobalBatchNorm(_BatchNorm):
+    """Batch norm whose training statistics cover the global batch, for CPU process groups.
+
+    Workaround: ``nn.SyncBatchNorm`` refuses CPU tensors ("expected input tensor to be on GPU",
+    torch 2.x), so gloo runs use this. Each rank computes its per-channel mean and biased
+    variance (at least float32), the ranks' moments are gathered with gradients and combined
+    exactly (Chan et al.: within-rank plus between-rank variance; no E[x²]-E[x]² cancellation).
+    Running statistics take the unbiased global variance with the usual momentum. In eval
+    mode this is plain BN. Parameter and buffer names are those of ``nn.BatchNorm*d``, so a
+    state dict moves freely between the two; ``bias`` may be None (scale-only BN).
+    Takes (B, C) or (B, C, *spatial) inputs in any memory format.
+    """
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects (B, C) or (B, C, ...) input, got {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, *spatial) -> same
+        self._check_input_dim(x)
+        if not self.training and self.running_mean is not None:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # (C,) -> broadcastable over (B, C, *spatial)
+        dims = [0, *range(2, x.dim())]
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32, fp64 stays
+        var, mean = torch.var_mean(xf, dim=dims, correction=0)  # (C,) each, this rank's samples
+        n = xf.new_tensor(float(x.numel() // x.shape[1]))
+        if self.training and world_size() > 1:  # like SyncBatchNorm, eval with batch stats stays local
+            mean, var, n = _global_moments(mean, var, n)
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), n)
+        scale = torch.rsqrt(var + self.eps)  # (C,)
+        if self.weight is not None:
+            scale = scale * self.weight
+        y = (xf - mean.view(shape)) * scale.view(shape)
+        if self.bias is not None:
+            y = y + self.bias.view(shape)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        m = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        unbiased = var * n / (n - 1).clamp(min=1)  # (C,) as BatchNorm's running_var
+        self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+        self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+
+
+def _global_moments(mean: Tensor, var: Tensor, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Combine every rank's per-channel mean and biased variance (C,) over n samples into the
+    global ones, keeping gradients.
+
+    The gather's backward sums each rank's gradient with respect to the global moments and
+    returns it to the rank that produced the local ones: that is the gradient of the sum of
+    the ranks' losses, and DDP's averaging of parameter gradients makes it that of their mean,
+    the loss of one process holding the whole batch.
+    """
+    c = mean.shape[0]
+    local = torch.cat([mean, var, n.reshape(1)])[None]  # (1, 2C+1)
+    every = gather_with_grad(local)  # (W, 2C+1)
+    means, variances, counts = every[:, :c], every[:, c:2 * c], every[:, 2 * c:].detach()  # (W, C), (W, C), (W, 1)
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total  # (C,)
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total  # within + between ranks
+    return mean, var, total
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Give every batch norm in ``module`` statistics over the global batch.
+
+    CUDA: ``nn.SyncBatchNorm``. CPU: :class:`GlobalBatchNorm`. Parameters and buffers are
+    shared with the old layers, not copied, and state-dict keys stay the same, so checkpoints
+    load into the plain model (and backbones into torchvision's layout).
+    """
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _to_global_bn(module)
+
+
+def _to_global_bn(module: nn.Module) -> nn.Module:
+    if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats)
+        if module.affine:
+            bn.weight, bn.bias = module.weight, module.bias  # bias None: scale-only BN stays so
+        if module.track_running_stats:
+            bn.running_mean, bn.running_var = module.running_mean, module.running_var
+            bn.num_batches_tracked = module.num_batches_tracked
+        bn.train(module.training)
+        return bn
+    for name, child in module.named_children():
+        module.add_module(name, _to_global_bn(child))
+    return module

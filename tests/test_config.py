@@ -1,0 +1,59 @@
+import pytest
+
+from selfsup.config import PRESETS, ConfigError, parse_set, resolve
+
+
+def test_defaults_and_preset_and_overrides_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.3\ntrain:\n  epochs: 7\n")
+    cfg = resolve(preset_name="cifar10-simclr", file=f, sets=["train.epochs=9", "temperature=0.2"],
+                  overrides={"train": {"batch_size": 64}})
+    assert cfg.preset == "cifar10-simclr"
+    assert cfg.aug.strength == 0.5 and cfg.aug.blur is False          # from the preset
+    assert cfg.optim.lr == 0.3                                         # file over preset
+    assert cfg.train.epochs == 9 and cfg.temperature == 0.2            # --set over file
+    assert cfg.train.batch_size == 64                                  # explicit flags last
+
+
+def test_parse_set_types():
+    assert parse_set("optim.lr=1e-3") == {"optim": {"lr": 1e-3}}
+    assert parse_set("model.sync_bn=false") == {"model": {"sync_bn": False}}
+    assert parse_set("data.image_size=null") == {"data": {"image_size": None}}
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["nonsense=1"], "unknown config key 'nonsense'"),
+    (["train.epochs=abc"], "train.epochs: expected int"),
+    (["train.batch_size=1"], "batch_size must be at least 2"),
+    (["temperature=-1"], "temperature must be positive"),
+    (["optim=3"], "optim: expected a mapping"),
+    (["train.epochs"], "--set expects key=value"),
+    (["method=nope"], "unknown method 'nope'"),
+])
+def test_bad_values_are_named(sets, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve(sets=sets)
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; available: .*digits-simclr"):
+        resolve(preset_name="nope")
+
+
+def test_every_preset_resolves_and_says_what_it_follows():
+    for name, recipe in PRESETS.items():
+        resolve(preset_name=name)
+        assert recipe.get("_about"), f"preset {name} must state its recipe"
+
+
+def test_bad_yaml_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve(file=f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(file=tmp_path / "missing.yaml")
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        resolve(file=f)
