@@ -39,6 +39,8 @@ __all__ = [
     "ViewConfig",
     "simclr_view",
     "crop_flip_view",
+    "byol_view",
+    "multi_crop_views",
     "Augment",
     "eval_view",
     "JitterParams",
@@ -164,6 +166,47 @@ def crop_flip_view(size: int, **overrides) -> ViewConfig:
         solarize_p=0.0,
     )
     return dataclasses.replace(cfg, **overrides)
+
+
+def byol_view(size: int, view: int, blur: bool = True, **overrides) -> ViewConfig:
+    """BYOL's asymmetric pair (BYOL Appendix B, Table 6): both views crop, flip, jitter
+    (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2; view 1 blurs always and never solarises,
+    view 2 blurs with p=0.1 and solarises with p=0.2. ``blur=False`` drops the blur of both
+    (32x32 images, as SimCLR does on CIFAR-10)."""
+    if view not in (1, 2):
+        raise ValueError(f"BYOL has views 1 and 2, got {view}")
+    cfg = ViewConfig(
+        size=size,
+        flip_p=0.5,
+        jitter_p=0.8,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.2,
+        hue=0.1,
+        grayscale_p=0.2,
+        blur_p=(1.0 if view == 1 else 0.1) if blur else 0.0,
+        solarize_p=0.0 if view == 1 else 0.2,
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+def multi_crop_views(
+    global_views: list[ViewConfig],
+    local_crops: int,
+    local_size: int,
+    local_scale: tuple[float, float] = (0.05, 0.14),
+    local_from: ViewConfig | None = None,
+) -> list[ViewConfig]:
+    """SwAV's multi-crop (SwAV §3.2): the global views at full resolution, then ``local_crops``
+    low-resolution views that cover small parts of the image (SwAV: 2 x 224 with scale
+    (0.14, 1) + 6 x 96 with scale (0.05, 0.14)).
+
+    A local view is ``local_from`` (default: the first global view) with ``local_size`` and
+    ``local_scale``; its blur kernel follows its own size. Globals come first, so a method
+    finds them at ``views[:len(global_views)]``.
+    """
+    local = dataclasses.replace(local_from or global_views[0], size=local_size, scale=local_scale)
+    return list(global_views) + [local] * local_crops
 
 
 # --------------------------------------------------------------------------- helpers

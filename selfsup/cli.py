@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     pre = sub.add_parser("pretrain", help="pre-train a backbone without labels")
-    pre.add_argument("--method", help="simclr (default: the preset's, else simclr)")
+    pre.add_argument("--method", help="simclr, moco, ... (see --list-presets; default: the preset's, else simclr)")
     pre.add_argument("--data", help="digits | cifar10 | cifar100 | stl10 | image folder | .tar/.tar.gz/.zip")
     pre.add_argument("--out", help="run folder for config, metrics and checkpoints")
     pre.add_argument("--backbone", help="resnet18 | resnet34 | resnet50")

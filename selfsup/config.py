@@ -67,7 +67,7 @@ class TrainConfig:
     batch_size: int = 512           # global batch (split over ranks when distributed)
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    precision: str = "auto"         # auto (bf16 on CUDA when supported, else fp32) | bf16 | fp32
+    precision: str = "auto"         # auto (bf16 on CUDA, and on CPUs with AMX; else fp32) | bf16 | fp32
     channels_last: bool = True
     compile: bool = False           # torch.compile the model (pays off on GPUs for long runs)
     checkpoint_every: int = 10      # epochs between checkpoints (and always at the end)
@@ -88,10 +88,62 @@ class EvalConfig:
 
 
 @dataclass
+class MoCoConfig:
+    queue_size: int = 65536         # K negatives; a multiple of the keys added per step (global batch, x2 if symmetric)
+    momentum: float = 0.999         # key encoder EMA m (CIFAR demo: 0.99)
+    momentum_cosine: bool = False   # m rises from `momentum` to 1 over training on a cosine (BYOL's schedule)
+    symmetric: bool = False         # both views are queries; the loss is the sum of both directions (CIFAR demo)
+    shuffle_bn_groups: int = 8      # one process: BN over this many groups of the shuffled batch (split BN), as on
+                                    # that many devices; 1 = plain BN. Distributed runs shuffle over ranks instead
+    mlp: bool = True                # v2 head Linear-ReLU-Linear, no BN; False: v1's single linear layer
+    aug_plus: bool = True           # v2 augmentation (jitter p=0.8, blur per aug.blur); False: v1 (jitter always, hue 0.4)
+
+
+@dataclass
+class MemoryConfig:
+    size: int = 0                   # SimCLRv2's memory of momentum-encoder negatives (paper: 65536); 0 = off
+    momentum: float = 0.999         # EMA of the memory encoder; use a low temperature (paper: 0.1) with a memory
+
+
+@dataclass
+class MultiCropConfig:
+    global_crops: int = 2           # views at full resolution (aug.size), crop scale (aug.scale_min, 1)
+    local_crops: int = 0            # extra low-resolution views (SwAV: 6); BYOL, SimSiam and SwAV take them
+    local_size: int | None = None   # None: 96/224 of the global size, as SwAV's 96-pixel crops of 224
+    local_scale_min: float = 0.05   # SwAV's local crops cover 5-14% of the image
+    local_scale_max: float = 0.14
+
+
+@dataclass
+class BYOLConfig:
+    momentum: float = 0.996         # target EMA τ_base, raised to 1 on a cosine over all steps (BYOL: 0.996
+                                    # for 1000 epochs, 0.99 for 100-300); the projector is model.proj_hidden/proj_dim
+    pred_hidden: int | None = None  # predictor hidden width (None: model.proj_hidden, BYOL's 4096)
+
+
+@dataclass
+class SimSiamConfig:
+    pred_hidden: int | None = None  # predictor bottleneck (None: model.proj_dim // 4, SimSiam's 2048 -> 512)
+    fix_pred_lr: bool = True        # the predictor keeps the peak lr while the rest decays (--fix-pred-lr)
+
+
+@dataclass
+class SwAVConfig:
+    prototypes: int = 3000          # K; the embedding is model.proj_dim (128), the head hidden model.proj_hidden
+    epsilon: float = 0.05           # Sinkhorn's entropy ε; lower it (0.03) if the loss sticks at ln K
+    sinkhorn_iterations: int = 3
+    freeze_prototypes_steps: int = 0  # prototype gradients dropped for this many steps (SwAV: ~1 epoch)
+    queue_length: int = 0           # past global-crop embeddings joined to Sinkhorn's input; 0 = off;
+                                    # a multiple of the global batch (SwAV: 3840 at batch 256)
+    queue_start_epoch: int = 15     # the queue starts filling at this epoch; used once full
+
+
+@dataclass
 class Config:
     method: str = "simclr"
-    loss: str = "nt_xent"
+    loss: str = "nt_xent"           # nt_xent | dcl | dclw (MoCo: info_nce = nt_xent, its InfoNCE)
     temperature: float = 0.5
+    dclw_sigma: float = 0.5         # DCLW's weighting temperature σ (loss=dclw)
     out: str | None = None
     preset: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -100,6 +152,12 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,6 +165,14 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # Presets: each states the recipe it follows.
+
+#: data.source of the ImageNet presets until ``--data PATH`` replaces it (validate names it).
+IMAGENET_PLACEHOLDER = "<imagenet: pass --data PATH>"
+
+# Shared by the ImageNet presets: ResNet-50 with the standard stem, 224-pixel crops.
+_IMAGENET_DATA = {"source": IMAGENET_PLACEHOLDER, "image_size": 256}
+_IMAGENET_MODEL = {"backbone": "resnet50", "width": 1.0, "cifar_stem": False}
+_IMAGENET_EVAL = {"knn_every": 10, "knn_k": 200, "knn_t": 0.1}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "digits-simclr": {
@@ -134,16 +200,285 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"knn_every": 10},
     },
     "cifar10-simclr-small": {
-        "_about": "cifar10-simclr shrunk for a CPU: a width-0.25 (16-channel) ResNet-18 at 32x32, "
-                  "batch 256, 15 epochs (about 10 minutes on 2 cores); otherwise the same recipe.",
+        "_about": "cifar10-simclr shrunk to about 10 minutes on a 2-core CPU: a width-0.25 "
+                  "(16-channel) ResNet-18 at 32x32, batch 256, 6 epochs with 1 warm-up epoch; "
+                  "otherwise the same recipe.",
         "method": "simclr", "temperature": 0.5,
         "data": {"source": "cifar10"},
         "model": {"backbone": "resnet18", "width": 0.25, "cifar_stem": True, "proj_layers": 2},
         "aug": {"strength": 0.5, "blur": False},
         "optim": {"name": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-4,
                   "warmup_epochs": 1},
+        "train": {"epochs": 6, "batch_size": 256, "checkpoint_every": 1},
+        "eval": {"knn_every": 3},
+    },
+    "cifar10-simclr-dcl": {
+        "_about": "cifar10-simclr with the DCL loss (positive removed from the denominator) at the "
+                  "reference implementations' temperature 0.1, 200 epochs as in lightly's CIFAR-10 "
+                  "benchmark, where DCL reaches about SimCLR's kNN (REFERENCE.md section 7).",
+        "method": "simclr", "loss": "dcl", "temperature": 0.1,
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_layers": 2},
+        "aug": {"strength": 0.5, "blur": False},
+        "optim": {"name": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-4,
+                  "warmup_epochs": 10},
+        "train": {"epochs": 200, "batch_size": 512, "checkpoint_every": 10},
+        "eval": {"knn_every": 10},
+    },
+    "cifar10-simclr-dclw": {
+        "_about": "cifar10-simclr-dcl with DCLW: each positive weighted by 2 - N softmax(<z1,z2>/sigma), "
+                  "sigma 0.5 (REFERENCE.md section 7).",
+        "method": "simclr", "loss": "dclw", "temperature": 0.1, "dclw_sigma": 0.5,
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_layers": 2},
+        "aug": {"strength": 0.5, "blur": False},
+        "optim": {"name": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-4,
+                  "warmup_epochs": 10},
+        "train": {"epochs": 200, "batch_size": 512, "checkpoint_every": 10},
+        "eval": {"knn_every": 10},
+    },
+    "cifar10-simclr-v2": {
+        "_about": "SimCLRv2 pre-training on CIFAR-10: cifar10-simclr with the 3-layer projection head "
+                  "and a memory of momentum-encoder negatives with the paper's EMA 0.999 and T 0.1 "
+                  "(REFERENCE.md section 2); the paper's 64K memory is sized for ImageNet, here 4096 "
+                  "keys (MoCo's CIFAR-10 K). With the memory, SimCLR's CIFAR T 0.5 collapsed the "
+                  "embedding in short CPU runs. The public SimCLR code has no memory.",
+        "method": "simclr", "temperature": 0.1,
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_layers": 3},
+        "aug": {"strength": 0.5, "blur": False},
+        "optim": {"name": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-4,
+                  "warmup_epochs": 10},
+        "train": {"epochs": 1000, "batch_size": 512, "checkpoint_every": 10},
+        "eval": {"knn_every": 10},
+        "memory": {"size": 4096, "momentum": 0.999},
+    },
+    "cifar10-simclr-v2-small": {
+        "_about": "cifar10-simclr-v2 shrunk for a CPU like cifar10-simclr-small: width 0.25, batch 256, "
+                  "15 epochs; memory 4096, EMA 0.999, T 0.1.",
+        "method": "simclr", "temperature": 0.1,
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "resnet18", "width": 0.25, "cifar_stem": True, "proj_layers": 3},
+        "aug": {"strength": 0.5, "blur": False},
+        "optim": {"name": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-4,
+                  "warmup_epochs": 1},
         "train": {"epochs": 15, "batch_size": 256, "checkpoint_every": 1},
         "eval": {"knn_every": 5},
+        "memory": {"size": 4096, "momentum": 0.999},
+    },
+    "cifar10-moco-v2": {
+        "_about": "MoCo's official CIFAR-10 demo (REFERENCE.md section 3): ResNet-18 CIFAR stem, "
+                  "linear fc -> 128 head as the demo (moco.mlp=true gives v2's MLP), K 4096, m 0.99, "
+                  "T 0.1, SGD lr 0.06 at batch 512 (0.03 x B/256), momentum 0.9, wd 5e-4 on every "
+                  "parameter, cosine without warm-up, split BN in 8 groups, asymmetric loss "
+                  "(moco.symmetric=true for the demo's symmetric variant), jitter (0.4, 0.4, 0.4, 0.1) "
+                  "p=0.8, grayscale 0.2, no blur, 200 epochs, kNN k=200 T=0.1. The demo reports kNN "
+                  "82.6% at 200 epochs (symmetric 85.3%).",
+        "method": "moco", "loss": "info_nce", "temperature": 0.1,
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_dim": 128},
+        "aug": {"strength": 0.5, "blur": False, "scale_min": 0.08},
+        "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9,
+                  "weight_decay": 5e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
+        "train": {"epochs": 200, "batch_size": 512, "checkpoint_every": 10},
+        "eval": {"knn_every": 10, "knn_k": 200, "knn_t": 0.1},
+        "moco": {"queue_size": 4096, "momentum": 0.99, "momentum_cosine": False, "symmetric": False,
+                 "shuffle_bn_groups": 8, "mlp": False, "aug_plus": True},
+    },
+    "cifar10-moco-v2-small": {
+        "_about": "cifar10-moco-v2 shrunk for a CPU: a width-0.25 (16-channel) ResNet-18, batch 256 "
+                  "(lr 0.03 x B/256), 15 epochs; otherwise the demo's recipe (K 4096, m 0.99, T 0.1, "
+                  "split BN in 8 groups).",
+        "method": "moco", "loss": "info_nce", "temperature": 0.1,
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "resnet18", "width": 0.25, "cifar_stem": True, "proj_dim": 128},
+        "aug": {"strength": 0.5, "blur": False, "scale_min": 0.08},
+        "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9,
+                  "weight_decay": 5e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
+        "train": {"epochs": 15, "batch_size": 256, "checkpoint_every": 1},
+        "eval": {"knn_every": 5, "knn_k": 200, "knn_t": 0.1},
+        "moco": {"queue_size": 4096, "momentum": 0.99, "symmetric": False, "shuffle_bn_groups": 8,
+                 "mlp": False, "aug_plus": True},
+    },
+    "imagenet-simclr": {
+        "_about": "SimCLR's ImageNet recipe (paper section 2.3, REFERENCE.md section 1): ResNet-50, "
+                  "batch 4096, LARS lr 0.3 x B/256 = 4.8, wd 1e-6, 10 warm-up epochs then cosine, "
+                  "100 epochs, T 0.1, 2-layer head -> 128, colour strength 1.0 with blur, global BN. "
+                  "Needs --data PATH (an ImageNet image folder or archive).",
+        "method": "simclr", "loss": "nt_xent", "temperature": 0.1,
+        "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_layers": 2},
+        "aug": {"strength": 1.0, "blur": True, "scale_min": 0.08, "size": 224},
+        "optim": {"name": "lars", "lr": 0.3, "lr_scaling": "linear", "weight_decay": 1e-6,
+                  "warmup_epochs": 10},
+        "train": {"epochs": 100, "batch_size": 4096, "checkpoint_every": 5},
+        "eval": _IMAGENET_EVAL,
+    },
+    "imagenet-simclr-v2": {
+        "_about": "SimCLRv2 pre-training (REFERENCE.md section 2): ResNet-50 (1x, no SK), 3-layer head, "
+                  "batch 4096, LARS lr 0.1 x sqrt(B) = 6.4, wd 1e-4, 5 warm-up epochs, T 0.1, 800 "
+                  "epochs, global BN, memory of 65536 momentum-encoder keys with EMA 0.999, SimCLR's "
+                  "augmentation. lr, warm-up, wd and T are marked unverified in REFERENCE.md. Needs "
+                  "--data PATH.",
+        "method": "simclr", "loss": "nt_xent", "temperature": 0.1,
+        "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_layers": 3},
+        "aug": {"strength": 1.0, "blur": True, "scale_min": 0.08, "size": 224},
+        "optim": {"name": "lars", "lr": 0.1, "lr_scaling": "sqrt", "weight_decay": 1e-4,
+                  "warmup_epochs": 5},
+        "train": {"epochs": 800, "batch_size": 4096, "checkpoint_every": 5},
+        "eval": _IMAGENET_EVAL,
+        "memory": {"size": 65536, "momentum": 0.999},
+    },
+    "imagenet-simclr-dcl": {
+        "_about": "SimCLR with DCL at the DCL paper's headline setting, batch 256 and 200 epochs "
+                  "(68.2% linear, REFERENCE.md section 7); T 0.1 as the reference implementations; "
+                  "optimiser from SimCLR's README for small batches: LARS lr 0.075 x sqrt(B) = 1.2, "
+                  "wd 1e-6, 10 warm-up epochs (the DCL paper's own optimiser settings are not in "
+                  "REFERENCE.md). ResNet-50, SimCLR's augmentation with blur. Needs --data PATH.",
+        "method": "simclr", "loss": "dcl", "temperature": 0.1,
+        "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_layers": 2},
+        "aug": {"strength": 1.0, "blur": True, "scale_min": 0.08, "size": 224},
+        "optim": {"name": "lars", "lr": 0.075, "lr_scaling": "sqrt", "weight_decay": 1e-6,
+                  "warmup_epochs": 10},
+        "train": {"epochs": 200, "batch_size": 256, "checkpoint_every": 5},
+        "eval": _IMAGENET_EVAL,
+    },
+    "imagenet-moco-v1": {
+        "_about": "MoCo v1 (REFERENCE.md section 3): ResNet-50, linear head -> 128, K 65536, m 0.999, "
+                  "T 0.07, SGD lr 0.03 x B/256 at batch 256, momentum 0.9, wd 1e-4 on every parameter, "
+                  "200 epochs, v1 augmentation (crop scale 0.2-1, grayscale 0.2, jitter 0.4 on every "
+                  "image, no blur), Shuffle BN (8 groups on one process, across ranks otherwise). The "
+                  "original decays the lr x0.1 at epochs 120 and 160; the trainer's schedule is cosine. "
+                  "Needs --data PATH.",
+        "method": "moco", "loss": "info_nce", "temperature": 0.07,
+        "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_dim": 128},
+        "aug": {"strength": 0.5, "blur": False, "scale_min": 0.2, "size": 224},
+        "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9,
+                  "weight_decay": 1e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
+        "train": {"epochs": 200, "batch_size": 256, "checkpoint_every": 5},
+        "eval": _IMAGENET_EVAL,
+        "moco": {"queue_size": 65536, "momentum": 0.999, "symmetric": False, "shuffle_bn_groups": 8,
+                 "mlp": False, "aug_plus": False},
+    },
+    "imagenet-moco-v2": {
+        "_about": "MoCo v2 (REFERENCE.md section 3): imagenet-moco-v1 with the MLP head (2048-2048-128, "
+                  "no BN), T 0.2, aug+ (jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, blur p=0.5) "
+                  "and the cosine lr, 200 epochs (67.5% linear). Needs --data PATH.",
+        "method": "moco", "loss": "info_nce", "temperature": 0.2,
+        "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_dim": 128},
+        "aug": {"strength": 0.5, "blur": True, "scale_min": 0.2, "size": 224},
+        "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9,
+                  "weight_decay": 1e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
+        "train": {"epochs": 200, "batch_size": 256, "checkpoint_every": 5},
+        "eval": _IMAGENET_EVAL,
+        "moco": {"queue_size": 65536, "momentum": 0.999, "symmetric": False, "shuffle_bn_groups": 8,
+                 "mlp": True, "aug_plus": True},
+    },
+    "cifar10-byol": {
+        "_about": "BYOL on CIFAR-10. The paper has no CIFAR recipe; this follows solo-learn's "
+                  "cifar/byol.yaml as quoted in REFERENCE.md section 5 (92.6% after 1000 epochs): "
+                  "ResNet-18 CIFAR stem, projector and predictor 4096 -> 256, target EMA 0.99 -> 1 "
+                  "on a cosine, LARS lr 1.0 x B/256 at batch 256 with bias and BN excluded, wd 1e-5, "
+                  "10 warm-up epochs, BYOL's asymmetric views (jitter (0.4, 0.4, 0.2, 0.1), "
+                  "solarise p=0.2 on view 2) without blur at 32x32, 1000 epochs.",
+        "method": "byol",
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_hidden": 4096,
+                  "proj_dim": 256},
+        "aug": {"blur": False, "scale_min": 0.08},
+        "optim": {"name": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-5,
+                  "warmup_epochs": 10, "exclude_bias_and_norm": True},
+        "train": {"epochs": 1000, "batch_size": 256, "checkpoint_every": 10},
+        "eval": {"knn_every": 10},
+        "byol": {"momentum": 0.99, "pred_hidden": 4096},
+    },
+    "cifar10-simsiam": {
+        "_about": "SimSiam's CIFAR-10 recipe (paper appendix D, REFERENCE.md section 6): ResNet-18 "
+                  "CIFAR stem, 2-layer projector with 2048-d output (non-affine BN), predictor "
+                  "2048 -> 512 -> 2048 with its lr fixed, SGD lr 0.03 x B/256 at batch 512, "
+                  "momentum 0.9, wd 5e-4 on every parameter, cosine without warm-up, MoCo v2's "
+                  "augmentation (crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.1)) without blur, 800 epochs.",
+        "method": "simsiam",
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_layers": 2,
+                  "proj_dim": 2048},
+        "aug": {"strength": 0.5, "blur": False, "scale_min": 0.2},
+        "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9,
+                  "weight_decay": 5e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
+        "train": {"epochs": 800, "batch_size": 512, "checkpoint_every": 10},
+        "eval": {"knn_every": 10},
+        "simsiam": {"pred_hidden": 512, "fix_pred_lr": True},
+    },
+    "cifar10-swav": {
+        "_about": "SwAV on CIFAR-10 with multi-crop: 2 x 32 crops (scale 0.14-1) + 6 x 16 crops "
+                  "(scale 0.05-0.14), SwAV's ratio of 96 to 224 pixels. SwAV has no official CIFAR "
+                  "recipe; the rest follows solo-learn's cifar/swav.yaml as quoted in REFERENCE.md "
+                  "section 4 (89.2% after 1000 epochs): ResNet-18, head 2048 -> 128, 3000 prototypes "
+                  "frozen for 2 epochs (390 steps at batch 256), T 0.1, eps 0.05, 3 Sinkhorn "
+                  "iterations, queue 3840 from epoch 50, LARS lr 0.6 x B/256 without exclusions, "
+                  "wd 1e-6, cosine to 0.1% of the peak, colour strength 1.0 without blur.",
+        "method": "swav", "temperature": 0.1,
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_hidden": 2048,
+                  "proj_dim": 128},
+        "aug": {"strength": 1.0, "blur": False, "scale_min": 0.14},
+        "optim": {"name": "lars", "lr": 0.6, "lr_scaling": "linear", "weight_decay": 1e-6,
+                  "warmup_epochs": 0, "final_lr": 0.001, "exclude_bias_and_norm": False},
+        "train": {"epochs": 1000, "batch_size": 256, "checkpoint_every": 10},
+        "eval": {"knn_every": 10},
+        "multicrop": {"global_crops": 2, "local_crops": 6, "local_size": 16,
+                      "local_scale_min": 0.05, "local_scale_max": 0.14},
+        "swav": {"prototypes": 3000, "epsilon": 0.05, "sinkhorn_iterations": 3,
+                 "freeze_prototypes_steps": 390, "queue_length": 3840, "queue_start_epoch": 50},
+    },
+    "imagenet-byol": {
+        "_about": "BYOL's ImageNet recipe (REFERENCE.md section 5, configs/byol.py at 1000 epochs; "
+                  "74.3% linear): ResNet-50, batch 4096, LARS lr 0.2 x B/256 = 3.2 with bias and "
+                  "norm excluded, wd 1.5e-6, 10 warm-up epochs then cosine, projector and predictor "
+                  "4096 -> 256, target EMA 0.996 -> 1 on a cosine, asymmetric views with blur "
+                  "(p 1.0 / 0.1) and solarisation (0 / 0.2), global BN. Needs --data PATH.",
+        "method": "byol",
+        "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_hidden": 4096, "proj_dim": 256},
+        "aug": {"blur": True, "scale_min": 0.08, "size": 224},
+        "optim": {"name": "lars", "lr": 0.2, "lr_scaling": "linear", "weight_decay": 1.5e-6,
+                  "warmup_epochs": 10, "exclude_bias_and_norm": True},
+        "train": {"epochs": 1000, "batch_size": 4096, "checkpoint_every": 5},
+        "eval": _IMAGENET_EVAL,
+        "byol": {"momentum": 0.996, "pred_hidden": 4096},
+    },
+    "imagenet-simsiam": {
+        "_about": "SimSiam's ImageNet recipe (REFERENCE.md section 6; 68.1% linear at 100 epochs): "
+                  "ResNet-50, 3-layer projector 2048-d with a non-affine output BN, predictor "
+                  "2048 -> 512 -> 2048 with a fixed lr, SGD lr 0.05 x B/256 at batch 512, momentum "
+                  "0.9, wd 1e-4 on every parameter including BN, cosine without warm-up, MoCo v2's "
+                  "augmentation with blur, global BN, 100 epochs. Needs --data PATH.",
+        "method": "simsiam",
+        "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_layers": 3, "proj_hidden": 2048,
+                                          "proj_dim": 2048},
+        "aug": {"strength": 0.5, "blur": True, "scale_min": 0.2, "size": 224},
+        "optim": {"name": "sgd", "lr": 0.05, "lr_scaling": "linear", "momentum": 0.9,
+                  "weight_decay": 1e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
+        "train": {"epochs": 100, "batch_size": 512, "checkpoint_every": 5},
+        "eval": _IMAGENET_EVAL,
+        "simsiam": {"pred_hidden": 512, "fix_pred_lr": True},
+    },
+    "imagenet-swav": {
+        "_about": "SwAV's batch-256 ImageNet script (REFERENCE.md section 4; 72.7% linear at 200 "
+                  "epochs): ResNet-50, head 2048 -> 2048 -> 128, 3000 prototypes frozen for 5005 "
+                  "steps (1 epoch), T 0.1, eps 0.05, 3 Sinkhorn iterations, queue 3840 from epoch 15, "
+                  "multi-crop 2 x 224 (scale 0.14-1) + 6 x 96 (0.05-0.14), colour strength 1.0 with "
+                  "blur, LARS lr 0.6 without exclusions (the original is LARC, trust 0.001, no "
+                  "clipping), wd 1e-6, no warm-up, cosine to 0.0006, global BN. Needs --data PATH.",
+        "method": "swav", "temperature": 0.1,
+        "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_hidden": 2048, "proj_dim": 128},
+        "aug": {"strength": 1.0, "blur": True, "scale_min": 0.14, "size": 224},
+        "optim": {"name": "lars", "lr": 0.6, "lr_scaling": "linear", "weight_decay": 1e-6,
+                  "warmup_epochs": 0, "final_lr": 0.001, "exclude_bias_and_norm": False},
+        "train": {"epochs": 200, "batch_size": 256, "checkpoint_every": 5},
+        "eval": _IMAGENET_EVAL,
+        "multicrop": {"global_crops": 2, "local_crops": 6, "local_size": 96,
+                      "local_scale_min": 0.05, "local_scale_max": 0.14},
+        "swav": {"prototypes": 3000, "epsilon": 0.05, "sinkhorn_iterations": 3,
+                 "freeze_prototypes_steps": 5005, "queue_length": 3840, "queue_start_epoch": 15},
     },
 }
 
@@ -305,10 +640,55 @@ def validate(cfg: Config) -> None:
         (cfg.eval.knn_k >= 1, "eval.knn_k must be at least 1"),
         (cfg.eval.knn_t > 0, "eval.knn_t must be positive"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be at least 1"),
+        (cfg.dclw_sigma > 0, "dclw_sigma must be positive"),
+        (cfg.moco.queue_size >= 1, "moco.queue_size must be at least 1"),
+        (0 <= cfg.moco.momentum <= 1, "moco.momentum must be in [0, 1]"),
+        (cfg.moco.shuffle_bn_groups >= 1, "moco.shuffle_bn_groups must be at least 1 (1: plain BN)"),
+        (cfg.memory.size >= 0, "memory.size must be >= 0 (0: no memory)"),
+        (0 <= cfg.memory.momentum <= 1, "memory.momentum must be in [0, 1]"),
+        (cfg.multicrop.global_crops >= 1, "multicrop.global_crops must be at least 1"),
+        (cfg.multicrop.local_crops >= 0, "multicrop.local_crops must be >= 0 (0: no local crops)"),
+        (cfg.multicrop.local_size is None or cfg.multicrop.local_size >= 4, "multicrop.local_size must be at least 4"),
+        (0 < cfg.multicrop.local_scale_min <= cfg.multicrop.local_scale_max <= 1,
+         "multicrop needs 0 < local_scale_min <= local_scale_max <= 1"),
+        (0 <= cfg.byol.momentum <= 1, "byol.momentum must be in [0, 1]"),
+        (cfg.byol.pred_hidden is None or cfg.byol.pred_hidden >= 1, "byol.pred_hidden must be at least 1"),
+        (cfg.simsiam.pred_hidden is None or cfg.simsiam.pred_hidden >= 1, "simsiam.pred_hidden must be at least 1"),
+        (cfg.swav.prototypes >= 1, "swav.prototypes must be at least 1"),
+        (cfg.swav.epsilon > 0, "swav.epsilon must be positive"),
+        (cfg.swav.sinkhorn_iterations >= 1, "swav.sinkhorn_iterations must be at least 1"),
+        (cfg.swav.freeze_prototypes_steps >= 0, "swav.freeze_prototypes_steps must be >= 0"),
+        (cfg.swav.queue_length >= 0, "swav.queue_length must be >= 0 (0: no queue)"),
+        (cfg.swav.queue_start_epoch >= 0, "swav.queue_start_epoch must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.data.source == IMAGENET_PLACEHOLDER:
+        where = f"preset '{cfg.preset}'" if cfg.preset else "this configuration"
+        raise ConfigError(f"{where} trains on ImageNet: pass --data PATH, an image folder "
+                          f"(<root>/train/<class>/*.JPEG and <root>/val/...) or an archive of one")
+    # MoCo asserts K % batch == 0 so the queue always holds whole batches of keys
+    batch = cfg.train.batch_size
+    if cfg.method == "moco" and cfg.moco.queue_size % (batch * (2 if cfg.moco.symmetric else 1)):
+        per_step = batch * (2 if cfg.moco.symmetric else 1)
+        raise ConfigError(f"moco.queue_size {cfg.moco.queue_size} must be a multiple of the keys queued per "
+                          f"step, {per_step} (the global batch{' x 2 views, moco.symmetric' if cfg.moco.symmetric else ''}); "
+                          f"e.g. moco.queue_size={max(1, cfg.moco.queue_size // per_step) * per_step}")
+    crops = cfg.multicrop.global_crops + cfg.multicrop.local_crops
+    if cfg.method in ("simclr", "moco") and (cfg.multicrop.global_crops != 2 or cfg.multicrop.local_crops):
+        raise ConfigError(f"{cfg.method} takes exactly two views; multicrop.global_crops=2 and "
+                          f"multicrop.local_crops=0 (multi-crop is for byol, simsiam and swav)")
+    if crops < 2:
+        raise ConfigError(f"multicrop gives {crops} view(s); every method needs at least two "
+                          f"(global_crops + local_crops >= 2)")
+    if cfg.method == "swav" and cfg.swav.queue_length % batch:
+        raise ConfigError(f"swav.queue_length {cfg.swav.queue_length} must be a multiple of the global batch "
+                          f"{batch}; e.g. swav.queue_length={max(1, cfg.swav.queue_length // batch) * batch}")
+    if cfg.method == "simclr" and cfg.memory.size and cfg.memory.size % (2 * batch):
+        raise ConfigError(f"memory.size {cfg.memory.size} must be a multiple of the keys queued per step, "
+                          f"{2 * batch} (2 views x the global batch); e.g. memory.size="
+                          f"{max(1, cfg.memory.size // (2 * batch)) * 2 * batch}")
 
 
 def dump(cfg: Config, path: str | Path) -> None:

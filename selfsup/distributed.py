@@ -130,6 +130,14 @@ def broadcast_object(obj):
     return box[0]
 
 
+@torch.no_grad()
+def broadcast(x: Tensor) -> Tensor:
+    """Rank 0's ``x`` on every rank, in place (identity without a process group)."""
+    if is_distributed() and world_size() > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
 # ---------------------------------------------------------------------------------------------
 # Global batch norm: statistics over every rank's samples (SimCLR §2.2, BYOL, SwAV, SimSiam).
 
@@ -138,12 +146,12 @@ class GlobalBatchNorm(_BatchNorm):
 
     Workaround: ``nn.SyncBatchNorm`` refuses CPU tensors ("expected input tensor to be on GPU",
     torch 2.x), so gloo runs use this. Each rank computes its per-channel mean and biased
-    variance (at least float32), the ranks' moments are gathered with gradients and combined
-    exactly (Chan et al.: within-rank plus between-rank variance; no E[x²]-E[x]² cancellation).
-    Running statistics take the unbiased global variance with the usual momentum. In eval
-    mode this is plain BN. Parameter and buffer names are those of ``nn.BatchNorm*d``, so a
-    state dict moves freely between the two; ``bias`` may be None (scale-only BN).
-    Takes (B, C) or (B, C, *spatial) inputs in any memory format.
+    variance; the ranks' moments are gathered and combined exactly (Chan et al.: within-rank
+    plus between-rank variance, no E[x²]-E[x]² cancellation). Running statistics take the
+    unbiased global variance with the usual momentum. In eval mode this is plain BN. Parameter
+    and buffer names are those of ``nn.BatchNorm*d``, so a state dict moves freely between the
+    two; ``bias`` may be None (scale-only BN). Takes (B, C) or (B, C, *spatial) inputs in any
+    memory format.
     """
 
     def _check_input_dim(self, x: Tensor) -> None:
@@ -155,49 +163,78 @@ class GlobalBatchNorm(_BatchNorm):
         if not self.training and self.running_mean is not None:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
-        shape = (1, -1) + (1,) * (x.dim() - 2)  # (C,) -> broadcastable over (B, C, *spatial)
-        dims = [0, *range(2, x.dim())]
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32, fp64 stays
-        var, mean = torch.var_mean(xf, dim=dims, correction=0)  # (C,) each, this rank's samples
-        n = xf.new_tensor(float(x.numel() // x.shape[1]))
-        if self.training and world_size() > 1:  # like SyncBatchNorm, eval with batch stats stays local
-            mean, var, n = _global_moments(mean, var, n)
-        if self.training and self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), n)
-        scale = torch.rsqrt(var + self.eps)  # (C,)
-        if self.weight is not None:
-            scale = scale * self.weight
-        y = (xf - mean.view(shape)) * scale.view(shape)
-        if self.bias is not None:
-            y = y + self.bias.view(shape)
-        return y.to(x.dtype)
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
-        self.num_batches_tracked.add_(1)
-        m = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
-        unbiased = var * n / (n - 1).clamp(min=1)  # (C,) as BatchNorm's running_var
-        self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-        self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        sync = self.training and world_size() > 1  # as SyncBatchNorm: eval on batch stats stays local
+        with torch.no_grad():
+            mean, var, n = _moments(x, sync)  # (C,), (C,), ()
+            if self.training and self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+                unbiased = var * n / (n - 1).clamp(min=1)  # (C,) as BatchNorm's running_var
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        return _GlobalBatchNorm.apply(x, self.weight, self.bias, mean, var, n, self.eps, sync)
 
 
-def _global_moments(mean: Tensor, var: Tensor, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Combine every rank's per-channel mean and biased variance (C,) over n samples into the
-    global ones, keeping gradients.
-
-    The gather's backward sums each rank's gradient with respect to the global moments and
-    returns it to the rank that produced the local ones: that is the gradient of the sum of
-    the ranks' losses, and DDP's averaging of parameter gradients makes it that of their mean,
-    the loss of one process holding the whole batch.
-    """
+def _moments(x: Tensor, sync: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean and biased variance (C,) of x, over every rank's samples if ``sync``,
+    and the number of samples per channel."""
+    # BN's own kernel gives exact two-pass statistics several times faster than var_mean;
+    # with eps 0 its invstd is 1/sqrt(var) exactly (inf when var is 0, which maps back to 0).
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 statistics would lose digits
+    _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 0.0)
+    var = invstd.pow(-2)
+    n = mean.new_tensor(float(x.numel() // x.shape[1]))
+    if not sync:
+        return mean, var, n
     c = mean.shape[0]
-    local = torch.cat([mean, var, n.reshape(1)])[None]  # (1, 2C+1)
-    every = gather_with_grad(local)  # (W, 2C+1)
-    means, variances, counts = every[:, :c], every[:, c:2 * c], every[:, 2 * c:].detach()  # (W, C), (W, C), (W, 1)
-    total = counts.sum()
-    mean = (counts * means).sum(0) / total  # (C,)
-    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total  # within + between ranks
-    return mean, var, total
+    every = gather(torch.cat([mean, var, n.reshape(1)])[None])  # (W, 2C+1)
+    means, variances, counts = every[:, :c], every[:, c:2 * c], every[:, 2 * c:]  # (W, C), (W, C), (W, 1)
+    n = counts.sum()
+    mean = (counts * means).sum(0) / n  # (C,)
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / n  # within + between ranks
+    return mean, var, n
+
+
+class _GlobalBatchNorm(torch.autograd.Function):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias with the global moments; the backward
+    includes their dependence on x.
+
+    dx = w / sqrt(var + eps) * (g - Σg / N - x̂ Σ(g x̂) / N), with both sums over the global
+    batch: summing every rank's local sums makes dx the gradient of the sum of the ranks'
+    losses, and DDP's averaging of parameter gradients makes that the gradient of their mean,
+    the loss of one process holding the whole batch. dweight = Σ g x̂ and dbias = Σ g stay local
+    sums (DDP averages them like every other parameter gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                n: Tensor, eps: float, sync: bool) -> Tensor:
+        ctx.save_for_backward(x, weight, mean, var, n)
+        ctx.eps, ctx.sync = eps, sync
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight, mean, var, n = ctx.saved_tensors
+        # BN's eval-mode backward kernel computes both per-channel sums in one pass: Σ g x̂, Σ g
+        _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+            g, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True])  # (C,) each
+        grad_weight = sum_g_xhat.clone() if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = sum_g.clone() if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            sums = torch.cat([sum_g, sum_g_xhat])  # (2C,)
+            if ctx.sync:
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            sum_g, sum_g_xhat = sums.chunk(2)
+            invstd = torch.rsqrt(var + ctx.eps)  # (C,)
+            a = invstd if weight is None else weight * invstd  # dy/dx at fixed moments
+            k = a * invstd * sum_g_xhat / n  # (C,): the x̂ term, as a coefficient of x
+            c = k * mean - a * sum_g / n  # (C,)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            grad_x = torch.addcmul(c.view(shape), g, a.view(shape)).addcmul_(x, k.view(shape), value=-1)
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.Module:

@@ -2,7 +2,8 @@
 
 Inputs are projections that are *not yet* normalised. Every loss computes in float32 (the
 exponentials at low temperature are where bf16 goes wrong) and, when a process group exists,
-takes its negatives from the global batch via a gather that keeps gradients.
+takes its negatives from the global batch via a gather that keeps gradients (InfoNCE's come from
+a queue of keys, which already holds every rank's).
 """
 from __future__ import annotations
 
@@ -21,10 +22,15 @@ def float32(loss_fn):
     @functools.wraps(loss_fn)
     def wrapper(*args, **kwargs):
         device = next(a.device.type for a in args if isinstance(a, Tensor))
-        args = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+        args = [_as_float(a) for a in args]
+        kwargs = {k: _as_float(v) for k, v in kwargs.items()}
         with torch.autocast(device_type=device, enabled=False):
             return loss_fn(*args, **kwargs)
     return wrapper
+
+
+def _as_float(a):
+    return a.float() if isinstance(a, Tensor) and a.is_floating_point() else a
 
 
 def _global_pairs(z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -46,22 +52,165 @@ def _global_pairs(z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
     return anchors, candidates, self_index, m
 
 
+def _pair_logits(z1: Tensor, z2: Tensor, temperature: float,
+                 negatives: Tensor | None) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The logits of SimCLR's 2N anchors against their candidates, self-similarity masked.
+
+    Returns the logits (2N, 2M + K): columns [all view-1 ; all view-2] of the global batch, then
+    the K extra ``negatives`` if given; each anchor's positive column (2N,); the global
+    candidates (2M, D); and M.
+    """
+    anchors, candidates, self_index, m = _global_pairs(z1, z2)
+    logits = anchors @ candidates.T  # (2N, 2M)
+    if negatives is not None:
+        logits = torch.cat([logits, anchors @ negatives.T], dim=1)  # (2N, 2M + K)
+    logits = logits / temperature
+    rows = torch.arange(len(anchors), device=logits.device)
+    logits[rows, self_index] = float("-inf")  # an anchor is not its own candidate
+    positive = (self_index + m) % (2 * m)  # view 1 of image i <-> view 2 of image i
+    return logits, positive, candidates, m
+
+
+def _contrastive(logits: Tensor, positive: Tensor, *, decoupled: bool = False,
+                 weight: Tensor | None = None) -> Tensor:
+    """Mean over rows of  -w * logits[positive] + logsumexp(logits).
+
+    Without ``decoupled`` and ``weight`` this is the cross-entropy of the positive; ``decoupled``
+    drops the positive from the logsumexp (DCL); ``weight`` (R,) scales each positive term (DCLW).
+    """
+    pos = logits.gather(1, positive[:, None]).squeeze(1)  # (R,)
+    if decoupled:
+        logits = logits.scatter(1, positive[:, None], float("-inf"))  # negatives only
+    if weight is not None:
+        pos = weight * pos
+    return (torch.logsumexp(logits, dim=1) - pos).mean()
+
+
+def _dclw_weights(positive_sim: Tensor, sigma: float) -> Tensor:
+    """DCLW's w_i = 2 - M softmax_i(s / sigma) over the M positive similarities s (mean 1;
+    harder positives weigh more). A weight, not a path for gradients."""
+    s = positive_sim.detach()  # (M,)
+    return 2 - len(s) * torch.softmax(s / sigma, dim=0)
+
+
 @float32
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, negatives: Tensor | None = None) -> Tensor:
     """NT-Xent, SimCLR eq. (1): mean over all 2N anchors of -log softmax of the positive.
 
     z1, z2: (N, D) projections of two views of the same N images. Each anchor's candidates are
     the other 2N-1 embeddings (2M-1 when distributed); cosine similarity / temperature; the
     self-similarity is excluded. Both directions (i->j and j->i) are included, and the value is
     the paper's L (the official TF code returns twice this: the sum of the two directions' means).
+    ``negatives`` (K, D), already normalised, join every anchor's candidates (SimCLRv2's memory).
     """
-    anchors, candidates, self_index, m = _global_pairs(z1, z2)
-    logits = anchors @ candidates.T / temperature  # (2N, 2M)
-    rows = torch.arange(len(anchors), device=logits.device)
-    logits[rows, self_index] = float("-inf")  # an anchor is not its own candidate
-    positive = (self_index + m) % (2 * m)  # view 1 of image i <-> view 2 of image i
-    return F.cross_entropy(logits, positive)
+    logits, positive, _, _ = _pair_logits(z1, z2, temperature, negatives)
+    return _contrastive(logits, positive)
 
 
-#: Losses of two views' projections, selectable with ``--set loss=NAME``.
-CONTRASTIVE_LOSSES = {"nt_xent": nt_xent}
+@float32
+def dcl(z1: Tensor, z2: Tensor, temperature: float = 0.1, *, negatives: Tensor | None = None) -> Tensor:
+    """Decoupled contrastive loss (Yeh et al., 2022): NT-Xent without the positive in the
+    denominator, L_i = -<z1_i, z2_i>/T + log sum_{j != i, both views} exp(<z_i, z_j>/T).
+
+    Symmetric over both views, mean over the 2N anchors; each anchor has 2N-2 negatives (2M-2
+    when distributed) plus the K ``negatives`` if given. Inputs as :func:`nt_xent`.
+    """
+    logits, positive, _, _ = _pair_logits(z1, z2, temperature, negatives)
+    return _contrastive(logits, positive, decoupled=True)
+
+
+@float32
+def dclw(z1: Tensor, z2: Tensor, temperature: float = 0.1, sigma: float = 0.5, *,
+         negatives: Tensor | None = None) -> Tensor:
+    """DCL with the positive term of image i weighted by w_i = 2 - M softmax_i(<z1, z2>/sigma)
+    over the M images of the global batch (computed without gradient; mean weight 1). Both
+    views of image i share w_i. Inputs as :func:`nt_xent`."""
+    logits, positive, candidates, m = _pair_logits(z1, z2, temperature, negatives)
+    w = _dclw_weights((candidates[:m] * candidates[m:]).sum(1), sigma)  # (M,) from the cosines
+    return _contrastive(logits, positive, decoupled=True, weight=w[positive % m])
+
+
+@float32
+def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2, *,
+             decoupled: bool = False, sigma: float | None = None) -> Tensor:
+    """InfoNCE against a queue, MoCo eq. (1): mean over the N queries of
+    -log exp(q.k+/T) / (exp(q.k+/T) + sum_K exp(q.k-/T)), the positive at logit index 0.
+
+    q, k: (N, D) queries and their keys (normalised here); queue: (K, D) keys, already
+    normalised (pass a snapshot: the caller enqueues after this). ``decoupled`` drops the
+    positive from the denominator (DCL); ``sigma`` adds DCLW's positive weights over the
+    global batch of pairs.
+    """
+    q = F.normalize(q, dim=1)  # (N, D)
+    k = F.normalize(k, dim=1)  # (N, D)
+    l_pos = (q * k).sum(1, keepdim=True)  # (N, 1)
+    l_neg = q @ queue.T  # (N, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # (N, 1 + K)
+    positive = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    weight = None
+    if sigma is not None:
+        n = len(q)
+        weight = _dclw_weights(D.gather(l_pos.squeeze(1).detach()), sigma)  # (M,)
+        weight = weight[D.rank() * n:(D.rank() + 1) * n]  # (N,) this rank's pairs
+    return _contrastive(logits, positive, decoupled=decoupled, weight=weight)
+
+
+#: Losses of two views' projections, selectable with ``--set loss=NAME``; each is called as
+#: ``fn(z1, z2, temperature)`` (dclw also takes ``sigma``, the config's ``dclw_sigma``).
+CONTRASTIVE_LOSSES = {"nt_xent": nt_xent, "dcl": dcl, "dclw": dclw}
+
+
+# ---------------------------------------------------------------------------------------------
+# Without negatives: BYOL, SimSiam and SwAV. The targets (z, codes) are constants: the
+# stop-gradient is part of each loss, not something a caller must remember.
+
+@float32
+def byol(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL's regression loss (BYOL eq. 2): mean over the batch of ||p/||p|| - z/||z||||²
+    = 2 - 2 cos(p, z). p: (N, D) online predictions; z: (N, D) target projections, a constant."""
+    p = F.normalize(p, dim=1)  # (N, D)
+    z = F.normalize(z.detach(), dim=1)  # (N, D)
+    return (p - z).pow(2).sum(1).mean()
+
+
+@float32
+def simsiam(p: Tensor, z: Tensor) -> Tensor:
+    """SimSiam's D(p, z) (SimSiam eq. 1 with stop-gradient, eq. 3): mean over the batch of
+    -cos(p, z), minimum -1. p: (N, D) predictions; z: (N, D) projections, a constant."""
+    p = F.normalize(p, dim=1)  # (N, D)
+    z = F.normalize(z.detach(), dim=1)  # (N, D)
+    return -(p * z).sum(1).mean()
+
+
+@torch.no_grad()
+@float32
+def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
+    """SwAV's soft codes (SwAV §3.1, eq. 3): Sinkhorn-Knopp on exp(scores / ε).
+
+    scores: (B, K) sample-prototype similarities -> Q: (B, K), no gradient. Each iteration
+    scales every prototype's total to B/K (equal partition), then every sample's row to 1, so
+    rows sum to 1 and column sums approach B/K as iterations grow. Distributed, the totals are
+    summed over ranks and B is the global batch.
+
+    exp(1 / 0.05) ≈ 4.9e8 already overflows fp16, so this runs in float32 after subtracting
+    each prototype's (global) maximum score: a per-prototype constant is exactly what the first
+    prototype scaling divides out, so the codes are unchanged by it.
+    """
+    k = scores.shape[1]
+    b = scores.shape[0] * D.world_size()  # every rank holds an equal share of the batch
+    top = D.gather(scores.amax(0, keepdim=True)).amax(0, keepdim=True)  # (1, K) over the global batch
+    q = torch.exp((scores - top) / epsilon)  # (B, K), every column has an entry equal to 1
+    tiny = torch.finfo(q.dtype).tiny  # a row whose entries all underflow stays 0, not 0/0
+    for _ in range(iterations):
+        q *= (b / k) / D.all_reduce_sum(q.sum(0, keepdim=True)).clamp_(min=tiny)  # prototype totals -> B/K
+        q /= q.sum(1, keepdim=True).clamp_(min=tiny)  # sample rows -> 1
+    return q
+
+
+@float32
+def swav(scores: Tensor, codes: Tensor, temperature: float = 0.1) -> Tensor:
+    """SwAV's swapped-prediction term (SwAV eq. 2): mean over the batch of
+    -Σ_k codes_k log softmax(scores / T)_k. scores: (N, K) of one crop; codes: (N, K) from
+    another crop, a constant."""
+    log_p = F.log_softmax(scores / temperature, dim=1)  # (N, K)
+    return -(codes.detach() * log_p).sum(1).mean()

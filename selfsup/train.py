@@ -51,11 +51,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _cpu_has_bf16_matmul() -> bool:
+    """AMX tiles make bf16 convolutions faster than fp32 on a CPU; without them bf16 is slower."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())  # private API: fall back to fp32 if it moves
+    except AttributeError:
+        return False
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA devices that support it (auto), or when asked for; fp32 otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"
-                               and torch.cuda.is_bf16_supported()):
+    """bf16 where the hardware runs it fast (auto) or when asked for; fp32 otherwise."""
+    if precision == "bf16":
         return torch.bfloat16
+    if precision == "auto":
+        fast = (torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_bf16_matmul())
+        return torch.bfloat16 if fast else None
     return None
 
 
@@ -123,6 +133,20 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations: list,
+               batch: torch.Tensor, generator: torch.Generator,
+               dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Augment the uint8 batch into views, forward, backward, step. Returns detached outputs."""
+    with torch.no_grad():
+        views = [aug(batch, generator) for aug in augmentations]  # each (B, 3, S, S)
+    with autocast(batch.device, dtype):
+        output = model(views)
+    optimizer.zero_grad(set_to_none=True)
+    output["loss"].backward()
+    optimizer.step()
+    return {k: v.detach() for k, v in output.items()}
+
+
 def pretrain(cfg: Config, *, resume: bool = False) -> dict:
     """Pre-train ``cfg.method`` and return the last epoch's metrics (with kNN before/after)."""
     device = resolve_device(cfg.train.device)
@@ -174,6 +198,10 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    if warmup_steps > total_steps:  # a short run of a long recipe: warm up over the whole run
+        _log(f"note: optim.warmup_epochs={cfg.optim.warmup_epochs:g} exceeds the run; warming up "
+             f"over all {cfg.train.epochs} epochs")
+        warmup_steps = total_steps
     peak_lr = scale_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)  # global batch
     final_lr = cfg.optim.final_lr * peak_lr
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + 1 + rank)
@@ -199,7 +227,8 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
     model: nn.Module = method
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None)
+            method, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=method.find_unused_parameters)
     if cfg.train.compile:
         model = torch.compile(model)
 
@@ -224,18 +253,13 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
             set_lr(optimizer, lr)
-            with torch.no_grad():
-                views = [aug(batch, generator) for aug in augmentations]  # each (B, 3, S, S)
-            with autocast(device, dtype):
-                output = model(views)
-            loss = output["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            method.on_step_start(step, total_steps)
+            output = train_step(model, optimizer, augmentations, batch, generator, dtype)
             method.on_step_end(step, total_steps)
-            loss_sum += loss.detach()
+            loss = output["loss"]
+            loss_sum += loss
             with torch.no_grad():  # collapse monitor: per-dimension std of the normalised embedding
-                spread_sum += nn.functional.normalize(output["embedding"].detach().float(), dim=1).std(0).mean()
+                spread_sum += nn.functional.normalize(output["embedding"].float(), dim=1).std(0).mean()
             if progress is not None and (i + 1) % cfg.train.log_every == 0:
                 progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", refresh=False)  # syncs
                 progress.update(cfg.train.log_every)

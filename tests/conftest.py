@@ -1,16 +1,18 @@
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# One thread per process: the test models are tiny (threads buy little), and the distributed
+# tests run several processes at once, where OpenMP threads oversubscribing two cores make
+# every parallel region wait on a descheduled thread. Set before torch is imported so that
+# subprocesses (CLI runs, torchrun workers) inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Tests are sized for a 2-core CI machine; one thread each keeps parallel work predictable.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets the same throw-away decoded-data cache, never the user's."""
+    """Every test shares one throw-away decoded-data cache, never the user's."""
     monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -1,6 +1,6 @@
 import pytest
 
-from selfsup.config import PRESETS, ConfigError, parse_set, resolve
+from selfsup.config import IMAGENET_PLACEHOLDER, PRESETS, ConfigError, parse_set, resolve
 
 
 def test_defaults_and_preset_and_overrides_in_order(tmp_path):
@@ -43,7 +43,12 @@ def test_unknown_preset_lists_the_available_ones():
 
 def test_every_preset_resolves_and_says_what_it_follows():
     for name, recipe in PRESETS.items():
-        resolve(preset_name=name)
+        if recipe.get("data", {}).get("source") == IMAGENET_PLACEHOLDER:
+            with pytest.raises(ConfigError, match=f"preset '{name}' trains on ImageNet: pass --data PATH"):
+                resolve(preset_name=name)
+            resolve(preset_name=name, overrides={"data": {"source": "/data/imagenet"}})
+        else:
+            resolve(preset_name=name)
         assert recipe.get("_about"), f"preset {name} must state its recipe"
 
 

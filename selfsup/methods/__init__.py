@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 from .base import Method
+from .byol import BYOL
+from .moco import MoCo
 from .simclr import SimCLR
+from .simsiam import SimSiam
+from .swav import SwAV
 
 METHODS: dict[str, type[Method]] = {
     "simclr": SimCLR,
+    "moco": MoCo,
+    "byol": BYOL,
+    "simsiam": SimSiam,
+    "swav": SwAV,
 }
 
-__all__ = ["METHODS", "Method", "SimCLR"]
+__all__ = ["BYOL", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "SwAV"]

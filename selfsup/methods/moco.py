@@ -1,0 +1,103 @@
+"""MoCo v1/v2 (He et al., 2020; Chen et al., 2020): queries from an encoder f_q are contrasted
+with keys from its momentum copy f_k and with a queue of earlier keys (MoCo §3, Algorithm 1).
+
+Every step follows the official code's order:
+1. momentum update of the key encoder, θ_k <- m θ_k + (1 - m) θ_q (parameters only);
+2. keys of the other view with Shuffle BN, without gradient;
+3. InfoNCE of the queries against their keys and the queue *as it was* (a snapshot);
+4. enqueue the keys of the whole (global) batch.
+
+Shuffle BN (§3.3): the key encoder normalises a shuffled batch, so a query and its key never
+share BN statistics (otherwise the batch statistics leak which key is positive). Across ranks
+the global batch is shuffled with rank 0's permutation; on one process, split BN normalises the
+(shuffled) batch in ``moco.shuffle_bn_groups`` groups, as that many devices would.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import distributed as D
+from ..augment import Augment, simclr_view
+from ..config import Config
+from ..heads import ProjectionHead
+from ..losses import info_nce
+from ..momentum import KeyQueue, ema_update, momentum_at, momentum_copy
+from ..norm import convert_split_batchnorm
+from .base import Method
+
+# ``loss`` -> info_nce options. nt_xent and info_nce are the same softmax cross-entropy here;
+# DCL drops the positive from the denominator, DCLW also weights the positives.
+LOSSES = {"info_nce": {}, "nt_xent": {}, "dcl": {"decoupled": True}, "dclw": {"decoupled": True}}
+
+
+class MoCo(Method):
+    sync_bn_default = False  # Shuffle BN, not global BN
+
+    def __init__(self, cfg: Config, backbone: nn.Module):
+        super().__init__(cfg, backbone)
+        c = cfg.moco
+        if cfg.loss not in LOSSES:
+            raise ValueError(f"loss '{cfg.loss}' is not available for MoCo; choose from {', '.join(LOSSES)}")
+        self.loss_options = dict(LOSSES[cfg.loss], **({"sigma": cfg.dclw_sigma} if cfg.loss == "dclw" else {}))
+        width = backbone.num_features
+        # v2: Linear-ReLU-Linear without BN; v1: one Linear (ResNet's fc resized to 128)
+        self.projector = ProjectionHead(width, cfg.model.proj_hidden or width, cfg.model.proj_dim,
+                                        2 if c.mlp else 1, batch_norm=False)
+        self.groups = c.shuffle_bn_groups if D.world_size() == 1 else 1  # ranks are the devices
+        if self.groups > 1:
+            if cfg.train.batch_size % self.groups:
+                raise ValueError(f"moco.shuffle_bn_groups={self.groups} needs a batch size divisible by it, "
+                                 f"got {cfg.train.batch_size}")
+            convert_split_batchnorm(self.backbone, self.groups)  # queries too, as on G devices
+        self.encoder_k = momentum_copy(self.backbone, self.projector)  # f_k, never trained
+        self.queue = KeyQueue(c.queue_size, cfg.model.proj_dim)
+        self.m = c.momentum
+        self.step = 0
+
+    def augmentations(self, size: int, mean, std) -> list[Augment]:
+        a = self.cfg.aug
+        view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
+        if not self.cfg.moco.aug_plus:  # v1: jitter on every image, hue as strong as the rest
+            view = dataclasses.replace(view, jitter_p=1.0, hue=min(0.5, view.brightness))
+        return [Augment(view), Augment(view)]
+
+    @torch.no_grad()
+    def on_step_start(self, step: int, total_steps: int) -> None:
+        c = self.cfg.moco
+        self.step = step
+        self.m = momentum_at(step, total_steps, c.momentum, c.momentum_cosine)
+
+    def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
+        x1, x2 = views  # (N, 3, S, S) each
+        # query/key views: (x1, x2); symmetric adds (x2, x1) and sums the two losses (CIFAR demo)
+        pairs = [(x1, x2), (x2, x1)] if self.cfg.moco.symmetric else [(x1, x2)]
+        with torch.no_grad():
+            ema_update(self.encoder_k, (self.backbone, self.projector), self.m)  # before the keys
+        # the Shuffle BN permutations depend on the step alone, so a resumed run repeats them
+        shuffle = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step)
+        queue = self.queue.snapshot()  # (K, D): negatives from before this step
+        loss, queries, keys = 0.0, [], []
+        for x_q, x_k in pairs:
+            q = self.projector(self.backbone(x_q))  # (N, D)
+            k = self.keys(x_k, shuffle)  # (N, D), normalised, no gradient
+            loss = loss + info_nce(q, k, queue, self.cfg.temperature, **self.loss_options)
+            queries.append(q)
+            keys.append(D.gather(k))  # (M, D) in rank order
+        self.queue.push(torch.cat(keys))  # after the logits
+        return {"loss": loss, "embedding": torch.cat(queries)}
+
+    @torch.no_grad()
+    def keys(self, x_k: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """k = normalize(f_k(x_k)) with Shuffle BN; rows line up with ``x_k``. (N, ...) -> (N, D)."""
+        x_all = D.gather(x_k)  # (M, 3, S, S): the global key batch
+        perm = torch.randperm(len(x_all), generator=generator).to(x_all.device)  # (M,)
+        perm = D.broadcast(perm)  # rank 0's shuffle everywhere
+        rows = perm.view(D.world_size(), -1)[D.rank()]  # (N,) the images this rank encodes
+        k = F.normalize(self.encoder_k(x_all[rows]), dim=1)  # (N, D) in shuffled order
+        k_all = D.gather(k)  # (M, D): row j is the key of image perm[j]
+        unshuffle = torch.argsort(perm)  # (M,): image i's row in k_all
+        return k_all[unshuffle.view(D.world_size(), -1)[D.rank()]]  # (N, D)

@@ -1,0 +1,101 @@
+"""SwAV (Caron et al., 2020): Swapping Assignments between multiple Views (SwAV §3.1).
+
+Each crop's normalised embedding z is scored against K prototypes C (unit vectors); the codes
+q of a global crop come from Sinkhorn-Knopp over the batch (an equal partition of the batch
+among the prototypes) and are predicted from every other crop's scores:
+
+    L = mean over global crops s of  mean over crops t != s of  -Σ_k q_s,k log softmax(z_t C / T)_k
+
+As the official code: the prototypes are renormalised after every optimiser step (so every
+forward sees unit prototypes), codes come from the global crops only and without gradient, the
+prototypes get no gradient during the first ``swav.freeze_prototypes_steps`` steps, and an
+optional queue of past global-crop embeddings (re-scored with the current prototypes) joins
+Sinkhorn's input from ``swav.queue_start_epoch`` on, once it is full; only the codes of the
+current batch are kept.
+
+The official queue is each rank's own. Here every rank holds the queue of the global batch
+(identical everywhere, so DDP's buffer broadcast and a rank-0 checkpoint keep it whole) and
+each rank re-scores only the rows it contributed: the same Sinkhorn input as the original.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import distributed as D
+from ..augment import Augment, simclr_view
+from ..config import Config
+from ..heads import mlp
+from ..losses import sinkhorn, swav
+from .base import Method, encode_by_resolution
+
+
+class SwAV(Method):
+    def __init__(self, cfg: Config, backbone: nn.Module):
+        super().__init__(cfg, backbone)
+        m, c = cfg.model, cfg.swav
+        # Linear + BN + ReLU + Linear (SwAV: 2048 -> 2048 -> 128), then L2 normalisation
+        self.projector = mlp(backbone.num_features, m.proj_hidden or backbone.num_features, m.proj_dim)
+        self.prototypes = nn.Linear(m.proj_dim, c.prototypes, bias=False)  # C: (K, D)
+        self.normalize_prototypes()
+        self.find_unused_parameters = c.freeze_prototypes_steps > 0  # frozen: no gradient at all
+        if c.queue_length:  # (G, L, D): per global crop, the embeddings of the last L / B global batches
+            self.register_buffer("queue", torch.zeros(cfg.multicrop.global_crops, c.queue_length, m.proj_dim))
+        self.step, self.steps_per_epoch = 0, None
+
+    def augmentations(self, size: int, mean, std) -> list[Augment]:
+        a = self.cfg.aug
+        view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
+        return self.multi_crop([view] * self.cfg.multicrop.global_crops)
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        w = self.prototypes.weight  # (K, D)
+        w.copy_(F.normalize(w, dim=1))
+
+    @torch.no_grad()
+    def on_step_start(self, step: int, total_steps: int) -> None:
+        self.step, self.steps_per_epoch = step, max(1, total_steps // self.cfg.train.epochs)
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        self.normalize_prototypes()
+
+    def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
+        c, b = self.cfg.swav, len(views[0])
+        n_global, n_crops = self.cfg.multicrop.global_crops, len(views)
+        z = F.normalize(self.projector(encode_by_resolution(self.backbone, views)), dim=1)  # (V*B, D)
+        C = self.prototypes.weight  # (K, D)
+        if self.step < c.freeze_prototypes_steps:
+            C = C.detach()  # frozen: the optimiser skips a parameter without a gradient
+        scores = (z @ C.T).split(b)  # V x (B, K)
+        filling, full = self._queue_state()
+        loss = 0.0
+        for s in range(n_global):
+            with torch.no_grad():
+                out = scores[s].detach()  # (B, K)
+                if full:
+                    out = torch.cat([self._own_rows(self.queue[s]) @ C.T, out])  # (L/W + B, K): re-scored
+                if filling:  # newest global batch first, oldest dropped
+                    batch = D.gather(z[s * b:(s + 1) * b].detach().to(self.queue.dtype))  # (W*B, D)
+                    self.queue[s] = torch.cat([batch, self.queue[s, :-len(batch)]])
+                q = sinkhorn(out, c.epsilon, c.sinkhorn_iterations)[-b:]  # (B, K) this batch's codes
+            predicted = [swav(scores[t], q, self.cfg.temperature) for t in range(n_crops) if t != s]
+            loss = loss + sum(predicted) / (n_crops - 1)  # swapped: crop t predicts the codes of s
+        return {"loss": loss / n_global, "embedding": z[: n_global * b]}
+
+    def _queue_state(self) -> tuple[bool, bool]:
+        """(filling, full): the queue takes embeddings from ``queue_start_epoch`` on and joins
+        Sinkhorn's input once it is full, ``L / B`` steps later (a pure function of the step,
+        so a resumed run behaves as an uninterrupted one)."""
+        if not self.cfg.swav.queue_length or self.steps_per_epoch is None:
+            return False, False
+        since = self.step - self.cfg.swav.queue_start_epoch * self.steps_per_epoch  # steps of filling
+        return since >= 0, since >= self.cfg.swav.queue_length // self.cfg.train.batch_size
+
+    def _own_rows(self, queue: Tensor) -> Tensor:
+        """The rows of the global queue (L, D) that this rank pushed: (L/W, D), newest first."""
+        w = D.world_size()
+        b = self.cfg.train.batch_size // w
+        return queue.view(-1, w, b, queue.shape[1])[:, D.rank()].reshape(-1, queue.shape[1])  # (L/W, D)
