@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .norm import replace_batchnorm
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -250,16 +252,7 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.
 
 
 def _to_global_bn(module: nn.Module) -> nn.Module:
-    if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                             module.track_running_stats)
-        if module.affine:
-            bn.weight, bn.bias = module.weight, module.bias  # bias None: scale-only BN stays so
-        if module.track_running_stats:
-            bn.running_mean, bn.running_var = module.running_mean, module.running_var
-            bn.num_batches_tracked = module.num_batches_tracked
-        bn.train(module.training)
-        return bn
-    for name, child in module.named_children():
-        module.add_module(name, _to_global_bn(child))
-    return module
+    return replace_batchnorm(
+        module, lambda m: isinstance(m, _BatchNorm) and not isinstance(m, GlobalBatchNorm),
+        lambda bn: GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                                   bn.track_running_stats))

@@ -192,19 +192,20 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
     rows sum to 1 and column sums approach B/K as iterations grow. Distributed, the totals are
     summed over ranks and B is the global batch.
 
-    exp(1 / 0.05) ≈ 4.9e8 already overflows fp16, so this runs in float32 after subtracting
-    each prototype's (global) maximum score: a per-prototype constant is exactly what the first
-    prototype scaling divides out, so the codes are unchanged by it.
+    exp(1 / 0.05) ≈ 4.9e8 already overflows fp16, so this subtracts each prototype's (global)
+    maximum score first (a per-prototype constant is exactly what the first prototype scaling
+    divides out, so the codes are unchanged by it) and iterates in float64: at ε = 0.02 a score
+    range of 2 spans e^-100, below float32's normal range (flushed to 0 where denormals are off).
     """
     k = scores.shape[1]
     b = scores.shape[0] * D.world_size()  # every rank holds an equal share of the batch
     top = D.gather(scores.amax(0, keepdim=True)).amax(0, keepdim=True)  # (1, K) over the global batch
-    q = torch.exp((scores - top) / epsilon)  # (B, K), every column has an entry equal to 1
+    q = torch.exp((scores.double() - top.double()) / epsilon)  # (B, K), each column has a 1
     tiny = torch.finfo(q.dtype).tiny  # a row whose entries all underflow stays 0, not 0/0
     for _ in range(iterations):
         q *= (b / k) / D.all_reduce_sum(q.sum(0, keepdim=True)).clamp_(min=tiny)  # prototype totals -> B/K
         q /= q.sum(1, keepdim=True).clamp_(min=tiny)  # sample rows -> 1
-    return q
+    return q.float()
 
 
 @float32

@@ -1,9 +1,12 @@
 """Normalisation layers shared by methods: split batch norm (MoCo's single-device Shuffle BN)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -54,19 +57,29 @@ def _channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
-    """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`SplitBatchNorm2d` sharing its
-    parameters and buffers (state-dict keys unchanged). Returns the module, converted in place."""
-    if type(module) is nn.BatchNorm2d:
-        bn = SplitBatchNorm2d(module.num_features, num_splits, eps=module.eps, momentum=module.momentum,
-                              affine=module.affine, track_running_stats=module.track_running_stats)
+def replace_batchnorm(module: nn.Module, match: Callable[[nn.Module], bool],
+                      make: Callable[[_BatchNorm], nn.Module]) -> nn.Module:
+    """Swap every batch-norm layer that ``match``es for ``make(layer)``, the new layer sharing the
+    old one's parameters and buffers, so state-dict keys and values are unchanged (checkpoints
+    still load into a plain model). Returns the module, converted in place."""
+    if match(module):
+        bn = make(module)
         if module.affine:
-            bn.weight, bn.bias = module.weight, module.bias
+            bn.weight, bn.bias = module.weight, module.bias  # bias None: scale-only BN stays so
         if module.track_running_stats:
             bn.running_mean, bn.running_var = module.running_mean, module.running_var
             bn.num_batches_tracked = module.num_batches_tracked
         bn.train(module.training)
         return bn
     for name, child in module.named_children():
-        module.add_module(name, convert_split_batchnorm(child, num_splits))
+        module.add_module(name, replace_batchnorm(child, match, make))
     return module
+
+
+def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`SplitBatchNorm2d` sharing its
+    parameters and buffers (state-dict keys unchanged). Returns the module, converted in place."""
+    return replace_batchnorm(
+        module, lambda m: type(m) is nn.BatchNorm2d,
+        lambda bn: SplitBatchNorm2d(bn.num_features, num_splits, eps=bn.eps, momentum=bn.momentum,
+                                    affine=bn.affine, track_running_stats=bn.track_running_stats))

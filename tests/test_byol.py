@@ -16,13 +16,6 @@ from selfsup.train import build_method
 B, SIZE = 8, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_byol_loss_against_a_naive_reference_and_closed_forms():
     g = torch.Generator().manual_seed(0)

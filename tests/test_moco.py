@@ -28,14 +28,6 @@ from selfsup.train import build_method
 BATCH, SIZE, DIM = 8, 16, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: tiny tensors gain nothing from two, and a busy second core makes them wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _cfg(method="moco", **sections) -> Config:
     cfg = Config(method=method, loss="info_nce" if method == "moco" else "nt_xent", temperature=0.2)

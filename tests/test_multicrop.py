@@ -10,13 +10,6 @@ from selfsup.train import build_method
 B = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_views_have_the_global_and_local_sizes_and_scales():
     view = simclr_view(32, 1.0, blur=True, scale=(0.14, 1.0))

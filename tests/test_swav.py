@@ -18,13 +18,6 @@ from selfsup.train import build_method
 B, K, SIZE = 8, 12, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _cosine_scores(b=64, k=30, seed=0):
     g = torch.Generator().manual_seed(seed)
