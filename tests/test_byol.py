@@ -16,7 +16,6 @@ from selfsup.train import build_method
 B, SIZE = 8, 16
 
 
-
 def test_byol_loss_against_a_naive_reference_and_closed_forms():
     g = torch.Generator().manual_seed(0)
     p = torch.randn(B, 6, generator=g, requires_grad=True)

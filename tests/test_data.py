@@ -8,7 +8,6 @@ import logging
 import os
 import pickle
 import tarfile
-import time
 import urllib.error
 import zipfile
 from pathlib import Path

@@ -8,7 +8,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from selfsup.losses import nt_xent
 from selfsup.optim import build_optimizer
 from selfsup.train import build_method
 
+from gloo import free_port, run_ranks
+
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="needs torch.distributed with the gloo backend")
@@ -38,12 +39,6 @@ SIZE = 16
 STEPS = 3
 LR = 0.3
 TOL = 1e-9       # float64 throughout; float32 rounding would be ~1e-7
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mine(n: int) -> slice:
@@ -147,23 +142,14 @@ def _train_simclr(sync_bn: bool) -> dict:
     return {"loss": losses, "state": copy.deepcopy(method.state_dict())}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        result = {"gather": _gather_grad(), "bn": {s: _global_bn(s) for s in BN_SHAPES},
-                  "sync": _train_simclr(sync_bn=True), "local": _train_simclr(sync_bn=False)}
-        torch.save(result, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_work() -> dict:
+    return {"gather": _gather_grad(), "bn": {s: _global_bn(s) for s in BN_SHAPES},
+            "sync": _train_simclr(sync_bn=True), "local": _train_simclr(sync_bn=False)}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ranks")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-
+    return run_ranks(_rank_work, WORLD, tmp_path_factory.mktemp("ranks"))
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +259,7 @@ TINY = ["--data", "digits", "--batch-size", "256", "--device", "cpu", "--no-prog
 def _torchrun(log: Path, *args: str) -> subprocess.Popen:
     """``torchrun --nproc_per_node=2 -m selfsup pretrain ARGS`` in the background, output to ``log``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "selfsup", "pretrain", *args]
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "selfsup", "pretrain", *args]
     with open(log, "w") as f:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, cwd=log.parent, stdout=f, stderr=subprocess.STDOUT)
 

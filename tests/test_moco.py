@@ -6,12 +6,9 @@ once and compare what they saw in the test process.
 import copy
 import json
 import math
-import socket
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,8 +22,9 @@ from selfsup.momentum import KeyQueue, ema_update, momentum_at, momentum_copy
 from selfsup.norm import SplitBatchNorm2d, convert_split_batchnorm
 from selfsup.train import build_method
 
-BATCH, SIZE, DIM = 8, 16, 8
+from gloo import run_ranks
 
+BATCH, SIZE, DIM = 8, 16, 8
 
 
 def _cfg(method="moco", **sections) -> Config:
@@ -353,12 +351,6 @@ def test_moco_trains_through_the_cli_and_resumes_exactly(tmp_path):
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_work() -> dict:
     n = BATCH // WORLD
     mine = slice(D.rank() * n, (D.rank() + 1) * n)
@@ -387,22 +379,9 @@ def _rank_work() -> dict:
             "info_nce_w": info_nce(q[mine], k[mine], queue, 0.2, decoupled=True, sigma=0.5).item()}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        torch.save(_rank_work(), Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed with the gloo backend")
-    out = tmp_path_factory.mktemp("moco_ranks")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_ranks(_rank_work, WORLD, tmp_path_factory.mktemp("moco_ranks"))
 
 
 def test_gathered_keys_fill_the_queue_in_rank_order(ranks):

@@ -10,7 +10,6 @@ from selfsup.train import build_method
 B = 8
 
 
-
 def test_views_have_the_global_and_local_sizes_and_scales():
     view = simclr_view(32, 1.0, blur=True, scale=(0.14, 1.0))
     views = multi_crop_views([view, view], 6, 16, (0.05, 0.14))

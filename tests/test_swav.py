@@ -1,11 +1,8 @@
 """SwAV (issue 5): Sinkhorn-Knopp, the swapped-prediction loss, the prototypes and the queue."""
 import json
-import socket
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from selfsup import distributed as D
@@ -15,8 +12,9 @@ from selfsup.losses import sinkhorn, swav
 from selfsup.optim import build_optimizer
 from selfsup.train import build_method
 
-B, K, SIZE = 8, 12, 16
+from gloo import run_ranks
 
+B, K, SIZE = 8, 12, 16
 
 
 def _cosine_scores(b=64, k=30, seed=0):
@@ -232,23 +230,8 @@ def _rank_work() -> dict:
             "embedding": out["embedding"], "own": method._own_rows(method.queue[0])}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        torch.save(_rank_work(), Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sinkhorn_and_queue_across_two_ranks(tmp_path):
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed with the gloo backend")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = run_ranks(_rank_work, WORLD, tmp_path)
     n = B // WORLD
     full = sinkhorn(_cosine_scores(b=B, k=K), 0.05, 3)  # one process holding the global batch
     for r, res in enumerate(ranks):

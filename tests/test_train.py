@@ -9,16 +9,10 @@ import torch
 from selfsup import checkpoint as ckpt
 from selfsup import losses
 from selfsup.cli import main
-from selfsup.train import TrainingError
 
 TINY = ["--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progress",
         "--set", "data.image_size=8", "model.width=0.125", "eval.knn_every=1", "eval.knn_k=20",
         "train.checkpoint_every=1", "optim.warmup_epochs=1", "train.log_every=5"]
-
-
-def run(args, capsys=None):
-    code = main(args)
-    return code
 
 
 def test_cli_run_writes_metrics_config_and_checkpoints(tmp_path, capsys):
