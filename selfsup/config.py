@@ -226,16 +226,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"knn_every": 10},
     },
     "cifar10-simclr-dclw": {
+        "_base": "cifar10-simclr-dcl",
         "_about": "cifar10-simclr-dcl with DCLW: each positive weighted by 2 - N softmax(<z1,z2>/sigma), "
                   "sigma 0.5 (REFERENCE.md section 7).",
-        "method": "simclr", "loss": "dclw", "temperature": 0.1, "dclw_sigma": 0.5,
-        "data": {"source": "cifar10"},
-        "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_layers": 2},
-        "aug": {"strength": 0.5, "blur": False},
-        "optim": {"name": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-4,
-                  "warmup_epochs": 10},
-        "train": {"epochs": 200, "batch_size": 512, "checkpoint_every": 10},
-        "eval": {"knn_every": 10},
+        "loss": "dclw", "dclw_sigma": 0.5,
     },
     "cifar10-simclr-v2": {
         "_about": "SimCLRv2 pre-training on CIFAR-10: cifar10-simclr with the 3-layer projection head "
@@ -360,18 +354,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "mlp": False, "aug_plus": False},
     },
     "imagenet-moco-v2": {
+        "_base": "imagenet-moco-v1",
         "_about": "MoCo v2 (REFERENCE.md section 3): imagenet-moco-v1 with the MLP head (2048-2048-128, "
                   "no BN), T 0.2, aug+ (jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, blur p=0.5) "
                   "and the cosine lr, 200 epochs (67.5% linear). Needs --data PATH.",
-        "method": "moco", "loss": "info_nce", "temperature": 0.2,
-        "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_dim": 128},
-        "aug": {"strength": 0.5, "blur": True, "scale_min": 0.2, "size": 224},
-        "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9,
-                  "weight_decay": 1e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
-        "train": {"epochs": 200, "batch_size": 256, "checkpoint_every": 5},
-        "eval": _IMAGENET_EVAL,
-        "moco": {"queue_size": 65536, "momentum": 0.999, "symmetric": False, "shuffle_bn_groups": 8,
-                 "mlp": True, "aug_plus": True},
+        "temperature": 0.2,
+        "aug": {"blur": True},
+        "moco": {"mlp": True, "aug_plus": True},
     },
     "cifar10-byol": {
         "_about": "BYOL on CIFAR-10. The paper has no CIFAR recipe; this follows solo-learn's "
@@ -579,10 +568,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def preset(name: str) -> dict[str, Any]:
+    """A preset's settings; one with ``_base`` states only what it changes in that preset."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset '{name}'; available: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]
+    recipe = PRESETS[name]
+    return _merge(preset(recipe["_base"]), recipe) if "_base" in recipe else recipe
 
 
 def resolve(*, preset_name: str | None = None, file: str | Path | None = None,

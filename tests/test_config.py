@@ -1,6 +1,6 @@
 import pytest
 
-from selfsup.config import IMAGENET_PLACEHOLDER, PRESETS, ConfigError, parse_set, resolve
+from selfsup.config import IMAGENET_PLACEHOLDER, PRESETS, ConfigError, parse_set, preset, resolve
 
 
 def test_defaults_and_preset_and_overrides_in_order(tmp_path):
@@ -42,7 +42,8 @@ def test_unknown_preset_lists_the_available_ones():
 
 
 def test_every_preset_resolves_and_says_what_it_follows():
-    for name, recipe in PRESETS.items():
+    for name in PRESETS:
+        recipe = preset(name)  # with its _base merged in
         if recipe.get("data", {}).get("source") == IMAGENET_PLACEHOLDER:
             with pytest.raises(ConfigError, match=f"preset '{name}' trains on ImageNet: pass --data PATH"):
                 resolve(preset_name=name)
@@ -62,3 +63,10 @@ def test_bad_yaml_file(tmp_path):
     f.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         resolve(file=f)
+
+
+def test_a_preset_with_a_base_changes_only_what_it_names():
+    dcl, dclw = resolve(preset_name="cifar10-simclr-dcl"), resolve(preset_name="cifar10-simclr-dclw")
+    assert (dclw.loss, dclw.dclw_sigma) == ("dclw", 0.5)
+    assert dclw.temperature == dcl.temperature and dclw.optim == dcl.optim and dclw.train == dcl.train
+    assert PRESETS["cifar10-simclr-dcl"]["loss"] == "dcl"  # the base itself is untouched
