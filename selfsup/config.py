@@ -200,30 +200,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"knn_every": 10},
     },
     "cifar10-simclr-small": {
+        "_base": "cifar10-simclr",
         "_about": "cifar10-simclr shrunk to about 10 minutes on a 2-core CPU: a width-0.25 "
                   "(16-channel) ResNet-18 at 32x32, batch 256, 6 epochs with 1 warm-up epoch; "
                   "otherwise the same recipe.",
-        "method": "simclr", "temperature": 0.5,
-        "data": {"source": "cifar10"},
-        "model": {"backbone": "resnet18", "width": 0.25, "cifar_stem": True, "proj_layers": 2},
-        "aug": {"strength": 0.5, "blur": False},
-        "optim": {"name": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-4,
-                  "warmup_epochs": 1},
+        "model": {"width": 0.25},
+        "optim": {"warmup_epochs": 1},
         "train": {"epochs": 6, "batch_size": 256, "checkpoint_every": 1},
         "eval": {"knn_every": 3},
     },
     "cifar10-simclr-dcl": {
+        "_base": "cifar10-simclr",
         "_about": "cifar10-simclr with the DCL loss (positive removed from the denominator) at the "
                   "reference implementations' temperature 0.1, 200 epochs as in lightly's CIFAR-10 "
                   "benchmark, where DCL reaches about SimCLR's kNN (REFERENCE.md section 7).",
-        "method": "simclr", "loss": "dcl", "temperature": 0.1,
-        "data": {"source": "cifar10"},
-        "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_layers": 2},
-        "aug": {"strength": 0.5, "blur": False},
-        "optim": {"name": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-4,
-                  "warmup_epochs": 10},
-        "train": {"epochs": 200, "batch_size": 512, "checkpoint_every": 10},
-        "eval": {"knn_every": 10},
+        "loss": "dcl", "temperature": 0.1,
+        "train": {"epochs": 200},
     },
     "cifar10-simclr-dclw": {
         "_base": "cifar10-simclr-dcl",
@@ -232,31 +224,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss": "dclw", "dclw_sigma": 0.5,
     },
     "cifar10-simclr-v2": {
+        "_base": "cifar10-simclr",
         "_about": "SimCLRv2 pre-training on CIFAR-10: cifar10-simclr with the 3-layer projection head "
                   "and a memory of momentum-encoder negatives with the paper's EMA 0.999 and T 0.1 "
                   "(REFERENCE.md section 2); the paper's 64K memory is sized for ImageNet, here 4096 "
                   "keys (MoCo's CIFAR-10 K). With the memory, SimCLR's CIFAR T 0.5 collapsed the "
                   "embedding in short CPU runs. The public SimCLR code has no memory.",
-        "method": "simclr", "temperature": 0.1,
-        "data": {"source": "cifar10"},
-        "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_layers": 3},
-        "aug": {"strength": 0.5, "blur": False},
-        "optim": {"name": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-4,
-                  "warmup_epochs": 10},
-        "train": {"epochs": 1000, "batch_size": 512, "checkpoint_every": 10},
-        "eval": {"knn_every": 10},
+        "temperature": 0.1,
+        "model": {"proj_layers": 3},
         "memory": {"size": 4096, "momentum": 0.999},
     },
     "cifar10-simclr-v2-small": {
+        "_base": "cifar10-simclr-small",
         "_about": "cifar10-simclr-v2 shrunk for a CPU like cifar10-simclr-small: width 0.25, batch 256, "
                   "15 epochs; memory 4096, EMA 0.999, T 0.1.",
-        "method": "simclr", "temperature": 0.1,
-        "data": {"source": "cifar10"},
-        "model": {"backbone": "resnet18", "width": 0.25, "cifar_stem": True, "proj_layers": 3},
-        "aug": {"strength": 0.5, "blur": False},
-        "optim": {"name": "lars", "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-4,
-                  "warmup_epochs": 1},
-        "train": {"epochs": 15, "batch_size": 256, "checkpoint_every": 1},
+        "temperature": 0.1,
+        "model": {"proj_layers": 3},
+        "train": {"epochs": 15},
         "eval": {"knn_every": 5},
         "memory": {"size": 4096, "momentum": 0.999},
     },
