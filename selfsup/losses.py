@@ -209,9 +209,34 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
 
 
 @float32
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over the batch of -Σ_k targets_k log softmax(logits)_k; targets: (N, K)
+    probabilities, a constant. The one cross-entropy behind SwAV, DINO and distillation."""
+    return -(targets.detach() * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+@float32
 def swav(scores: Tensor, codes: Tensor, temperature: float = 0.1) -> Tensor:
     """SwAV's swapped-prediction term (SwAV eq. 2): mean over the batch of
     -Σ_k codes_k log softmax(scores / T)_k. scores: (N, K) of one crop; codes: (N, K) from
     another crop, a constant."""
-    log_p = F.log_softmax(scores / temperature, dim=1)  # (N, K)
-    return -(codes.detach() * log_p).sum(1).mean()
+    return soft_cross_entropy(scores / temperature, codes)  # (N, K) -> ()
+
+
+@float32
+def distill(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Distillation (SimCLRv2 §2 eq. 2, S2-BNN eq. 3): mean over the batch of
+    -Σ_k softmax(teacher / τ)_k log softmax(student / τ)_k, the teacher a constant; no τ²
+    factor (the papers' formula). Logits: (N, K); S2-BNN takes K over embedding dimensions."""
+    targets = F.softmax(teacher_logits.detach() / temperature, dim=1)  # (N, K)
+    return soft_cross_entropy(student_logits / temperature, targets)
+
+
+@float32
+def dino(student_out: Tensor, teacher_out: Tensor, center: Tensor, student_temp: float = 0.1,
+         teacher_temp: float = 0.04) -> Tensor:
+    """DINO's loss for one (student crop, teacher crop) pair (DINO Algorithm 1): the teacher's
+    output centred, then sharpened at ``teacher_temp``, is the target of the student's at
+    ``student_temp``. student_out, teacher_out: (N, K); center: (K,) or (1, K), a constant."""
+    targets = F.softmax((teacher_out.detach() - center.detach()) / teacher_temp, dim=1)  # (N, K)
+    return soft_cross_entropy(student_out / student_temp, targets)

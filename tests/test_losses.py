@@ -229,3 +229,46 @@ def test_info_nce_gradient_reaches_queries_not_the_queue():
     queue = _unit(torch.randn(16, 8)).requires_grad_()
     info_nce(q, k.detach(), queue.detach(), 0.2).backward()
     assert q.grad.abs().sum() > 0 and k.grad is None and queue.grad is None
+
+
+from selfsup.losses import dino, distill, swav  # noqa: E402
+
+
+def _naive_soft_ce(student, target_probs):
+    total = 0.0
+    for s, t in zip(student, target_probs):
+        log_p = [x - math.log(sum(math.exp(v) for v in s.tolist())) for x in s.tolist()]
+        total += -sum(ti * li for ti, li in zip(t.tolist(), log_p))
+    return total / len(student)
+
+
+def test_distill_matches_naive_and_equals_teacher_entropy_on_identical_logits():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    for tau in (0.2, 1.0):
+        expected = _naive_soft_ce(s / tau, F.softmax(t / tau, 1))
+        assert distill(s, t, tau).item() == pytest.approx(expected, rel=1e-5)
+        q = F.softmax(t / tau, 1)
+        entropy = -(q * q.log()).sum(1).mean().item()
+        assert distill(t, t, tau).item() == pytest.approx(entropy, rel=1e-5)
+
+
+def test_distill_gradient_reaches_student_not_teacher():
+    s, t = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    distill(s, t, 0.5).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+
+
+def test_dino_centres_then_sharpens_the_teacher():
+    torch.manual_seed(1)
+    s, t, c = torch.randn(6, 9), torch.randn(6, 9), torch.randn(9)
+    expected = _naive_soft_ce(s / 0.1, F.softmax((t - c) / 0.04, 1))
+    assert dino(s, t, c, 0.1, 0.04).item() == pytest.approx(expected, rel=1e-5)
+    # a constant added to every teacher logit changes nothing (softmax), the centre does
+    assert dino(s, t + 3.0, c).item() == pytest.approx(dino(s, t, c).item(), rel=1e-5)
+
+
+def test_swav_matches_naive():
+    torch.manual_seed(2)
+    scores, codes = torch.randn(5, 8), F.softmax(torch.randn(5, 8), 1)
+    assert swav(scores, codes, 0.1).item() == pytest.approx(_naive_soft_ce(scores / 0.1, codes), rel=1e-5)
