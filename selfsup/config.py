@@ -35,6 +35,7 @@ class ModelConfig:
     backbone: str = "resnet18"
     width: float = 1.0              # multiplies every channel width (0.25 -> a 16-channel ResNet)
     cifar_stem: bool = True         # 3x3 stride-1 first conv and no max-pool (SimCLR B.9)
+    zero_init_residual: bool = False  # last BN γ of each residual branch starts at 0 (SimSiam's code)
     proj_layers: int = 2            # SimCLR: 2, SimCLRv2: 3
     proj_hidden: int | None = None  # None: the backbone's feature width
     proj_dim: int = 128
@@ -108,7 +109,7 @@ class MemoryConfig:
 @dataclass
 class MultiCropConfig:
     global_crops: int = 2           # views at full resolution (aug.size), crop scale (aug.scale_min, 1)
-    local_crops: int = 0            # extra low-resolution views (SwAV: 6); BYOL, SimSiam and SwAV take them
+    local_crops: int = 0            # extra low-resolution views (SwAV: 6); SimCLR, BYOL, SimSiam and SwAV take them
     local_size: int | None = None   # None: 96/224 of the global size, as SwAV's 96-pixel crops of 224
     local_scale_min: float = 0.05   # SwAV's local crops cover 5-14% of the image
     local_scale_max: float = 0.14
@@ -373,7 +374,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "method": "simsiam",
         "data": {"source": "cifar10"},
         "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_layers": 2,
-                  "proj_dim": 2048},
+                  "proj_dim": 2048, "zero_init_residual": True},
         "aug": {"strength": 0.5, "blur": False, "scale_min": 0.2},
         "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9,
                   "weight_decay": 5e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
@@ -426,7 +427,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "augmentation with blur, global BN, 100 epochs. Needs --data PATH.",
         "method": "simsiam",
         "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_layers": 3, "proj_hidden": 2048,
-                                          "proj_dim": 2048},
+                                          "proj_dim": 2048, "zero_init_residual": True},
         "aug": {"strength": 0.5, "blur": True, "scale_min": 0.2, "size": 224},
         "optim": {"name": "sgd", "lr": 0.05, "lr_scaling": "linear", "momentum": 0.9,
                   "weight_decay": 1e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
@@ -658,9 +659,13 @@ def validate(cfg: Config) -> None:
                           f"step, {per_step} (the global batch{' x 2 views, moco.symmetric' if cfg.moco.symmetric else ''}); "
                           f"e.g. moco.queue_size={max(1, cfg.moco.queue_size // per_step) * per_step}")
     crops = cfg.multicrop.global_crops + cfg.multicrop.local_crops
-    if cfg.method in ("simclr", "moco") and (cfg.multicrop.global_crops != 2 or cfg.multicrop.local_crops):
-        raise ConfigError(f"{cfg.method} takes exactly two views; multicrop.global_crops=2 and "
-                          f"multicrop.local_crops=0 (multi-crop is for byol, simsiam and swav)")
+    if cfg.method == "moco" and (cfg.multicrop.global_crops != 2 or cfg.multicrop.local_crops):
+        raise ConfigError("moco takes exactly two views; multicrop.global_crops=2 and "
+                          "multicrop.local_crops=0 (multi-crop is for simclr, byol, simsiam and swav)")
+    if cfg.method == "simclr" and (cfg.multicrop.global_crops < 2 or
+                                   (cfg.memory.size and (cfg.multicrop.global_crops, cfg.multicrop.local_crops) != (2, 0))):
+        raise ConfigError("simclr needs multicrop.global_crops >= 2, and exactly two views "
+                          "(global_crops=2, local_crops=0) with SimCLRv2's memory (memory.size > 0)")
     if crops < 2:
         raise ConfigError(f"multicrop gives {crops} view(s); every method needs at least two "
                           f"(global_crops + local_crops >= 2)")

@@ -165,6 +165,7 @@ CONTRASTIVE_LOSSES = {"nt_xent": nt_xent, "dcl": dcl, "dclw": dclw}
 # stop-gradient is part of each loss, not something a caller must remember.
 
 @float32
+@float32
 def byol(p: Tensor, z: Tensor) -> Tensor:
     """BYOL's regression loss (BYOL eq. 2): mean over the batch of ||p/||p|| - z/||z||||²
     = 2 - 2 cos(p, z). p: (N, D) online predictions; z: (N, D) target projections, a constant."""

@@ -71,7 +71,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def build_method(cfg: Config) -> Method:
     m = cfg.model
-    backbone = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem)
+    backbone = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem,
+                              zero_init_residual=m.zero_init_residual)
     return METHODS[cfg.method](cfg, backbone)
 
 

@@ -38,7 +38,7 @@ def test_encode_by_resolution_runs_each_size_once_and_keeps_the_view_order():
     torch.testing.assert_close(out, torch.cat([encoder(v) for v in views]))
 
 
-@pytest.mark.parametrize("method", ["byol", "simsiam", "swav"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "simsiam", "swav"])
 def test_each_resolution_goes_through_the_backbone_once(method):
     cfg = Config(method=method, temperature=0.1)
     cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim = 0.125, 16, 8
@@ -60,10 +60,32 @@ def test_each_resolution_goes_through_the_backbone_once(method):
 
 def test_config_checks_for_multicrop():
     with pytest.raises(ConfigError, match="two views"):
-        resolve(overrides={"method": "simclr", "multicrop": {"local_crops": 2}})
+        resolve(overrides={"method": "moco", "multicrop": {"local_crops": 2}})
+    with pytest.raises(ConfigError, match="memory"):
+        resolve(overrides={"method": "simclr", "memory": {"size": 1024}, "multicrop": {"local_crops": 2}})
+    assert resolve(overrides={"method": "simclr", "multicrop": {"local_crops": 2}}).multicrop.local_crops == 2
     with pytest.raises(ConfigError, match="local_scale"):
         resolve(overrides={"method": "swav", "multicrop": {"local_scale_min": 0.5, "local_scale_max": 0.2}})
     with pytest.raises(ConfigError, match="at least two"):
         resolve(overrides={"method": "byol", "multicrop": {"global_crops": 1}})
     cfg = resolve(preset_name="cifar10-swav")
     assert (cfg.multicrop.global_crops, cfg.multicrop.local_crops, cfg.multicrop.local_size) == (2, 6, 16)
+
+
+def test_simclr_multicrop_averages_the_loss_over_pairs_with_a_global_crop():
+    from selfsup.losses import nt_xent
+    cfg = Config(method="simclr")
+    cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim = 0.125, 16, 8
+    cfg.multicrop.local_crops, cfg.multicrop.local_size = 2, 8
+    torch.manual_seed(0)
+    m = build_method(cfg)
+    augs = m.augmentations(16, (0.5,) * 3, (0.5,) * 3)
+    images = torch.randint(0, 256, (B, 16, 16, 3), dtype=torch.uint8)
+    views = [a(images, torch.Generator().manual_seed(i)) for i, a in enumerate(augs)]
+    m.eval()  # fixed BN statistics, so each crop's projection does not depend on the others
+    out = m(views)
+    z = [m.projector(m.backbone(v)) for v in views]
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3)]  # (global, global), then each global with each local
+    expected = sum(nt_xent(z[i], z[j], cfg.temperature) for i, j in pairs) / len(pairs)
+    torch.testing.assert_close(out["loss"], expected)
+    assert out["embedding"].shape == (2 * B, 8)

@@ -51,6 +51,10 @@ def test_heads_follow_the_official_code():
     expected = 0.5 * (F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean())
     assert out["loss"].item() == pytest.approx(-expected.item(), rel=1e-4)
     assert out["embedding"].shape == (2 * B, 16)
+    # the official encoder is built with zero_init_residual=True: every residual branch starts at 0
+    last_bns = [blk.bn2.weight for layer in (method.backbone.layer1, method.backbone.layer4) for blk in layer]
+    assert all(w.abs().sum() == 0 for w in last_bns)
+    assert build_method(Config()).backbone.layer1[0].bn2.weight.abs().sum() > 0  # off by default
 
 
 def test_predictor_lr_stays_fixed_while_the_rest_decays_and_wd_reaches_bn():

@@ -6,6 +6,10 @@ whose keys of the last steps join every anchor's negatives. Only the negatives c
 memory, so nothing ties the online embedding to the keys' space: in short CIFAR-10 runs at T 0.5
 (with EMA 0.99 or 0.999) the embedding collapsed (kNN below random initialisation), while the
 paper's T 0.1 with EMA 0.999 learned. ``loss`` may be nt_xent, dcl or dclw.
+
+With multi-crop (``multicrop.local_crops`` > 0, SwAV §3.2 and its Table 4 on SimCLR) the loss is
+the mean of the contrastive loss over every pair of crops that holds a global crop: (g1, g2),
+then each global with each local; two views give plain SimCLR.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from ..config import Config
 from ..heads import ProjectionHead
 from ..losses import CONTRASTIVE_LOSSES
 from ..momentum import KeyQueue, ema_update, momentum_copy
-from .base import Method
+from .base import Method, encode_by_resolution
 
 
 class SimCLR(Method):
@@ -43,9 +47,11 @@ class SimCLR(Method):
     def augmentations(self, size: int, mean, std) -> list[Augment]:
         a = self.cfg.aug
         view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
-        return [Augment(view), Augment(view)]
+        return self.multi_crop([view] * self.cfg.multicrop.global_crops)
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
+        if len(views) > 2:
+            return self._multi_crop_forward(views)
         x = torch.cat(views)                          # (2N, 3, S, S): one pass, BN sees both views
         z = self.projector(self.backbone(x))          # (2N, D)
         z1, z2 = z.chunk(2)                           # (N, D) each
@@ -59,3 +65,10 @@ class SimCLR(Method):
         loss = self.criterion(z1, z2, self.cfg.temperature, negatives=self.memory.snapshot())
         self.memory.push(D.gather(k))                 # (2M, D)
         return {"loss": loss, "embedding": z}
+
+    def _multi_crop_forward(self, views: list[Tensor]) -> dict[str, Tensor]:
+        n_global, b = self.cfg.multicrop.global_crops, len(views[0])
+        z = self.projector(encode_by_resolution(self.backbone, views)).split(b)  # V x (N, D)
+        pairs = [(g, v) for g in range(n_global) for v in range(g + 1, len(views))]
+        loss = sum(self.criterion(z[g], z[v], self.cfg.temperature) for g, v in pairs) / len(pairs)
+        return {"loss": loss, "embedding": torch.cat(z[:n_global])}
