@@ -52,7 +52,8 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
     try:
         saved = from_dict(state["config"])
     except ConfigError as e:
-        raise ckpt.CheckpointError(f"distill.teacher '{file}': its config is not one this version reads ({e})") from None
+        raise ckpt.CheckpointError(f"distill.teacher '{file}': its config is not one this version "
+                                   f"reads ({e})") from None
     m = saved.model
     about = f"a {saved.method} {m.backbone} (width {m.width})"
     try:
@@ -95,10 +96,9 @@ class Distill(Method):
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
         a, c = self.cfg.aug, self.cfg.distill
-        view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
-        if c.mode == "s2bnn":  # S2-BNN's "aug+": jitter p 0.6, blur p 0.2
-            view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std,
-                               jitter_p=0.6, blur_p=0.2 if a.blur else 0.0)
+        # S2-BNN's "aug+" lowers jitter to p 0.6 and blur to p 0.2; SEED's is the teacher's (MoCo v2's)
+        aug_plus = {"jitter_p": 0.6, "blur_p": 0.2 if a.blur else 0.0} if c.mode == "s2bnn" else {}
+        view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std, **aug_plus)
         t_mean, t_std = (torch.tensor(self.teacher_meta[k], dtype=torch.float32).view(1, 3, 1, 1)
                          for k in ("mean", "std"))
         s_mean, s_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
