@@ -153,6 +153,7 @@ class DINOConfig:
     center_momentum: float = 0.9
     freeze_last_layer_epochs: float = 1.0  # the last layer gets no gradient this long
     norm_last_layer: bool = True    # weight_g fixed at 1 (the last layer's rows are unit vectors)
+    head_bn: bool = False           # BN after the head's hidden Linear layers (DINO's --use_bn_in_head)
 
 
 @dataclass
@@ -490,8 +491,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "head 512 -> 2048 -> 2048 -> 256 (GELU, no BN), L2-normalised, then a weight-normalised "
                   "last layer of 4096 outputs (solo-learn's cifar/dino.yaml size) frozen for epoch 1, "
                   "student T 0.1, teacher T 0.04 -> 0.07 over 30 epochs (the paper's), centre momentum 0.9, "
-                  "teacher EMA 0.9995 -> 1 on a cosine, LARS lr 0.3 x B/256 at batch 256 with 1-D params "
-                  "excluded (DINO's LARS), wd 1e-4 (the ResNet-50 command's), 10 warm-up epochs, gradient "
+                  "teacher EMA 0.9995 -> 1 on a cosine (solo-learn's for batch 256), the optimiser of "
+                  "DINO's ResNet-50 command (SGD lr 0.03 x B/256, momentum 0.9, wd 1e-4; solo-learn's "
+                  "LARS uses a trust coefficient of 0.02, not this LARS's 0.001), 10 warm-up epochs, gradient "
                   "norm clipped at 3.0, multi-crop 2 x 32 (scale 0.14-1) + 8 x 16 (0.05-0.14) as the ResNet-50 "
                   "command's scales, BYOL/DINO's jitter (0.4, 0.4, 0.2, 0.1) without blur at 32x32, "
                   "1000 epochs. The weight-decay schedule (0.04 -> 0.4 for ViTs) is constant here.",
@@ -500,7 +502,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_layers": 3,
                   "proj_hidden": 2048},
         "aug": {"blur": False, "scale_min": 0.14},
-        "optim": {"name": "lars", "lr": 0.3, "lr_scaling": "linear", "weight_decay": 1e-4,
+        "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9, "weight_decay": 1e-4,
                   "warmup_epochs": 10, "exclude_bias_and_norm": True, "clip_grad": 3.0},
         "train": {"epochs": 1000, "batch_size": 256, "checkpoint_every": 10},
         "eval": {"knn_every": 10},

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import run_ranks
 
+from selfsup import checkpoint as ckpt
 from selfsup.cli import main
 from selfsup.config import Config
 from selfsup.losses import dino
@@ -132,6 +134,25 @@ def test_dino_runs_through_the_cli_and_logs_the_collapse_monitor(tmp_path):
                  "--device", "cpu", "--no-progress", "--epochs", "1",
                  "--set", "data.image_size=16", "model.width=0.125", "model.proj_hidden=32", "dino.out_dim=64",
                  "dino.bottleneck_dim=16", "multicrop.local_crops=2", "multicrop.local_size=8",
-                 "optim.clip_grad=3.0", "eval.knn_k=20", "optim.warmup_epochs=0"]) == 0
+                 "optim.clip_grad=3.0", "eval.knn_k=20", "optim.warmup_epochs=0", "dino.head_bn=true"]) == 0
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["embedding_std"] > 0 and torch.isfinite(torch.tensor(metrics["loss"]))
+    state = ckpt.load(out / "checkpoint.pt")["model"]
+    assert any(k.startswith("projector.") and k.endswith("running_mean") for k in state)  # dino.head_bn
+
+
+def _center_on_rank() -> dict:
+    import torch.distributed as dist
+
+    method = build_method(_cfg(local_crops=0))
+    outputs = torch.arange(4 * 64, dtype=torch.float32).view(4, 64) * (1 + dist.get_rank())  # (G*B, K)
+    method.update_center(outputs)
+    return {"center": method.center.clone()}
+
+
+def test_center_is_the_mean_over_every_rank(tmp_path):
+    ranks = run_ranks(_center_on_rank, 2, tmp_path)
+    outputs = torch.arange(4 * 64, dtype=torch.float32).view(4, 64)
+    expected = 0.1 * torch.cat([outputs, 2 * outputs]).mean(0, keepdim=True)  # the global batch
+    for res in ranks:
+        torch.testing.assert_close(res["center"], expected)

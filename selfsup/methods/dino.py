@@ -79,11 +79,12 @@ class DINO(Method):
         # DINOHead: in -> 2048 -> 2048 -> 256 (GELU, no BN), L2-normalised bottleneck
         self.projector = nn.Sequential(
             mlp(backbone.num_features, m.proj_hidden or 2048, c.bottleneck_dim, m.proj_layers,
-                batch_norm=False, activation=nn.GELU), L2Norm())
+                batch_norm=c.head_bn, activation=nn.GELU), L2Norm())
         for layer in self.projector.modules():
             if isinstance(layer, nn.Linear):  # DINOHead._init_weights
                 nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
+                if layer.bias is not None:  # none before a BN
+                    nn.init.zeros_(layer.bias)
         self.last_layer = WeightNormLinear(c.bottleneck_dim, c.out_dim, c.norm_last_layer)
         self.teacher = MomentumTeacher(self.backbone, self.projector, self.last_layer, base=c.momentum)
         self.register_buffer("center", torch.zeros(1, c.out_dim))  # c: (1, K)
