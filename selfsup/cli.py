@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--method", help="simclr, moco, ... (see --list-presets; default: the preset's, else simclr)")
     pre.add_argument("--data", help="digits | cifar10 | cifar100 | stl10 | image folder | .tar/.tar.gz/.zip")
     pre.add_argument("--out", help="run folder for config, metrics and checkpoints")
-    pre.add_argument("--backbone", help="resnet18 | resnet34 | resnet50")
+    pre.add_argument("--backbone", help="resnet18 | resnet34 | resnet50 | binary-resnet18")
     pre.add_argument("--epochs", type=int)
     pre.add_argument("--batch-size", type=int, help="global batch size (split over ranks)")
     pre.add_argument("--preset", help="a named recipe, e.g. digits-simclr, cifar10-simclr")
