@@ -13,6 +13,10 @@ c <- m c + (1 - m) mean(teacher outputs) with m 0.9 over the global batch; τ_t 
 the last layer gets no gradient during the first ``dino.freeze_last_layer_epochs``; gradients
 are clipped (``optim.clip_grad``). The EMA covers parameters only; the teacher's BN keeps its
 own statistics in train mode, as the momentum teachers of BYOL.
+
+``dino.head_bn`` adds BN after the head's hidden layers (DINO's ``--use_bn_in_head``). Without
+it, short runs of a CIFAR-stem ResNet-18 on digits lost the spread of the bottleneck within a few
+steps (the teacher's output became uniform, loss ln K); see docs/results.md.
 """
 from __future__ import annotations
 
