@@ -11,8 +11,12 @@ and (4×). torchvision's ``wide_resnet50_2`` is a different network: it widens o
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
+
+from .binary import binary_resnet18
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -133,13 +137,24 @@ BACKBONES: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, i
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
 }
 
+#: 1-bit backbones (binary.py), built as ``fn(width=, cifar_stem=, binary_weights=)``.
+BINARY_BACKBONES: dict[str, Callable[..., nn.Module]] = {"binary-resnet18": binary_resnet18}
+
 
 def build_backbone(name: str, *, width: float = 1.0, cifar_stem: bool = False,
-                   zero_init_residual: bool = False) -> ResNet:
-    """Build a ResNet encoder by name; ``width=0.25`` gives a 16-channel stem for CPU runs."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+                   zero_init_residual: bool = False, binary_weights: bool = True) -> nn.Module:
+    """Build an encoder by name; ``width=0.25`` gives a 16-channel stem for CPU runs.
+
+    ``binary_weights`` is for binary backbones only: False keeps real weights behind the
+    binary activations (S2-BNN's step one).
+    """
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
+    if name in BINARY_BACKBONES:
+        return BINARY_BACKBONES[name](width=width, cifar_stem=cifar_stem, binary_weights=binary_weights)
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join([*BACKBONES, *BINARY_BACKBONES])}")
+    if not binary_weights:
+        raise ValueError(f"binary_weights=False applies to binary backbones only, not {name!r}")
     block, layers = BACKBONES[name]
     return ResNet(block, layers, width=width, cifar_stem=cifar_stem, zero_init_residual=zero_init_residual)

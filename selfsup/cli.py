@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--method", help="simclr, moco, ... (see --list-presets; default: the preset's, else simclr)")
     pre.add_argument("--data", help="digits | cifar10 | cifar100 | stl10 | image folder | .tar/.tar.gz/.zip")
     pre.add_argument("--out", help="run folder for config, metrics and checkpoints")
-    pre.add_argument("--backbone", help="resnet18 | resnet34 | resnet50")
+    pre.add_argument("--backbone", help="resnet18 | resnet34 | resnet50 | binary-resnet18")
     pre.add_argument("--epochs", type=int)
     pre.add_argument("--batch-size", type=int, help="global batch size (split over ranks)")
     pre.add_argument("--preset", help="a named recipe, e.g. digits-simclr, cifar10-simclr")
@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                      help="batch-norm statistics over the global batch when distributed (default: "
                           "the method's; on for SimCLR, as in the paper)")
+    pre.add_argument("--teacher", help="--method distill: the frozen teacher, a selfsup run folder or its "
+                                       "checkpoint.pt (distill.teacher)")
     pre.add_argument("--max-minutes", type=float, help="stop at the first epoch end after this long")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -72,12 +74,13 @@ def _pretrain(a: argparse.Namespace) -> int:
         for name, recipe in sorted(PRESETS.items()):
             print(f"{name}: {recipe.get('_about', '')}")
         return 0
-    overrides: dict = {"data": {}, "model": {}, "train": {}}
+    overrides: dict = {"data": {}, "model": {}, "train": {}, "distill": {}}
     for value, section, key in [(a.data, "data", "source"), (a.backbone, "model", "backbone"),
                                 (a.epochs, "train", "epochs"), (a.batch_size, "train", "batch_size"),
                                 (a.device, "train", "device"), (a.seed, "train", "seed"),
                                 (a.unlabeled, "data", "unlabeled"), (a.skip_corrupt, "data", "skip_corrupt"),
-                                (a.max_minutes, "train", "max_minutes"), (a.sync_bn, "model", "sync_bn")]:
+                                (a.max_minutes, "train", "max_minutes"), (a.sync_bn, "model", "sync_bn"),
+                                (a.teacher, "distill", "teacher")]:
         if value is not None:
             overrides[section][key] = value
     if a.method is not None:

@@ -40,6 +40,8 @@ class ModelConfig:
     proj_hidden: int | None = None  # None: the backbone's feature width
     proj_dim: int = 128
     sync_bn: bool | None = None     # global BN when distributed (None: the method's default)
+    binary_weights: bool = True     # binary backbones: 1-bit weights; False = real weights (S2-BNN step one)
+    init_from: str | None = None    # start the backbone from this run folder / checkpoint (S2-BNN step two)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     final_lr: float = 0.0           # end of the cosine decay, as a fraction of the peak lr
     exclude_bias_and_norm: bool = True  # no weight decay / LARS adaptation on biases and norms
+    clip_grad: float = 0.0          # clip the global gradient norm to this before each step (DINO: 3.0); 0 = off
 
 
 @dataclass
@@ -140,6 +143,31 @@ class SwAVConfig:
 
 
 @dataclass
+class DINOConfig:
+    out_dim: int = 65536            # K, outputs of the weight-normalised last layer (CIFAR: 4096)
+    bottleneck_dim: int = 256       # the L2-normalised bottleneck; the MLP's hidden width is model.proj_hidden
+    momentum: float = 0.996         # teacher EMA, raised to 1 on a cosine (use 0.9995 with batch 256)
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04      # after the warm-up; raise to 0.07 if the loss stalls
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0  # linear warm-up of the teacher temperature (paper: 30)
+    center_momentum: float = 0.9
+    freeze_last_layer_epochs: float = 1.0  # the last layer gets no gradient this long
+    norm_last_layer: bool = True    # weight_g fixed at 1 (the last layer's rows are unit vectors)
+    head_bn: bool = False           # BN after the head's hidden Linear layers (DINO's --use_bn_in_head)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None      # run folder or checkpoint.pt of any selfsup pre-training (--teacher)
+    mode: str = "s2bnn"             # s2bnn: softmax over embedding dims; seed: over [own embedding, queue]
+    temperature: float = 0.2        # student (and, s2bnn, teacher) temperature
+    teacher_temp: float = 1e-4      # seed: teacher temperature (SEED's --distill-t)
+    queue_size: int = 65536         # seed: teacher embeddings kept; a multiple of the global batch
+    contrastive_weight: float = 0.0  # > 0 adds the student's own nt_xent on two views (S2-BNN ablation)
+
+
+@dataclass
 class Config:
     method: str = "simclr"
     loss: str = "nt_xent"           # nt_xent | dcl | dclw (MoCo: info_nce = nt_xent, its InfoNCE)
@@ -159,6 +187,8 @@ class Config:
     byol: BYOLConfig = field(default_factory=BYOLConfig)
     simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,6 +196,9 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # Presets: each states the recipe it follows.
+
+#: model.init_from of the second step of a two-step preset until ``--set model.init_from=RUN``.
+INIT_PLACEHOLDER = "<step one: pass --set model.init_from=RUN_DIR>"
 
 #: data.source of the ImageNet presets until ``--data PATH`` replaces it (validate names it).
 IMAGENET_PLACEHOLDER = "<imagenet: pass --data PATH>"
@@ -454,6 +487,74 @@ PRESETS: dict[str, dict[str, Any]] = {
         "swav": {"prototypes": 3000, "epsilon": 0.05, "sinkhorn_iterations": 3,
                  "freeze_prototypes_steps": 5005, "queue_length": 3840, "queue_start_epoch": 15},
     },
+    "cifar10-dino": {
+        "_about": "DINO on CIFAR-10 with a ResNet-18 (REFERENCE.md section 10; DINO has no CIFAR recipe): "
+                  "head 512 -> 2048 -> 2048 -> 256 (GELU, no BN), L2-normalised, then a weight-normalised "
+                  "last layer of 4096 outputs (solo-learn's cifar/dino.yaml size) frozen for epoch 1, "
+                  "student T 0.1, teacher T 0.04 -> 0.07 over 30 epochs (the paper's), centre momentum 0.9, "
+                  "teacher EMA 0.9995 -> 1 on a cosine (solo-learn's for batch 256), the optimiser of "
+                  "DINO's ResNet-50 command (SGD lr 0.03 x B/256, momentum 0.9, wd 1e-4; solo-learn's "
+                  "LARS uses a trust coefficient of 0.02, not this LARS's 0.001), 10 warm-up epochs, gradient "
+                  "norm clipped at 3.0, multi-crop 2 x 32 (scale 0.14-1) + 8 x 16 (0.05-0.14) as the ResNet-50 "
+                  "command's scales, BYOL/DINO's jitter (0.4, 0.4, 0.2, 0.1) without blur at 32x32, "
+                  "1000 epochs. The weight-decay schedule (0.04 -> 0.4 for ViTs) is constant here.",
+        "method": "dino",
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_layers": 3,
+                  "proj_hidden": 2048},
+        "aug": {"blur": False, "scale_min": 0.14},
+        "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9, "weight_decay": 1e-4,
+                  "warmup_epochs": 10, "exclude_bias_and_norm": True, "clip_grad": 3.0},
+        "train": {"epochs": 1000, "batch_size": 256, "checkpoint_every": 10},
+        "eval": {"knn_every": 10},
+        "multicrop": {"global_crops": 2, "local_crops": 8, "local_size": 16,
+                      "local_scale_min": 0.05, "local_scale_max": 0.14},
+        "dino": {"out_dim": 4096, "bottleneck_dim": 256, "momentum": 0.9995, "student_temp": 0.1,
+                 "teacher_temp": 0.07, "warmup_teacher_temp": 0.04, "warmup_teacher_temp_epochs": 30,
+                 "center_momentum": 0.9, "freeze_last_layer_epochs": 1, "norm_last_layer": True},
+    },
+    "cifar10-distill-s2bnn": {
+        "_about": "S2-BNN step one on CIFAR-10 (REFERENCE.md section 8; the repo has no CIFAR settings): "
+                  "a binary ResNet-18 student (binary activations, real weights) learns only from a frozen "
+                  "teacher (--teacher RUN), the softmax over the 128 embedding dims of both L2-normalised "
+                  "outputs at T 0.2, same view for both, Adam lr 3e-4, wd 0, batch 256, 200 epochs, "
+                  "aug+ (jitter (0.4, 0.4, 0.4, 0.1) p 0.6, grayscale 0.2, crop 0.2-1; its blur p 0.2 "
+                  "dropped at 32x32). The original decays the lr linearly; here cosine. Step two: "
+                  "cifar10-distill-s2bnn-step2.",
+        "method": "distill",
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "binary-resnet18", "width": 1.0, "cifar_stem": True, "binary_weights": False},
+        "aug": {"strength": 0.5, "blur": False, "scale_min": 0.2},
+        "optim": {"name": "adamw", "lr": 3e-4, "lr_scaling": "none", "weight_decay": 0.0,
+                  "warmup_epochs": 0},
+        "train": {"epochs": 200, "batch_size": 256, "checkpoint_every": 10},
+        "eval": {"knn_every": 10},
+        "distill": {"mode": "s2bnn", "temperature": 0.2, "contrastive_weight": 0.0},
+    },
+    "cifar10-distill-s2bnn-step2": {
+        "_base": "cifar10-distill-s2bnn",
+        "_about": "S2-BNN step two: cifar10-distill-s2bnn with binary weights too (sign(W) x mean|W| per "
+                  "output channel), initialised from step one's run: pass --set model.init_from=RUN_DIR "
+                  "and the same --teacher.",
+        "model": {"binary_weights": True, "init_from": INIT_PLACEHOLDER},
+    },
+    "cifar10-distill-seed": {
+        "_about": "SEED on CIFAR-10 (REFERENCE.md section 9): a small ResNet-18 student (width 0.25) matches "
+                  "a frozen ResNet-18 teacher's (--teacher RUN) similarity distribution over [its own "
+                  "embedding, a queue of 4096 teacher embeddings] (SEED: 65536, sized for ImageNet), student "
+                  "T 0.2, teacher T 1e-4 (the code's defaults), MoCo v2-style student head, SGD lr 0.03 x "
+                  "B/256, momentum 0.9, wd 1e-4 on every parameter, 5 warm-up epochs then cosine, 200 "
+                  "epochs, MoCo v2's augmentation (crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.1)) without blur.",
+        "method": "distill",
+        "data": {"source": "cifar10"},
+        "model": {"backbone": "resnet18", "width": 0.25, "cifar_stem": True},
+        "aug": {"strength": 0.5, "blur": False, "scale_min": 0.2},
+        "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9,
+                  "weight_decay": 1e-4, "warmup_epochs": 5, "exclude_bias_and_norm": False},
+        "train": {"epochs": 200, "batch_size": 256, "checkpoint_every": 10},
+        "eval": {"knn_every": 10},
+        "distill": {"mode": "seed", "temperature": 0.2, "teacher_temp": 1e-4, "queue_size": 4096},
+    },
 }
 
 
@@ -643,10 +744,36 @@ def validate(cfg: Config) -> None:
         (cfg.swav.freeze_prototypes_steps >= 0, "swav.freeze_prototypes_steps must be >= 0"),
         (cfg.swav.queue_length >= 0, "swav.queue_length must be >= 0 (0: no queue)"),
         (cfg.swav.queue_start_epoch >= 0, "swav.queue_start_epoch must be >= 0"),
+        (cfg.model.binary_weights or cfg.model.backbone.startswith("binary-"),
+         f"model.binary_weights=false applies to binary backbones (binary-resnet18), not {cfg.model.backbone}"),
+        (cfg.optim.clip_grad >= 0, "optim.clip_grad must be >= 0 (0: no clipping)"),
+        (cfg.dino.out_dim >= 1 and cfg.dino.bottleneck_dim >= 1,
+         "dino.out_dim and dino.bottleneck_dim must be at least 1"),
+        (0 <= cfg.dino.momentum <= 1, "dino.momentum must be in [0, 1]"),
+        (0 <= cfg.dino.center_momentum <= 1, "dino.center_momentum must be in [0, 1]"),
+        (min(cfg.dino.student_temp, cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp) > 0,
+         "dino.student_temp, dino.teacher_temp and dino.warmup_teacher_temp must be positive"),
+        (cfg.dino.warmup_teacher_temp_epochs >= 0, "dino.warmup_teacher_temp_epochs must be >= 0"),
+        (cfg.dino.freeze_last_layer_epochs >= 0, "dino.freeze_last_layer_epochs must be >= 0"),
+        (cfg.distill.mode in ("s2bnn", "seed"), f"distill.mode '{cfg.distill.mode}' unknown; choose s2bnn or seed"),
+        (cfg.distill.temperature > 0 and cfg.distill.teacher_temp > 0,
+         "distill.temperature and distill.teacher_temp must be positive"),
+        (cfg.distill.queue_size >= 1, "distill.queue_size must be at least 1"),
+        (cfg.distill.contrastive_weight >= 0, "distill.contrastive_weight must be >= 0 (0: distillation only)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.method == "distill" and not cfg.distill.teacher:
+        raise ConfigError("--method distill needs a frozen teacher: pass --teacher RUN_DIR_OR_CHECKPOINT "
+                          "(distill.teacher), a selfsup pre-training run")
+    if cfg.method == "distill" and cfg.distill.mode == "seed" and cfg.distill.queue_size % cfg.train.batch_size:
+        raise ConfigError(f"distill.queue_size {cfg.distill.queue_size} must be a multiple of the global batch "
+                          f"{cfg.train.batch_size}; e.g. distill.queue_size="
+                          f"{max(1, cfg.distill.queue_size // cfg.train.batch_size) * cfg.train.batch_size}")
+    if cfg.model.init_from == INIT_PLACEHOLDER:
+        raise ConfigError(f"preset '{cfg.preset}' starts from S2-BNN's step one: pass --set "
+                          f"model.init_from=RUN_DIR (a run of cifar10-distill-s2bnn)")
     if cfg.data.source == IMAGENET_PLACEHOLDER:
         where = f"preset '{cfg.preset}'" if cfg.preset else "this configuration"
         raise ConfigError(f"{where} trains on ImageNet: pass --data PATH, an image folder "

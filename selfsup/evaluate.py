@@ -129,7 +129,8 @@ def load_backbone(path: str | Path, *, random_init: bool = False) -> tuple[nn.Mo
             raise ckpt.CheckpointError(f"'{path}' has no {meta_path.name} beside it describing the "
                                        f"architecture; point --checkpoint at the run folder")
         meta, weights = json.loads(meta_path.read_text()), state
-    backbone = build_backbone(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"])
+    backbone = build_backbone(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"],
+                              binary_weights=meta.get("binary_weights", True))
     if not random_init:
         try:
             backbone.load_state_dict(weights)

@@ -1,6 +1,7 @@
 """Projection heads g(·) (SimCLR §2.1, SimCLRv2 §2) and the MLP blocks they are built from."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from torch import Tensor, nn
@@ -27,7 +28,12 @@ class ScaleOnlyBatchNorm1d(nn.BatchNorm1d):
         nn.init.ones_(self.weight)
 
 
-def _block(in_dim: int, out_dim: int, *, norm: Norm, relu: bool, bias: bool = True) -> nn.Sequential:
+def _relu() -> nn.Module:
+    return nn.ReLU(inplace=True)
+
+
+def _block(in_dim: int, out_dim: int, *, norm: Norm, relu: bool, bias: bool = True,
+           activation: Callable[[], nn.Module] = _relu) -> nn.Sequential:
     # A bias before BN is cancelled by the mean subtraction; SimCLR's code drops it too.
     layers: list[nn.Module] = [nn.Linear(in_dim, out_dim, bias=bias and norm is None)]
     if norm == "affine":
@@ -39,13 +45,15 @@ def _block(in_dim: int, out_dim: int, *, norm: Norm, relu: bool, bias: bool = Tr
     elif norm is not None:
         raise ValueError(f"unknown norm {norm!r}; choose from 'affine', 'scale', 'none' or None")
     if relu:
-        layers.append(nn.ReLU(inplace=True))
+        layers.append(activation())
     return nn.Sequential(*layers)
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, *, batch_norm: bool = True,
-        last_norm: Norm = None, bias: bool = True) -> nn.Sequential:
-    """``num_layers`` Linear layers; the middle ones add BN (if ``batch_norm``) and ReLU.
+        last_norm: Norm = None, bias: bool = True,
+        activation: Callable[[], nn.Module] = _relu) -> nn.Sequential:
+    """``num_layers`` Linear layers; the middle ones add BN (if ``batch_norm``) and ReLU (or
+    ``activation()``: DINO's head uses ``nn.GELU``).
 
     The last layer has no ReLU and the normalisation ``last_norm``. Examples: BYOL/SimSiam
     predictors ``mlp(d, h, d)``; MoCo v2 head ``mlp(d, d, 128, batch_norm=False)``; SimSiam
@@ -55,7 +63,8 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, *, batc
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
     middle = "affine" if batch_norm else None
-    blocks = [_block(dims[i], dims[i + 1], norm=middle, relu=True, bias=bias) for i in range(num_layers - 1)]
+    blocks = [_block(dims[i], dims[i + 1], norm=middle, relu=True, bias=bias, activation=activation)
+              for i in range(num_layers - 1)]
     blocks.append(_block(dims[-2], dims[-1], norm=last_norm, relu=False, bias=bias))
     return nn.Sequential(*blocks)
 

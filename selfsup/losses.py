@@ -241,3 +241,20 @@ def dino(student_out: Tensor, teacher_out: Tensor, center: Tensor, student_temp:
     ``student_temp``. student_out, teacher_out: (N, K); center: (K,) or (1, K), a constant."""
     targets = F.softmax((teacher_out.detach() - center.detach()) / teacher_temp, dim=1)  # (N, K)
     return soft_cross_entropy(student_out / student_temp, targets)
+
+
+@float32
+def seed(student: Tensor, teacher: Tensor, queue: Tensor, student_temp: float = 0.2,
+         teacher_temp: float = 1e-4) -> Tensor:
+    """SEED's loss (SEED §3.2, eq. 4): the student matches the teacher's similarity distribution
+    over [the teacher's own embedding, a queue of teacher embeddings]:
+    distill of [s·t, s Q^T] / τ_s against [t·t, t Q^T] / τ_t (t·t = 1).
+
+    student, teacher: (N, D) embeddings (normalised here), the teacher a constant; queue: (K, D)
+    teacher embeddings, already normalised (a snapshot taken before this step's enqueue).
+    """
+    s = F.normalize(student, dim=1)  # (N, D)
+    t = F.normalize(teacher.detach(), dim=1)  # (N, D)
+    student_logits = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.T], dim=1)  # (N, 1 + K)
+    teacher_logits = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.T], dim=1)  # (N, 1 + K)
+    return distill(student_logits / student_temp, teacher_logits / teacher_temp)

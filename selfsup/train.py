@@ -23,7 +23,7 @@ from . import distributed as D
 from .backbones import build_backbone
 from .config import Config, ConfigError, dump, from_dict
 from .data import ImageDataset, load_data
-from .evaluate import autocast, extract_features, knn_accuracy
+from .evaluate import autocast, extract_features, knn_accuracy, load_backbone
 from .loader import DeviceLoader
 from .methods import METHODS, Method
 from .optim import build_optimizer, scale_lr, set_lr, warmup_cosine
@@ -71,14 +71,23 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def build_method(cfg: Config) -> Method:
     m = cfg.model
-    backbone = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem,
+    backbone = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem, binary_weights=m.binary_weights,
                               zero_init_residual=m.zero_init_residual)
+    if m.init_from:  # e.g. S2-BNN's step two from step one; before any teacher copies the backbone
+        source, meta = load_backbone(m.init_from)
+        try:
+            backbone.load_state_dict(source.state_dict())
+        except RuntimeError as e:
+            raise ckpt.CheckpointError(f"model.init_from '{m.init_from}' holds a {meta['backbone']} (width "
+                                       f"{meta['width']}) that does not fit model.backbone {m.backbone} "
+                                       f"(width {m.width}): {str(e).splitlines()[0]}") from None
     return METHODS[cfg.method](cfg, backbone)
 
 
 def backbone_meta(cfg: Config, size: int, mean, std) -> dict:
     """What an evaluation needs to rebuild the backbone and feed it as in training."""
     return {"backbone": cfg.model.backbone, "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem,
+            "binary_weights": cfg.model.binary_weights,
             "image_size": size, "data_image_size": cfg.data.image_size, "mean": list(mean),
             "std": list(std), "method": cfg.method, "data": cfg.data.source}
 
@@ -136,14 +145,17 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations: list,
                batch: torch.Tensor, generator: torch.Generator,
-               dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Augment the uint8 batch into views, forward, backward, step. Returns detached outputs."""
+               dtype: torch.dtype | None, clip_grad: float = 0.0) -> dict[str, torch.Tensor]:
+    """Augment the uint8 batch into views, forward, backward, (clip the global gradient norm to
+    ``clip_grad`` if > 0,) step. Returns detached outputs."""
     with torch.no_grad():
         views = [aug(batch, generator) for aug in augmentations]  # each (B, 3, S, S)
     with autocast(batch.device, dtype):
         output = model(views)
     optimizer.zero_grad(set_to_none=True)
     output["loss"].backward()
+    if clip_grad > 0:
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     optimizer.step()
     return {k: v.detach() for k, v in output.items()}
 
@@ -257,7 +269,7 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
             set_lr(optimizer, lr)
             method.on_step_start(step, total_steps)
-            output = train_step(model, optimizer, augmentations, batch, generator, dtype)
+            output = train_step(model, optimizer, augmentations, batch, generator, dtype, cfg.optim.clip_grad)
             method.on_step_end(step, total_steps)
             loss = output["loss"]
             loss_sum += loss

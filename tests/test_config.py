@@ -48,6 +48,15 @@ def test_every_preset_resolves_and_says_what_it_follows():
             with pytest.raises(ConfigError, match=f"preset '{name}' trains on ImageNet: pass --data PATH"):
                 resolve(preset_name=name)
             resolve(preset_name=name, overrides={"data": {"source": "/data/imagenet"}})
+        elif recipe.get("method") == "distill":  # needs a teacher run, step two also step one's run
+            with pytest.raises(ConfigError, match="needs a frozen teacher: pass --teacher"):
+                resolve(preset_name=name)
+            teacher = {"distill": {"teacher": "/runs/teacher"}}
+            if recipe["model"].get("init_from"):
+                with pytest.raises(ConfigError, match=f"preset '{name}' starts from S2-BNN's step one"):
+                    resolve(preset_name=name, overrides=teacher)
+                teacher["model"] = {"init_from": "/runs/step-one"}
+            resolve(preset_name=name, overrides=teacher)
         else:
             resolve(preset_name=name)
         assert recipe.get("_about"), f"preset {name} must state its recipe"

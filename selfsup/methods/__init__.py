@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from .base import Method
 from .byol import BYOL
+from .dino import DINO
+from .distill import Distill
 from .moco import MoCo
 from .simclr import SimCLR
 from .simsiam import SimSiam
@@ -14,6 +16,8 @@ METHODS: dict[str, type[Method]] = {
     "byol": BYOL,
     "simsiam": SimSiam,
     "swav": SwAV,
+    "dino": DINO,
+    "distill": Distill,
 }
 
-__all__ = ["BYOL", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "SwAV"]
+__all__ = ["BYOL", "DINO", "Distill", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "SwAV"]

@@ -1,0 +1,137 @@
+"""DINO (Caron et al., 2021): self-distillation with no labels (DINO §3.1, Algorithm 1).
+
+A student (backbone + head) predicts, at temperature τ_s, the output of a momentum teacher
+(the same networks, an EMA of the student) that is centred and sharpened at τ_t:
+
+    L = mean over teacher crops t and student crops s != t of  H(P_t(x_t), P_s(x_s)),
+    P_t = softmax((g_t(x) - c) / τ_t),  P_s = softmax(g_s(x) / τ_s)
+
+As the official code: the head is an MLP (GELU) to a bottleneck, L2 normalisation and a
+weight-normalised last layer of K outputs whose norms are fixed at 1; the teacher sees only the
+global crops and same-view pairs are skipped; the centre c is a buffer updated *after* the loss,
+c <- m c + (1 - m) mean(teacher outputs) with m 0.9 over the global batch; τ_t warms up linearly;
+the last layer gets no gradient during the first ``dino.freeze_last_layer_epochs``; gradients
+are clipped (``optim.clip_grad``). The EMA covers parameters only; the teacher's BN keeps its
+own statistics in train mode, as the momentum teachers of BYOL.
+
+``dino.head_bn`` adds BN after the head's hidden layers (DINO's ``--use_bn_in_head``). Without
+it, short runs of a CIFAR-stem ResNet-18 on digits lost the spread of the bottleneck within a few
+steps (the teacher's output became uniform, loss ln K); see docs/results.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import distributed as D
+from ..augment import Augment, byol_view
+from ..config import Config
+from ..heads import mlp
+from ..losses import dino
+from ..momentum import MomentumTeacher
+from .base import Method, encode_by_resolution
+
+
+def teacher_temperature(step: int, steps_per_epoch: int, warmup_temp: float, temp: float,
+                        warmup_epochs: float) -> float:
+    """τ_t at ``step``: linear from ``warmup_temp`` (step 0) to ``temp`` (end of the warm-up,
+    counted in steps), then ``temp`` (DINO's ``teacher_temp_schedule``, per step)."""
+    warmup_steps = warmup_epochs * steps_per_epoch
+    if step >= warmup_steps:
+        return temp
+    return warmup_temp + (temp - warmup_temp) * step / warmup_steps
+
+
+def loss_pairs(n_global: int, n_views: int) -> list[tuple[int, int]]:
+    """(teacher crop, student crop) pairs: every global crop against every other crop."""
+    return [(t, s) for t in range(n_global) for s in range(n_views) if s != t]
+
+
+class L2Norm(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=-1)
+
+
+class WeightNormLinear(nn.Module):
+    """Linear without bias, weight = g v / ||v|| per output row (weight normalisation); with
+    ``norm_last_layer`` g is fixed at 1, so the K rows are unit vectors. ``frozen`` detaches v:
+    no gradient, so no optimiser (or weight decay) touches it (DINO's ``freeze_last_layer``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, norm_last_layer: bool = True):
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach())  # (K, D)
+        self.weight_g = None
+        if not norm_last_layer:
+            self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=1, keepdim=True))  # (K, 1)
+        self.frozen = False
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, D) -> (N, K)
+        v = self.weight_v.detach() if self.frozen else self.weight_v
+        w = F.normalize(v, dim=1)  # (K, D)
+        if self.weight_g is not None:
+            w = (self.weight_g.detach() if self.frozen else self.weight_g) * w
+        return F.linear(x, w)
+
+
+class DINO(Method):
+    def __init__(self, cfg: Config, backbone: nn.Module):
+        super().__init__(cfg, backbone)
+        m, c = cfg.model, cfg.dino
+        # DINOHead: in -> 2048 -> 2048 -> 256 (GELU, no BN), L2-normalised bottleneck
+        self.projector = nn.Sequential(
+            mlp(backbone.num_features, m.proj_hidden or 2048, c.bottleneck_dim, m.proj_layers,
+                batch_norm=c.head_bn, activation=nn.GELU), L2Norm())
+        for layer in self.projector.modules():
+            if isinstance(layer, nn.Linear):  # DINOHead._init_weights
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                if layer.bias is not None:  # none before a BN
+                    nn.init.zeros_(layer.bias)
+        self.last_layer = WeightNormLinear(c.bottleneck_dim, c.out_dim, c.norm_last_layer)
+        self.teacher = MomentumTeacher(self.backbone, self.projector, self.last_layer, base=c.momentum)
+        self.register_buffer("center", torch.zeros(1, c.out_dim))  # c: (1, K)
+        self.find_unused_parameters = c.freeze_last_layer_epochs > 0  # frozen: no gradient at all
+        self.teacher_temp = c.warmup_teacher_temp
+
+    def augmentations(self, size: int, mean, std) -> list[Augment]:
+        # DINO's crops are BYOL's asymmetric pair (blur 1.0 / 0.1, solarise 0 / 0.2); locals blur 0.5
+        a, n = self.cfg.aug, self.cfg.multicrop.global_crops
+        v1, v2 = (byol_view(size, i, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
+                  for i in (1, 2))
+        local = dataclasses.replace(v1, blur_p=0.5 if a.blur else 0.0)
+        return self.multi_crop([(v1, v2)[i % 2] for i in range(n)], local_from=local)
+
+    @torch.no_grad()
+    def on_step_start(self, step: int, total_steps: int) -> None:
+        c = self.cfg.dino
+        steps_per_epoch = max(1, total_steps // self.cfg.train.epochs)
+        self.teacher_temp = teacher_temperature(step, steps_per_epoch, c.warmup_teacher_temp,
+                                                c.teacher_temp, c.warmup_teacher_temp_epochs)
+        self.last_layer.frozen = step < c.freeze_last_layer_epochs * steps_per_epoch
+
+    def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
+        c, b = self.cfg.dino, len(views[0])
+        n_global = self.cfg.multicrop.global_crops
+        z = self.projector(encode_by_resolution(self.backbone, views))  # (V*B, D) unit bottleneck
+        student = self.last_layer(z).split(b)  # V x (B, K)
+        with torch.no_grad():
+            teacher_out = self.teacher(torch.cat(views[:n_global]))  # (G*B, K)
+        teacher = teacher_out.split(b)  # G x (B, K)
+        pairs = loss_pairs(n_global, len(views))
+        loss = sum(dino(student[s], teacher[t], self.center, c.student_temp, self.teacher_temp)
+                   for t, s in pairs) / len(pairs)
+        self.update_center(teacher_out)  # after the loss: this step's targets used the old centre
+        return {"loss": loss, "embedding": z[: n_global * b]}
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Tensor) -> None:
+        """c <- m c + (1 - m) mean over the global batch of the raw teacher outputs (G*B, K)."""
+        batch_center = D.all_reduce_mean(teacher_out.float().mean(0, keepdim=True))  # (1, K)
+        m = self.cfg.dino.center_momentum
+        self.center.mul_(m).add_(batch_center, alpha=1 - m)
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        self.teacher.update(step + 1, total_steps)  # τ 0.996 -> 1 on a cosine, after the step

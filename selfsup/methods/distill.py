@@ -1,0 +1,123 @@
+"""Offline distillation from a frozen self-supervised teacher: S2-BNN (Shen et al., 2021) and
+SEED (Fang et al., 2021). Any selfsup pre-training run is a teacher (``--teacher RUN``): its
+backbone and projection head, in eval mode and without gradients, embed the same view the
+student sees. The student (any backbone, e.g. ``binary-resnet18``) has a MoCo v2-style head
+(Linear-ReLU-Linear) to the teacher's embedding dimension.
+
+- ``s2bnn`` (S2-BNN eq. 3): distillation over the D embedding dimensions of both L2-normalised
+  outputs, softmax(t / T) the target of log softmax(s / T), T = 0.2;
+- ``seed`` (SEED eq. 4): the student matches the teacher's similarity distribution over
+  [the teacher's own embedding, a queue of past teacher embeddings], student T 0.2, teacher T
+  ``distill.teacher_temp``; the queue then takes the batch's teacher embeddings;
+- ``distill.contrastive_weight`` > 0 adds the student's own NT-Xent between two views (S2-BNN's
+  "contrastive + distillation" ablation); the distillation uses the first view.
+
+Teacher features are recomputed every step (no cache): the views are random.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import checkpoint as ckpt
+from .. import distributed as D
+from ..augment import Augment, simclr_view
+from ..config import Config, ConfigError, from_dict
+from ..heads import ProjectionHead
+from ..losses import distill, nt_xent, seed
+from ..momentum import KeyQueue
+from .base import Method
+
+
+def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
+    """A selfsup run's backbone and projection head chained, frozen in eval mode, and the
+    run's backbone metadata (input size and normalisation). ``path``: a run folder or its
+    checkpoint.pt. Errors name the file and what is wrong with it."""
+    from ..backbones import build_backbone  # late: backbones -> methods would be circular
+    from ..train import CHECKPOINT
+    from . import METHODS
+
+    path = Path(path)
+    file = path / CHECKPOINT if path.is_dir() else path
+    if not file.exists():
+        raise ckpt.CheckpointError(f"distill.teacher '{path}' does not exist (expected a selfsup run folder "
+                                   f"or its {CHECKPOINT})")
+    state = ckpt.load(file)
+    if not (isinstance(state, dict) and state.get("format") == "selfsup-checkpoint"):
+        raise ckpt.CheckpointError(f"distill.teacher '{file}' is not a selfsup pre-training checkpoint; pass the "
+                                   f"run folder (its {CHECKPOINT} holds the projection head a teacher needs)")
+    try:
+        saved = from_dict(state["config"])
+    except ConfigError as e:
+        raise ckpt.CheckpointError(f"distill.teacher '{file}': its config is not one this version "
+                                   f"reads ({e})") from None
+    m = saved.model
+    about = f"a {saved.method} {m.backbone} (width {m.width})"
+    try:
+        backbone = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem,
+                                  binary_weights=m.binary_weights)
+        method = METHODS[saved.method](saved, backbone)
+        method.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ckpt.CheckpointError(f"distill.teacher '{file}' does not fit {about}, the architecture its config "
+                                   f"describes: {str(e).splitlines()[0][:300]}") from None
+    if not isinstance(getattr(method, "projector", None), nn.Module):
+        raise ckpt.CheckpointError(f"distill.teacher '{file}' is {about} without a projection head to distil")
+    teacher = nn.Sequential(method.backbone, method.projector)
+    teacher.requires_grad_(False)
+    return teacher.eval(), state["meta"]
+
+
+class Distill(Method):
+    sync_bn_default = False  # a per-sample target: nothing to gain from global BN
+
+    def __init__(self, cfg: Config, backbone: nn.Module):
+        super().__init__(cfg, backbone)
+        c = cfg.distill
+        self.teacher, self.teacher_meta = load_teacher(c.teacher)
+        size = self.teacher_meta["image_size"]
+        with torch.no_grad():
+            dim = self.teacher(torch.zeros(2, 3, size, size)).shape[1]  # D of the teacher's embedding
+        width = backbone.num_features
+        self.projector = ProjectionHead(width, cfg.model.proj_hidden or width, dim, 2, batch_norm=False)
+        if c.mode == "seed":
+            self.queue = KeyQueue(c.queue_size, dim)  # teacher embeddings
+        # the teacher sees its own normalisation: x_t = x * scale + shift (set in augmentations)
+        self.register_buffer("teacher_scale", torch.ones(1, 3, 1, 1), persistent=False)
+        self.register_buffer("teacher_shift", torch.zeros(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "Distill":
+        super().train(mode)
+        self.teacher.eval()  # frozen: its BN uses, and never updates, its running statistics
+        return self
+
+    def augmentations(self, size: int, mean, std) -> list[Augment]:
+        a, c = self.cfg.aug, self.cfg.distill
+        # S2-BNN's "aug+" lowers jitter to p 0.6 and blur to p 0.2; SEED's is the teacher's (MoCo v2's)
+        aug_plus = {"jitter_p": 0.6, "blur_p": 0.2 if a.blur else 0.0} if c.mode == "s2bnn" else {}
+        view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std, **aug_plus)
+        t_mean, t_std = (torch.tensor(self.teacher_meta[k], dtype=torch.float32).view(1, 3, 1, 1)
+                         for k in ("mean", "std"))
+        s_mean, s_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
+        self.teacher_scale.copy_(s_std / t_std)
+        self.teacher_shift.copy_((s_mean - t_mean) / t_std)
+        return [Augment(view)] * (2 if c.contrastive_weight > 0 else 1)
+
+    def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
+        c, b = self.cfg.distill, len(views[0])
+        z = self.projector(self.backbone(torch.cat(views)))  # (V*B, D): one pass, BN sees every view
+        s = z[:b]  # (B, D) the student on the first view
+        with torch.no_grad():  # the teacher on the same view
+            t = F.normalize(self.teacher(views[0] * self.teacher_scale + self.teacher_shift).float(), dim=1)  # (B, D)
+        if c.mode == "s2bnn":  # softmax over the D embedding dimensions
+            loss = distill(F.normalize(s.float(), dim=1), t, c.temperature)
+        else:
+            loss = seed(s, t, self.queue.snapshot(), c.temperature, c.teacher_temp)
+            self.queue.push(D.gather(t))  # (M, D) after the loss, as MoCo's enqueue
+        if c.contrastive_weight > 0:
+            z1, z2 = z.chunk(2)  # (B, D) each
+            loss = loss + c.contrastive_weight * nt_xent(z1, z2, self.cfg.temperature)
+        return {"loss": loss, "embedding": z}
