@@ -106,7 +106,7 @@ DENSE_LOGITS_MAX = 2**24  # 64 MiB of float32 logits
 def _chunk_rows(rows: int, cols: int, chunk: int | None) -> int | None:
     """Anchors per chunk, or None for the dense path. ``chunk``: 0 forces dense, N > 0 chunks of N."""
     if chunk is not None:
-        return None if chunk <= 0 or chunk >= rows else chunk
+        return min(chunk, rows) if chunk > 0 else None
     if rows * cols <= DENSE_LOGITS_MAX:
         return None
     return max(1, DENSE_LOGITS_MAX // cols)
@@ -144,7 +144,7 @@ class _MaskedLogSumExp(torch.autograd.Function):
         grad_c = torch.zeros_like(candidates) if ctx.needs_input_grad[1] else None
         for lo in range(0, len(anchors), rows):
             logits = _masked_chunk(anchors, candidates, masked, temperature=t, lo=lo, rows=rows)  # (c, C)
-            p = torch.exp(logits - lse[lo:lo + rows, None]).mul_(grad[lo:lo + rows, None] / t)  # (c, C)
+            p = logits.sub_(lse[lo:lo + rows, None]).exp_().mul_(grad[lo:lo + rows, None] / t)  # (c, C) in place
             if grad_a is not None:
                 grad_a[lo:lo + rows] = p @ candidates  # (c, D)
             if grad_c is not None:
@@ -156,7 +156,7 @@ class _MaskedLogSumExp(torch.autograd.Function):
 def _masked_chunk(anchors: Tensor, candidates: Tensor, masked: Tensor | None, temperature: float,
                   lo: int, rows: int) -> Tensor:
     """Rows lo:lo+rows of anchors @ candidates.T / T with each row's masked columns at -inf."""
-    logits = anchors[lo:lo + rows] @ candidates.T / temperature  # (c, C)
+    logits = (anchors[lo:lo + rows] / temperature) @ candidates.T  # (c, C), the only (c, C) buffer
     if masked is not None:
         logits.scatter_(1, masked[lo:lo + rows], float("-inf"))
     return logits

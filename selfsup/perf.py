@@ -50,7 +50,7 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, i
 class PeakMemory:
     """Peak memory of a block: CUDA's max_memory_allocated, or on a CPU the growth of the
     process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the
-    resident set at the start. ``what`` says which was measured."""
+    resident set at the start (after malloc_trim). ``what`` says which was measured."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak = device, 0
@@ -87,6 +87,11 @@ def _status_kb(field: str) -> int:
 
 
 def _reset_hwm() -> None:
+    try:  # glibc keeps freed heap memory resident: hand it back, so the start is what is live
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux >= 4.0: reset the peak RSS to the current RSS
@@ -185,31 +190,60 @@ def bare_backbone(rig: Rig, shapes: list[tuple[int, ...]],
 
 
 def phases(rig: Rig, steps: int = 3) -> dict[str, float]:
-    """Median seconds of each phase of the real step, synchronising around each: augmentation,
-    forward + backward of the method (backbone, heads, loss, momentum encoders), optimiser
-    step + post-step hook. The caller splits forward + backward with the bare backbone's time."""
-    device, times = rig.device, {"augment": [], "forward_backward": [], "optimizer": []}
-    for _ in range(steps):
-        set_lr(rig.optimizer, rig.cfg.optim.lr)
-        rig.method.on_step_start(rig.step, rig.total_steps)
-        synchronize(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            views = [aug(rig.batch, rig.generator) for aug in rig.augmentations]
-        synchronize(device)
-        t1 = time.perf_counter()
-        with autocast(device, rig.dtype):
-            out = rig.method(views)
-        rig.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        synchronize(device)
-        t2 = time.perf_counter()
-        rig.optimizer.step()
-        rig.method.on_step_end(rig.step, rig.total_steps)
-        synchronize(device)
-        t3 = time.perf_counter()
-        rig.step += 1
-        for k, t in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-            times[k].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds of each part of the real step, synchronising around each: augmentation,
+    the online backbone (its forwards, read with hooks, and its backward: from the gradient of
+    its output to the gradient of its first parameter), the momentum encoders' backbones
+    (forwards), the rest of forward + backward (heads, loss), the optimiser step + hook."""
+    device, method = rig.device, rig.method
+    backbone, kind = method.backbone, type(method.backbone)
+    copies = [m for m in method.modules() if isinstance(m, kind) and m is not backbone]
+    first = next(p for p in backbone.parameters() if p.requires_grad)
+    clock: dict[str, list[float]] = {"fwd": [], "mom": [], "bwd_start": [], "bwd_end": []}
 
+    def now() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
+    def timed_forward(key):
+        def pre(module, args):
+            module._t0 = now()
+
+        def post(module, args, out):
+            clock[key].append(now() - module._t0)
+            if key == "fwd" and out.requires_grad:
+                out.register_hook(lambda g: clock["bwd_start"].append(now()))
+        return pre, post
+
+    handles = []
+    for module, key in [(backbone, "fwd")] + [(c, "mom") for c in copies]:
+        pre, post = timed_forward(key)
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    handles.append(first.register_post_accumulate_grad_hook(lambda p: clock["bwd_end"].append(now())))
+    parts = {k: [] for k in ("augment", "backbone", "momentum", "loss+heads", "optimizer")}
+    try:
+        for _ in range(steps):
+            for v in clock.values():
+                v.clear()
+            set_lr(rig.optimizer, rig.cfg.optim.lr)
+            method.on_step_start(rig.step, rig.total_steps)
+            t0 = now()
+            with torch.no_grad():
+                views = [aug(rig.batch, rig.generator) for aug in rig.augmentations]
+            t1 = now()
+            with autocast(device, rig.dtype):
+                out = method(views)
+            rig.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            t2 = now()
+            rig.optimizer.step()
+            method.on_step_end(rig.step, rig.total_steps)
+            t3 = now()
+            rig.step += 1
+            online = sum(clock["fwd"]) + (max(clock["bwd_end"]) - min(clock["bwd_start"]))
+            momentum = sum(clock["mom"])
+            for k, t in zip(parts, (t1 - t0, online, momentum, t2 - t1 - online - momentum, t3 - t2)):
+                parts[k].append(t)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: statistics.median(v) for k, v in parts.items()}

@@ -12,7 +12,7 @@ The order is the in-memory loader's: each epoch is a seeded permutation of the w
 (:func:`selfsup.loader.epoch_permutation`), every rank takes its contiguous share of each global
 batch, and the DataLoader hands each batch to one worker, so every image is decoded exactly
 once per epoch across workers and ranks (the last partial global batch is dropped). The crops
-of image i in epoch e are a pure function of (seed, e, i), whichever worker decodes it.
+of a batch are a pure function of (seed, epoch, the batch's images), whichever worker decodes it.
 """
 from __future__ import annotations
 
@@ -102,24 +102,32 @@ class ImageStream:
         return {**self.__dict__, "_open": {}}  # file handles stay in the process that opened them
 
 
-def decode_crops(src: bytes | str, views: list[ViewConfig], generator: torch.Generator) -> list[np.ndarray]:
+def decode_crops(src: bytes | str, views: list[ViewConfig], generator: torch.Generator,
+                 boxes: list[list[float]] | None = None) -> list[np.ndarray]:
     """Decode one image into each view's random-resized crop at the view's output size.
 
-    The boxes are drawn as :func:`selfsup.augment.sample_crop_boxes` draws them on the device,
-    in the full-resolution frame; the JPEG is then decoded at the coarsest scale at which every
-    box still has at least its output side in pixels. -> V uint8 arrays (S_v, S_v, 3).
+    The boxes (x0, y0, w, h), one per view, are drawn as :func:`selfsup.augment.sample_crop_boxes`
+    draws them on the device, in the full-resolution frame (unless given); the JPEG is then
+    decoded at the coarsest scale at which every box still has at least its output side in
+    pixels. -> V uint8 arrays (S_v, S_v, 3).
     """
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
         width, height = im.size
-        boxes = [sample_crop_boxes(1, height, width, v.scale, v.ratio, generator)[0].tolist() for v in views]
-        shrink = min(min(w, h) / v.size for (_, _, w, h), v in zip(boxes, views))
-        if shrink >= 2:
-            im.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
-        rgb = _to_rgb(im)
-        sx, sy = rgb.size[0] / width, rgb.size[1] / height
-        return [np.asarray(rgb.resize((v.size, v.size), Image.Resampling.BILINEAR,
-                                      box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy)))
-                for (x0, y0, w, h), v in zip(boxes, views)]
+        if boxes is None:
+            boxes = [sample_crop_boxes(1, height, width, v.scale, v.ratio, generator)[0].tolist() for v in views]
+        return _crop(im, views, boxes)
+
+
+def _crop(im: Image.Image, views: list[ViewConfig], boxes: list[list[float]]) -> list[np.ndarray]:
+    width, height = im.size
+    shrink = min(min(w, h) / v.size for (_, _, w, h), v in zip(boxes, views))
+    if shrink >= 2:
+        im.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+    rgb = _to_rgb(im)
+    sx, sy = rgb.size[0] / width, rgb.size[1] / height
+    return [np.asarray(rgb.resize((v.size, v.size), Image.Resampling.BILINEAR,
+                                  box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy)))
+            for (x0, y0, w, h), v in zip(boxes, views)]
 
 
 def device_view(view: ViewConfig) -> ViewConfig:
@@ -129,7 +137,9 @@ def device_view(view: ViewConfig) -> ViewConfig:
 
 
 class _Crops(torch.utils.data.Dataset):
-    """(epoch, index) -> the views' crops of that image, seeded by (seed, epoch, index)."""
+    """A batch of (epoch, index) -> each image's view crops. The boxes of a batch are drawn
+    together, per image size and view, from a generator seeded by (seed, epoch, the batch's
+    indices): the same whichever worker decodes the batch."""
 
     def __init__(self, stream: ImageStream, views: list[ViewConfig], seed: int):
         self.stream, self.views, self.seed = stream, views, seed
@@ -138,13 +148,42 @@ class _Crops(torch.utils.data.Dataset):
         return len(self.stream)
 
     def __getitem__(self, key: tuple[int, int]) -> list[np.ndarray]:
-        epoch, i = key
-        g = torch.Generator().manual_seed(hash((self.seed, epoch, i)) & (2**63 - 1))
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[list[np.ndarray]]:
+        epoch, indices = keys[0][0], [i for _, i in keys]
+        g = torch.Generator().manual_seed(hash((self.seed, epoch, *indices)) & (2**63 - 1))
+        images = [self._open(i) for i in indices]
         try:
-            return decode_crops(self.stream.read(i), self.views, g)
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise DataError(f"data.stream: cannot decode image {i} "
-                            f"({self.stream.files[i] if self.stream.files else 'in a shard'}): {e}") from None
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for k, im in enumerate(images):
+                by_size.setdefault(im.size, []).append(k)
+            boxes: list[list[list[float]]] = [[] for _ in images]  # per image, per view
+            for (width, height), members in by_size.items():
+                for v in self.views:  # one draw per size and view: no per-image torch overhead
+                    drawn = sample_crop_boxes(len(members), height, width, v.scale, v.ratio, g).tolist()
+                    for k, box in zip(members, drawn):
+                        boxes[k].append(box)
+            return [self._decode(indices[k], im, boxes[k]) for k, im in enumerate(images)]
+        finally:
+            for im in images:
+                im.close()
+
+    def _open(self, i: int) -> Image.Image:
+        src = self.stream.read(i)
+        try:
+            return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"data.stream: cannot read image {i} ({self._name(i)}): {e}") from None
+
+    def _decode(self, i: int, im: Image.Image, boxes: list[list[float]]) -> list[np.ndarray]:
+        try:
+            return _crop(im, self.views, boxes)
+        except (OSError, ValueError) as e:
+            raise DataError(f"data.stream: cannot decode image {i} ({self._name(i)}): {e}") from None
+
+    def _name(self, i: int) -> str:
+        return self.stream.files[i] if self.stream.files else f"member {i} of the shards"
 
 
 class _RankBatches(torch.utils.data.Sampler):

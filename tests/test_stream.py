@@ -54,7 +54,7 @@ def test_every_image_exactly_once_per_epoch_across_workers_and_ranks(tmp_path, w
     assert orders[0] != orders[1]  # a new permutation each epoch
 
 
-def test_crops_depend_on_seed_epoch_and_image_not_on_the_worker(tmp_path):
+def test_crops_depend_on_seed_epoch_and_batch_not_on_the_worker(tmp_path):
     root = tmp_path / "photos"
     root.mkdir()
     rng = np.random.default_rng(0)
