@@ -85,6 +85,8 @@ def bench_steps(a, device) -> None:
             with PeakMemory(device) as peak:
                 rig = build_rig(cfg, device, a.size)
                 online, momentum = backbone_calls(rig)  # one real step, hooks recording shapes
+                p = phases(rig, steps=3)  # eager: the hooks it times with do not fire in compiled code
+                flops = head_flops(rig, online, momentum)
                 if a.compile:
                     rig.method = torch.compile(rig.method)
                 bare = bare_backbone(rig, view_shapes(rig))
@@ -96,9 +98,7 @@ def bench_steps(a, device) -> None:
         except Exception as e:  # a registered method this harness cannot build: say so, go on
             print(f"{name:<8} skipped: {type(e).__name__}: {e}")
             continue
-        p = phases(rig, steps=3)
         total = sum(p.values())
-        flops = head_flops(rig, online, momentum)
         b = a.batch
         print(f"{name:<8}{b / t['step']:>11.1f}{b / t['bare']:>11.1f}{t['step'] / t['bare']:>7.3f}"
               f"{t['step'] / t['own']:>8.3f}{mib(peak.peak):>10}"
