@@ -28,6 +28,8 @@ class DataConfig:
     unlabeled: bool = False         # STL-10: pre-train on train + the 100k unlabelled images
     skip_corrupt: bool = False      # skip (and count) undecodable images instead of failing
     device_budget_gb: float = 8.0   # keep the uint8 dataset on the GPU when it is smaller than this
+    stream: bool = False            # decode from an image folder / .tar shards every epoch (selfsup.stream)
+    workers: int | None = None      # stream: decoding processes per rank (None: cores / ranks, at most 8)
 
 
 @dataclass
@@ -760,6 +762,9 @@ def validate(cfg: Config) -> None:
          "distill.temperature and distill.teacher_temp must be positive"),
         (cfg.distill.queue_size >= 1, "distill.queue_size must be at least 1"),
         (cfg.distill.contrastive_weight >= 0, "distill.contrastive_weight must be >= 0 (0: distillation only)"),
+        (cfg.data.workers is None or cfg.data.workers >= 0, "data.workers must be >= 0 (0: decode in the training process)"),
+        (not cfg.data.stream or bool(cfg.aug.size or cfg.data.image_size),
+         "data.stream needs aug.size, the side of the crops (e.g. aug.size=224): streamed images keep their own sizes"),
     ]
     for ok, message in checks:
         if not ok:

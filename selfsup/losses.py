@@ -93,8 +93,95 @@ def _dclw_weights(positive_sim: Tensor, sigma: float) -> Tensor:
     return 2 - len(s) * torch.softmax(s / sigma, dim=0)
 
 
+# ---------------------------------------------------------------------------------------------
+# Large batches: the (2N, 2M) logits grow with the square of the batch. Above DENSE_LOGITS_MAX
+# entries the contrastive losses take their logsumexp chunk by chunk of anchors and recompute
+# each chunk in the backward, so peak memory is linear in the batch (the chunk's rows times
+# the candidates), never the whole matrix. Same value and gradients as the dense path.
+
+#: Logits entries (rows x candidates) up to which the dense path is used; ``chunk`` overrides.
+DENSE_LOGITS_MAX = 2**24  # 64 MiB of float32 logits
+
+
+def _chunk_rows(rows: int, cols: int, chunk: int | None) -> int | None:
+    """Anchors per chunk, or None for the dense path. ``chunk``: 0 forces dense, N > 0 chunks of N."""
+    if chunk is not None:
+        return min(chunk, rows) if chunk > 0 else None
+    if rows * cols <= DENSE_LOGITS_MAX:
+        return None
+    return max(1, DENSE_LOGITS_MAX // cols)
+
+
+def _pair_columns(z1: Tensor, negatives: Tensor | None) -> int:
+    """Candidates per anchor of the pair losses: 2M, plus the K extra negatives."""
+    return 2 * len(z1) * D.world_size() + (0 if negatives is None else len(negatives))
+
+
+class _MaskedLogSumExp(torch.autograd.Function):
+    """lse_r = log( exp(extra_r) + sum_{j not masked in row r} exp(<a_r, c_j> / T) ), chunked.
+
+    anchors (R, D), candidates (C, D), extra (R,) or None, masked (R, k) column indices per row
+    (or None) -> (R,). The backward recomputes each chunk's logits: dL/dlogits = g * softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, candidates, extra, masked, temperature, rows):  # noqa: D102
+        lse = anchors.new_empty(len(anchors))  # (R,)
+        for lo in range(0, len(anchors), rows):
+            logits = _masked_chunk(anchors, candidates, masked, temperature, lo, rows)  # (c, C)
+            lse[lo:lo + rows] = torch.logsumexp(logits, dim=1)
+        if extra is not None:
+            lse = torch.logaddexp(lse, extra)
+        ctx.save_for_backward(anchors, candidates, extra, masked, lse)
+        ctx.temperature, ctx.rows = temperature, rows
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        anchors, candidates, extra, masked, lse = ctx.saved_tensors
+        t, rows = ctx.temperature, ctx.rows
+        grad_a = torch.empty_like(anchors) if ctx.needs_input_grad[0] else None
+        grad_c = torch.zeros_like(candidates) if ctx.needs_input_grad[1] else None
+        for lo in range(0, len(anchors), rows):
+            logits = _masked_chunk(anchors, candidates, masked, temperature=t, lo=lo, rows=rows)  # (c, C)
+            p = logits.sub_(lse[lo:lo + rows, None]).exp_().mul_(grad[lo:lo + rows, None] / t)  # (c, C) in place
+            if grad_a is not None:
+                grad_a[lo:lo + rows] = p @ candidates  # (c, D)
+            if grad_c is not None:
+                grad_c.addmm_(p.T, anchors[lo:lo + rows])  # (C, D)
+        grad_extra = grad * torch.exp(extra - lse) if extra is not None and ctx.needs_input_grad[2] else None
+        return grad_a, grad_c, grad_extra, None, None, None
+
+
+def _masked_chunk(anchors: Tensor, candidates: Tensor, masked: Tensor | None, temperature: float,
+                  lo: int, rows: int) -> Tensor:
+    """Rows lo:lo+rows of anchors @ candidates.T / T with each row's masked columns at -inf."""
+    logits = (anchors[lo:lo + rows] / temperature) @ candidates.T  # (c, C), the only (c, C) buffer
+    if masked is not None:
+        logits.scatter_(1, masked[lo:lo + rows], float("-inf"))
+    return logits
+
+
+def _chunked_pairs(z1: Tensor, z2: Tensor, temperature: float, negatives: Tensor | None, rows: int, *,
+                   decoupled: bool = False, sigma: float | None = None) -> Tensor:
+    """NT-Xent / DCL / DCLW of :func:`_pair_logits`' layout without materialising the logits."""
+    anchors, candidates, self_index, m = _global_pairs(z1, z2)
+    positive = (self_index + m) % (2 * m)  # (2N,)
+    pos = (anchors * candidates[positive]).sum(1) / temperature  # (2N,) positive logits
+    if negatives is not None:
+        candidates = torch.cat([candidates, negatives])  # (2M + K, D)
+    masked = torch.stack([self_index, positive], dim=1)  # (2N, 2): the positive enters as `extra`
+    lse = _MaskedLogSumExp.apply(anchors, candidates, None if decoupled else pos, masked, temperature, rows)
+    weight = None
+    if sigma is not None:
+        w = _dclw_weights((candidates[:m] * candidates[m:2 * m]).sum(1), sigma)  # (M,)
+        weight = w[positive % m]
+    return (lse - (pos if weight is None else weight * pos)).mean()
+
+
 @float32
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, negatives: Tensor | None = None) -> Tensor:
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, negatives: Tensor | None = None,
+            chunk: int | None = None) -> Tensor:
     """NT-Xent, SimCLR eq. (1): mean over all 2N anchors of -log softmax of the positive.
 
     z1, z2: (N, D) projections of two views of the same N images. Each anchor's candidates are
@@ -102,29 +189,37 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, negatives: Tens
     self-similarity is excluded. Both directions (i->j and j->i) are included, and the value is
     the paper's L (the official TF code returns twice this: the sum of the two directions' means).
     ``negatives`` (K, D), already normalised, join every anchor's candidates (SimCLRv2's memory).
+    ``chunk``: anchors per chunk of logits (None: chunked above DENSE_LOGITS_MAX; 0: dense).
     """
+    if rows := _chunk_rows(2 * len(z1), _pair_columns(z1, negatives), chunk):
+        return _chunked_pairs(z1, z2, temperature, negatives, rows)
     logits, positive, _, _ = _pair_logits(z1, z2, temperature, negatives)
     return _contrastive(logits, positive)
 
 
 @float32
-def dcl(z1: Tensor, z2: Tensor, temperature: float = 0.1, *, negatives: Tensor | None = None) -> Tensor:
+def dcl(z1: Tensor, z2: Tensor, temperature: float = 0.1, *, negatives: Tensor | None = None,
+        chunk: int | None = None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al., 2022): NT-Xent without the positive in the
     denominator, L_i = -<z1_i, z2_i>/T + log sum_{j != i, both views} exp(<z_i, z_j>/T).
 
     Symmetric over both views, mean over the 2N anchors; each anchor has 2N-2 negatives (2M-2
     when distributed) plus the K ``negatives`` if given. Inputs as :func:`nt_xent`.
     """
+    if rows := _chunk_rows(2 * len(z1), _pair_columns(z1, negatives), chunk):
+        return _chunked_pairs(z1, z2, temperature, negatives, rows, decoupled=True)
     logits, positive, _, _ = _pair_logits(z1, z2, temperature, negatives)
     return _contrastive(logits, positive, decoupled=True)
 
 
 @float32
 def dclw(z1: Tensor, z2: Tensor, temperature: float = 0.1, sigma: float = 0.5, *,
-         negatives: Tensor | None = None) -> Tensor:
+         negatives: Tensor | None = None, chunk: int | None = None) -> Tensor:
     """DCL with the positive term of image i weighted by w_i = 2 - M softmax_i(<z1, z2>/sigma)
     over the M images of the global batch (computed without gradient; mean weight 1). Both
     views of image i share w_i. Inputs as :func:`nt_xent`."""
+    if rows := _chunk_rows(2 * len(z1), _pair_columns(z1, negatives), chunk):
+        return _chunked_pairs(z1, z2, temperature, negatives, rows, decoupled=True, sigma=sigma)
     logits, positive, candidates, m = _pair_logits(z1, z2, temperature, negatives)
     w = _dclw_weights((candidates[:m] * candidates[m:]).sum(1), sigma)  # (M,) from the cosines
     return _contrastive(logits, positive, decoupled=True, weight=w[positive % m])
@@ -132,18 +227,20 @@ def dclw(z1: Tensor, z2: Tensor, temperature: float = 0.1, sigma: float = 0.5, *
 
 @float32
 def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2, *,
-             decoupled: bool = False, sigma: float | None = None) -> Tensor:
+             decoupled: bool = False, sigma: float | None = None, chunk: int | None = None) -> Tensor:
     """InfoNCE against a queue, MoCo eq. (1): mean over the N queries of
     -log exp(q.k+/T) / (exp(q.k+/T) + sum_K exp(q.k-/T)), the positive at logit index 0.
 
     q, k: (N, D) queries and their keys (normalised here); queue: (K, D) keys, already
     normalised (pass a snapshot: the caller enqueues after this). ``decoupled`` drops the
     positive from the denominator (DCL); ``sigma`` adds DCLW's positive weights over the
-    global batch of pairs.
+    global batch of pairs. ``chunk`` as in :func:`nt_xent`.
     """
     q = F.normalize(q, dim=1)  # (N, D)
     k = F.normalize(k, dim=1)  # (N, D)
     l_pos = (q * k).sum(1, keepdim=True)  # (N, 1)
+    if rows := _chunk_rows(len(q), len(queue), chunk):
+        return _chunked_info_nce(q, l_pos.squeeze(1), queue, temperature, rows, decoupled, sigma)
     l_neg = q @ queue.T  # (N, K)
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # (N, 1 + K)
     positive = torch.zeros(len(q), dtype=torch.long, device=q.device)
@@ -153,6 +250,18 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2, *,
         weight = _dclw_weights(D.gather(l_pos.squeeze(1).detach()), sigma)  # (M,)
         weight = weight[D.rank() * n:(D.rank() + 1) * n]  # (N,) this rank's pairs
     return _contrastive(logits, positive, decoupled=decoupled, weight=weight)
+
+
+def _chunked_info_nce(q: Tensor, l_pos: Tensor, queue: Tensor, temperature: float, rows: int,
+                      decoupled: bool, sigma: float | None) -> Tensor:
+    """:func:`info_nce` without the (N, 1 + K) logits: the positive enters the logsumexp as `extra`."""
+    pos = l_pos / temperature  # (N,)
+    lse = _MaskedLogSumExp.apply(q, queue, None if decoupled else pos, None, temperature, rows)  # (N,)
+    if sigma is not None:
+        n = len(q)
+        weight = _dclw_weights(D.gather(l_pos.detach()), sigma)[D.rank() * n:(D.rank() + 1) * n]  # (N,)
+        pos = weight * pos
+    return (lse - pos).mean()
 
 
 #: Losses of two views' projections, selectable with ``--set loss=NAME``; each is called as

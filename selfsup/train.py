@@ -27,6 +27,7 @@ from .evaluate import autocast, extract_features, knn_accuracy, load_backbone
 from .loader import DeviceLoader
 from .methods import METHODS, Method
 from .optim import build_optimizer, scale_lr, set_lr, warmup_cosine
+from .stream import IMAGENET_MEAN_STD, ImageStream, StreamLoader, device_augmentations
 
 CHECKPOINT = "checkpoint.pt"
 BACKBONE = "backbone.pt"
@@ -147,10 +148,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations
                batch: torch.Tensor, generator: torch.Generator,
                dtype: torch.dtype | None, clip_grad: float = 0.0) -> dict[str, torch.Tensor]:
     """Augment the uint8 batch into views, forward, backward, (clip the global gradient norm to
-    ``clip_grad`` if > 0,) step. Returns detached outputs."""
+    ``clip_grad`` if > 0,) step. Returns detached outputs.
+
+    ``batch``: uint8 (B, H, W, 3), or one per view (B, S_v, S_v, 3) already cropped (streamed).
+    Nothing here reads a tensor back to the host: the step is queued, never waited for."""
+    batches = batch if isinstance(batch, list) else [batch] * len(augmentations)  # streamed: one per view
     with torch.no_grad():
-        views = [aug(batch, generator) for aug in augmentations]  # each (B, 3, S, S)
-    with autocast(batch.device, dtype):
+        views = [aug(b, generator) for aug, b in zip(augmentations, batches)]  # each (B, 3, S, S)
+    with autocast(views[0].device, dtype):
         output = model(views)
     optimizer.zero_grad(set_to_none=True)
     output["loss"].backward()
@@ -189,13 +194,17 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
         torch.set_flush_denormal(True)
     torch.manual_seed(cfg.train.seed)
 
-    splits = load_data(cfg.data.source, image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
-                       unlabeled=cfg.data.unlabeled, skip_corrupt=cfg.data.skip_corrupt)
-    images = splits.train.images
-    if cfg.data.unlabeled and splits.unlabeled is not None:
-        images = np.concatenate([np.asarray(images), np.asarray(splits.unlabeled.images)])
-    size = cfg.aug.size or splits.train.image_size[0]
-    mean, std = splits.train.mean_std()
+    if cfg.data.stream:  # too big for memory: decoded every epoch by worker processes, no kNN monitor
+        splits, images = None, ImageStream(cfg.data.source)
+        size, (mean, std) = cfg.aug.size or cfg.data.image_size, IMAGENET_MEAN_STD
+    else:
+        splits = load_data(cfg.data.source, image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
+                           unlabeled=cfg.data.unlabeled, skip_corrupt=cfg.data.skip_corrupt)
+        images = splits.train.images
+        if cfg.data.unlabeled and splits.unlabeled is not None:
+            images = np.concatenate([np.asarray(images), np.asarray(splits.unlabeled.images)])
+        size = cfg.aug.size or splits.train.image_size[0]
+        mean, std = splits.train.mean_std()
     meta = backbone_meta(cfg, size, mean, std)
 
     method = build_method(cfg)
@@ -208,8 +217,13 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
     optimizer = build_optimizer(cfg.optim.name, method.param_groups(), lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
-    loader = DeviceLoader(images, cfg.train.batch_size, device, seed=cfg.train.seed, rank=rank,
-                          world_size=world, budget_gb=cfg.data.device_budget_gb)
+    if cfg.data.stream:
+        loader = StreamLoader(images, [a.cfg for a in augmentations], cfg.train.batch_size, device,
+                              seed=cfg.train.seed, rank=rank, world_size=world, workers=cfg.data.workers)
+        augmentations = device_augmentations(augmentations)  # the crops are taken at decode time
+    else:
+        loader = DeviceLoader(images, cfg.train.batch_size, device, seed=cfg.train.seed, rank=rank,
+                              world_size=world, budget_gb=cfg.data.device_budget_gb)
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -248,7 +262,7 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
         model = torch.compile(model)
 
     knn = None
-    if splits.test is not None and len(splits.test) and (len(splits.train.classes) > 1):
+    if splits is not None and splits.test is not None and len(splits.test) and (len(splits.train.classes) > 1):
         knn = Knn(splits.train, splits.test, cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size)
     result: dict = {}
     if knn is not None and start_epoch == 0 and D.is_main():

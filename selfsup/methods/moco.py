@@ -94,7 +94,9 @@ class MoCo(Method):
     def keys(self, x_k: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """k = normalize(f_k(x_k)) with Shuffle BN; rows line up with ``x_k``. (N, ...) -> (N, D)."""
         x_all = D.gather(x_k)  # (M, 3, S, S): the global key batch
-        perm = torch.randperm(len(x_all), generator=generator).to(x_all.device)  # (M,)
+        perm = torch.randperm(len(x_all), generator=generator)  # (M,) on the host, seeded by the step
+        if x_all.is_cuda:  # a pageable copy would wait for the queued step: pinned + non_blocking does not
+            perm = perm.pin_memory().to(x_all.device, non_blocking=True)
         perm = D.broadcast(perm)  # rank 0's shuffle everywhere
         rows = perm.view(D.world_size(), -1)[D.rank()]  # (N,) the images this rank encodes
         k = F.normalize(self.encoder_k(x_all[rows]), dim=1)  # (N, D) in shuffled order

@@ -1,0 +1,249 @@
+"""Measuring the training step against its backbone (issue 8); the tools behind benchmarks/run.py.
+
+A *rig* is what :func:`selfsup.train.pretrain` builds for one step (the method, its real
+augmentations, the optimiser, the hooks) on a synthetic uint8 batch. Headline timings are
+sync-free: a timed round queues ``iters`` steps and synchronises once at its end; rounds of the
+functions compared alternate, and the median round is reported. The phase shares come from a
+separate pass that synchronises around each phase.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import Config
+from .evaluate import autocast
+from .optim import build_optimizer, set_lr
+from .train import autocast_dtype, build_method, train_step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, iters: int = 5,
+                rounds: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn; rounds alternate between the fns so that machine
+    noise hits all alike. Each round synchronises once, at its end."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - t0) / iters)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's max_memory_allocated, or on a CPU the growth of the
+    process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the
+    resident set at the start (after malloc_trim). ``what`` says which was measured."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+        self.what = "CUDA max_memory_allocated" if device.type == "cuda" else "RSS high-water above start"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            _reset_hwm()
+            self.start = _status_kb("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        else:
+            self.peak = _status_kb("VmHWM") * 1024 - self.start
+
+
+def _status_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource  # not Linux: the lifetime peak is all there is
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_hwm() -> None:
+    try:  # glibc keeps freed heap memory resident: hand it back, so the start is what is live
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux >= 4.0: reset the peak RSS to the current RSS
+    except OSError:
+        pass
+
+
+def rss_bytes() -> int:
+    return _status_kb("VmRSS") * 1024
+
+
+@dataclass
+class Rig:
+    """One method's training step as train.pretrain builds it, on a fixed uint8 batch."""
+    cfg: Config
+    method: nn.Module
+    optimizer: torch.optim.Optimizer
+    augmentations: list
+    generator: torch.Generator
+    dtype: torch.dtype | None
+    batch: Tensor
+    device: torch.device
+    step: int = 0
+    total_steps: int = 10_000
+
+    def __call__(self) -> dict[str, Tensor]:
+        """One full training step: schedules, hooks, augmentation, forward, backward, update."""
+        set_lr(self.optimizer, self.cfg.optim.lr)
+        self.method.on_step_start(self.step, self.total_steps)
+        out = train_step(self.method, self.optimizer, self.augmentations, self.batch, self.generator, self.dtype)
+        self.method.on_step_end(self.step, self.total_steps)
+        self.step += 1
+        return out
+
+
+def build_rig(cfg: Config, device: torch.device, size: int) -> Rig:
+    """``cfg``'s method, optimiser and augmentations on ``device``, as pretrain builds them,
+    with a random uint8 (B, size, size, 3) batch."""
+    torch.manual_seed(cfg.train.seed)
+    method = build_method(cfg)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    method = method.to(device, memory_format=memory_format).train()
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    optimizer = build_optimizer(cfg.optim.name, method.param_groups(), lr=cfg.optim.lr,
+                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (cfg.train.batch_size, size, size, 3), dtype=torch.uint8, generator=g)
+    return Rig(cfg, method, optimizer, method.augmentations(size, mean, std),
+               torch.Generator(device=device).manual_seed(1), autocast_dtype(cfg.train.precision, device),
+               batch.to(device), device)
+
+
+def view_shapes(rig: Rig) -> list[tuple[int, ...]]:
+    """(n, 3, S, S) per resolution: the views of one step, concatenated by size."""
+    by_size: dict[int, int] = {}
+    for aug in rig.augmentations:
+        by_size[aug.cfg.size] = by_size.get(aug.cfg.size, 0) + len(rig.batch)
+    return [(n, 3, s, s) for s, n in by_size.items()]
+
+
+def backbone_calls(rig: Rig) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Input shapes of the backbone calls of one real step: (online, momentum copies'), read
+    with forward hooks on the method's backbone and on every copy of its class."""
+    online, momentum, handles = [], [], []
+    kind = type(rig.method.backbone)
+    for module in rig.method.modules():
+        if isinstance(module, kind):
+            seen = online if module is rig.method.backbone else momentum
+            handles.append(module.register_forward_hook(lambda m, args, out, seen=seen: seen.append(tuple(args[0].shape))))
+    try:
+        rig()
+    finally:
+        for h in handles:
+            h.remove()
+    return online, momentum
+
+
+def bare_backbone(rig: Rig, shapes: list[tuple[int, ...]],
+                  no_grad_shapes: list[tuple[int, ...]] = ()) -> Callable[[], None]:
+    """The backbone's own forward + backward on pre-made float tensors of ``shapes`` (and its
+    forward without gradient on ``no_grad_shapes``), in the rig's precision and layout."""
+    backbone, device, dtype = rig.method.backbone, rig.device, rig.dtype
+    fmt = torch.channels_last if rig.cfg.train.channels_last else torch.contiguous_format
+    xs = [torch.randn(s, device=device).contiguous(memory_format=fmt) for s in shapes]
+    xs_ng = [torch.randn(s, device=device).contiguous(memory_format=fmt) for s in no_grad_shapes]
+
+    def run() -> None:
+        with autocast(device, dtype):
+            total = sum(backbone(x).float().sum() for x in xs)
+            with torch.no_grad():
+                for x in xs_ng:
+                    backbone(x)
+        total.backward()
+        backbone.zero_grad(set_to_none=True)
+    return run
+
+
+def phases(rig: Rig, steps: int = 3) -> dict[str, float]:
+    """Median seconds of each part of the real step, synchronising around each: augmentation,
+    the online backbone (its forwards, read with hooks, and its backward: from the gradient of
+    its output to the gradient of its first parameter), the momentum encoders' backbones
+    (forwards), the rest of forward + backward (heads, loss), the optimiser step + hook."""
+    device, method = rig.device, rig.method
+    backbone, kind = method.backbone, type(method.backbone)
+    copies = [m for m in method.modules() if isinstance(m, kind) and m is not backbone]
+    first = next(p for p in backbone.parameters() if p.requires_grad)
+    clock: dict[str, list[float]] = {"fwd": [], "mom": [], "bwd_start": [], "bwd_end": []}
+
+    def now() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
+    def timed_forward(key):
+        def pre(module, args):
+            module._t0 = now()
+
+        def post(module, args, out):
+            clock[key].append(now() - module._t0)
+            if key == "fwd" and out.requires_grad:
+                out.register_hook(lambda g: clock["bwd_start"].append(now()))
+        return pre, post
+
+    handles = []
+    for module, key in [(backbone, "fwd")] + [(c, "mom") for c in copies]:
+        pre, post = timed_forward(key)
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    handles.append(first.register_post_accumulate_grad_hook(lambda p: clock["bwd_end"].append(now())))
+    parts = {k: [] for k in ("augment", "backbone", "momentum", "loss+heads", "optimizer")}
+    try:
+        for _ in range(steps):
+            for v in clock.values():
+                v.clear()
+            set_lr(rig.optimizer, rig.cfg.optim.lr)
+            method.on_step_start(rig.step, rig.total_steps)
+            t0 = now()
+            with torch.no_grad():
+                views = [aug(rig.batch, rig.generator) for aug in rig.augmentations]
+            t1 = now()
+            with autocast(device, rig.dtype):
+                out = method(views)
+            rig.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            t2 = now()
+            rig.optimizer.step()
+            method.on_step_end(rig.step, rig.total_steps)
+            t3 = now()
+            rig.step += 1
+            online = sum(clock["fwd"]) + (max(clock["bwd_end"]) - min(clock["bwd_start"]))
+            momentum = sum(clock["mom"])
+            for k, t in zip(parts, (t1 - t0, online, momentum, t2 - t1 - online - momentum, t3 - t2)):
+                parts[k].append(t)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: statistics.median(v) for k, v in parts.items()}

@@ -1,0 +1,244 @@
+"""Streaming data for datasets that do not fit in memory (ImageNet-1k: 1.28 M JPEGs).
+
+The images stay on disk, in an image folder or in uncompressed ``.tar`` shards. DataLoader
+worker processes decode them and take each view's random-resized crop *at decode time*: the
+crop box is drawn from the image's header size, JPEG ``draft()`` lets libjpeg decode at the
+smallest DCT scale (1/2, 1/4, 1/8) that still covers every box at its output size, and one PIL
+resize maps the box to the output side. What crosses to the device is one uint8
+(B, S_v, S_v, 3) batch per view; the rest of the recipe (flip, colour, blur, solarize,
+normalise) runs batched on the device in :mod:`selfsup.augment` as it does for in-memory data.
+
+The order is the in-memory loader's: each epoch is a seeded permutation of the whole index
+(:func:`selfsup.loader.epoch_permutation`), every rank takes its contiguous share of each global
+batch, and the DataLoader hands each batch to one worker, so every image is decoded exactly
+once per epoch across workers and ranks (the last partial global batch is dropped). The crops
+of a batch are a pure function of (seed, epoch, the batch's images), whichever worker decodes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import math
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .augment import Augment, ViewConfig, sample_crop_boxes
+from .data import DataError, _hidden, _is_image, _to_rgb
+from .loader import epoch_permutation
+
+#: Normalisation for streamed data (there is no decoded array to measure): ImageNet's.
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class ImageStream:
+    """The index of a streamable source: the files of an image folder, or the members of
+    ``.tar`` shards (a .tar file, a glob such as ``shards/train-*.tar``, or a folder of them).
+
+    A folder with a ``train/`` subfolder streams ``train/``; otherwise every image under it.
+    Labels are not read: streaming is for pre-training.
+    """
+
+    def __init__(self, source: str | os.PathLike):
+        spec = str(source)
+        path = Path(spec)
+        shards = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else []
+        if not shards and path.is_dir():
+            shards = sorted(str(p) for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
+        if not shards and path.is_file():
+            shards = [spec]
+        self.shards: list[str] = shards
+        self.files: list[str] = []
+        self.members = np.zeros((0, 3), dtype=np.int64)  # (N, 3): shard, data offset, size
+        if shards:
+            self.members = self._index_shards(shards)
+        elif path.is_dir():
+            root = path / "train" if (path / "train").is_dir() else path
+            self.files = sorted(str(Path(d) / f) for d, dirs, names in os.walk(root, followlinks=True)
+                                for f in names if _is_image(f) and not _hidden(f)
+                                if not any(_hidden(p) for p in Path(d).relative_to(root).parts))
+        else:
+            raise DataError(f"data.stream: '{spec}' is neither an image folder nor .tar shards "
+                            f"(a .tar file, a folder of them, or a glob like 'shards/train-*.tar')")
+        if not len(self):
+            raise DataError(f"data.stream: no images found in '{spec}'")
+        self._open: dict[int, object] = {}  # per process: the shard files it has open
+
+    @staticmethod
+    def _index_shards(shards: list[str]) -> np.ndarray:
+        rows = []
+        for s, shard in enumerate(shards):
+            try:
+                with tarfile.open(shard, mode="r:") as tf:  # uncompressed only: members are read by seeking
+                    rows += [(s, m.offset_data, m.size) for m in tf if m.isfile() and _is_image(m.name)
+                             and not any(_hidden(p) for p in m.name.split("/"))]
+            except tarfile.ReadError as e:
+                raise DataError(f"data.stream: '{shard}' is not an uncompressed .tar ({e}); streaming "
+                                f"seeks to each image, so decompress the shards first (gunzip)") from None
+        return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+    def __len__(self) -> int:
+        return len(self.files) or len(self.members)
+
+    def read(self, i: int) -> bytes | str:
+        """Image ``i``: a file path, or the member's bytes read from its shard."""
+        if self.files:
+            return self.files[i]
+        shard, offset, size = (int(v) for v in self.members[i])
+        f = self._open.get(shard)
+        if f is None:
+            f = self._open[shard] = open(self.shards[shard], "rb")
+        f.seek(offset)
+        return f.read(size)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}  # file handles stay in the process that opened them
+
+
+def decode_crops(src: bytes | str, views: list[ViewConfig], generator: torch.Generator,
+                 boxes: list[list[float]] | None = None) -> list[np.ndarray]:
+    """Decode one image into each view's random-resized crop at the view's output size.
+
+    The boxes (x0, y0, w, h), one per view, are drawn as :func:`selfsup.augment.sample_crop_boxes`
+    draws them on the device, in the full-resolution frame (unless given); the JPEG is then
+    decoded at the coarsest scale at which every box still has at least its output side in
+    pixels. -> V uint8 arrays (S_v, S_v, 3).
+    """
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        width, height = im.size
+        if boxes is None:
+            boxes = [sample_crop_boxes(1, height, width, v.scale, v.ratio, generator)[0].tolist() for v in views]
+        return _crop(im, views, boxes)
+
+
+def _crop(im: Image.Image, views: list[ViewConfig], boxes: list[list[float]]) -> list[np.ndarray]:
+    width, height = im.size
+    shrink = min(min(w, h) / v.size for (_, _, w, h), v in zip(boxes, views))
+    if shrink >= 2:
+        im.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+    rgb = _to_rgb(im)
+    sx, sy = rgb.size[0] / width, rgb.size[1] / height
+    return [np.asarray(rgb.resize((v.size, v.size), Image.Resampling.BILINEAR,
+                                  box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy)))
+            for (x0, y0, w, h), v in zip(boxes, views)]
+
+
+def device_view(view: ViewConfig) -> ViewConfig:
+    """The part of ``view`` left for the device once the crop was taken at decode time: the
+    whole (already output-sized) image, flipped, coloured, blurred, ... as before."""
+    return dataclasses.replace(view, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+
+
+class _Crops(torch.utils.data.Dataset):
+    """A batch of (epoch, index) -> each image's view crops. The boxes of a batch are drawn
+    together, per image size and view, from a generator seeded by (seed, epoch, the batch's
+    indices): the same whichever worker decodes the batch."""
+
+    def __init__(self, stream: ImageStream, views: list[ViewConfig], seed: int):
+        self.stream, self.views, self.seed = stream, views, seed
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getitem__(self, key: tuple[int, int]) -> list[np.ndarray]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[list[np.ndarray]]:
+        epoch, indices = keys[0][0], [i for _, i in keys]
+        g = torch.Generator().manual_seed(hash((self.seed, epoch, *indices)) & (2**63 - 1))
+        images = [self._open(i) for i in indices]
+        try:
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for k, im in enumerate(images):
+                by_size.setdefault(im.size, []).append(k)
+            boxes: list[list[list[float]]] = [[] for _ in images]  # per image, per view
+            for (width, height), members in by_size.items():
+                for v in self.views:  # one draw per size and view: no per-image torch overhead
+                    drawn = sample_crop_boxes(len(members), height, width, v.scale, v.ratio, g).tolist()
+                    for k, box in zip(members, drawn):
+                        boxes[k].append(box)
+            return [self._decode(indices[k], im, boxes[k]) for k, im in enumerate(images)]
+        finally:
+            for im in images:
+                im.close()
+
+    def _open(self, i: int) -> Image.Image:
+        src = self.stream.read(i)
+        try:
+            return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"data.stream: cannot read image {i} ({self._name(i)}): {e}") from None
+
+    def _decode(self, i: int, im: Image.Image, boxes: list[list[float]]) -> list[np.ndarray]:
+        try:
+            return _crop(im, self.views, boxes)
+        except (OSError, ValueError) as e:
+            raise DataError(f"data.stream: cannot decode image {i} ({self._name(i)}): {e}") from None
+
+    def _name(self, i: int) -> str:
+        return self.stream.files[i] if self.stream.files else f"member {i} of the shards"
+
+
+class _RankBatches(torch.utils.data.Sampler):
+    """This rank's (epoch, index) lists, one per step of the epoch set before iterating."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int, world_size: int):
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.local_batch, self.rank = global_batch // world_size, rank
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm = epoch_permutation(self.n, self.seed, self.epoch).tolist()
+        for step in range(self.start, self.n // self.global_batch):
+            lo = step * self.global_batch + self.rank * self.local_batch
+            yield [(self.epoch, i) for i in perm[lo:lo + self.local_batch]]
+
+
+def _collate(items: list[list[np.ndarray]]) -> list[Tensor]:
+    return [torch.from_numpy(np.stack(view)) for view in zip(*items)]  # V x (B, S_v, S_v, 3) uint8
+
+
+class StreamLoader:
+    """:class:`selfsup.loader.DeviceLoader`'s interface over an :class:`ImageStream`: ``batches``
+    yields, per step, one uint8 (B_local, S_v, S_v, 3) batch per view, already cropped; pair it
+    with :func:`device_augmentations` of the method's views."""
+
+    def __init__(self, stream: ImageStream, views: list[ViewConfig], global_batch: int, device: torch.device,
+                 *, seed: int = 0, rank: int = 0, world_size: int = 1, workers: int | None = None):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by the {world_size} ranks")
+        if len(stream) < global_batch:
+            raise DataError(f"data.stream: {len(stream)} images, fewer than one batch of {global_batch}; "
+                            f"lower train.batch_size")
+        if workers is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            workers = max(1, min(8, cores // world_size))
+        self.n, self.global_batch, self.device = len(stream), global_batch, device
+        self.sampler = _RankBatches(self.n, global_batch, seed, rank, world_size)
+        self.loader = torch.utils.data.DataLoader(
+            _Crops(stream, views, seed), batch_sampler=self.sampler, num_workers=workers,
+            collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None)
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[list[Tensor]]:
+        self.sampler.epoch, self.sampler.start = epoch, start
+        for views in self.loader:
+            yield [v.to(self.device, non_blocking=True) for v in views]
+
+
+def device_augmentations(augmentations: list[Augment]) -> list[Augment]:
+    """The method's augmentations without the crop, which :class:`StreamLoader` has taken."""
+    return [Augment(device_view(a.cfg)) for a in augmentations]
