@@ -96,7 +96,10 @@ def _pretrain(a: argparse.Namespace) -> int:
         cfg.train.max_minutes = a.max_minutes
     else:
         cfg = resolve(preset_name=a.preset, file=a.config, sets=a.sets, overrides=overrides)
-    pretrain(cfg, resume=a.resume)
+    # resuming keeps the saved settings: flags naming a different run are a mistake, not an override
+    expect = {k: v for k, v in [("method", a.method), ("model.backbone", a.backbone), ("preset", a.preset)]
+              if a.resume and v is not None}
+    pretrain(cfg, resume=a.resume, expect=expect)
     D.cleanup()  # leave the torchrun process group cleanly (no-op in a single process)
     return 0
 
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .runguard import Interrupted
     from .train import TrainingError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # data decoding/cache notes
@@ -153,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
+    except Interrupted as e:  # SIGTERM / SIGINT: checkpoint written; 143 / 130 as a shell would report
+        print(f"selfsup: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("selfsup: interrupted", file=sys.stderr)
         return 130

@@ -74,6 +74,7 @@ class TrainConfig:
     log_every: int = 20             # steps between progress-bar updates (each one syncs the host)
     max_minutes: float | None = None  # stop at the first epoch end after this much training time
     progress: bool = True
+    tensorboard: bool = False       # also log the epoch metrics to <out>/tensorboard (pip install tensorboard)
 
 
 @dataclass

@@ -131,9 +131,7 @@ def load_backbone(path: str | Path, *, random_init: bool = False) -> tuple[nn.Mo
         meta, weights = json.loads(meta_path.read_text()), state
     backbone = build_backbone(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"])
     if not random_init:
-        try:
-            backbone.load_state_dict(weights)
-        except RuntimeError as e:
-            raise ckpt.CheckpointError(f"'{path}' does not fit a {meta['backbone']} (width "
-                                       f"{meta['width']}): {str(e).splitlines()[0]}") from None
+        stem = "CIFAR" if meta["cifar_stem"] else "standard"
+        ckpt.load_weights(backbone, weights, path, f"a {meta['backbone']} (width {meta['width']:g}, "
+                                                   f"{stem} stem) as its metadata says")
     return backbone, meta
