@@ -60,6 +60,24 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=512, help="feature extraction batch")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--skip-corrupt", action="store_true")
+
+    ex = sub.add_parser("export", help="write a run's backbone for torchvision/timm or as safetensors")
+    ex.add_argument("run", help="run folder, checkpoint.pt or backbone.pt")
+    ex.add_argument("--format", default="torchvision", choices=["torchvision", "safetensors"],
+                    help="torchvision: a .pt state_dict in torchvision's layout (+ .json); safetensors: "
+                         "the same tensors, description in the metadata (pip install safetensors)")
+    ex.add_argument("--out", help="the file to write (default: RUN/backbone-torchvision.pt or RUN/backbone.safetensors)")
+
+    rep = sub.add_parser("report", help="an HTML page of a run: curves, evaluations, t-SNE, neighbours")
+    rep.add_argument("run", help="run folder (metrics.jsonl, backbone.pt)")
+    rep.add_argument("--out", help="the HTML file (default: RUN/report/index.html; PNGs beside it)")
+    rep.add_argument("--data", help="the labelled data for the embedding map and the neighbour grid "
+                                    "(default: the run's own data source)")
+    rep.add_argument("--points", type=int, default=2000, help="test images in the t-SNE map")
+    rep.add_argument("--queries", type=int, default=8, help="query images in the neighbour grid")
+    rep.add_argument("--k", type=int, default=8, help="neighbours shown per query")
+    rep.add_argument("--device", default="auto")
+    rep.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -143,6 +161,23 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export(a: argparse.Namespace) -> int:
+    from .export import export_backbone
+
+    path = export_backbone(a.run, a.format, a.out)
+    print(f"{a.format} weights -> {path}")
+    return 0
+
+
+def _report(a: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(a.run, out=a.out, data=a.data, points=a.points, queries=a.queries, k=a.k,
+                        device=a.device, seed=a.seed)
+    print(f"report -> {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
@@ -153,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # data decoding/cache notes
     args = _parser().parse_args(argv)
     try:
-        return _pretrain(args) if args.command == "pretrain" else _eval(args)
+        commands = {"pretrain": _pretrain, "eval": _eval, "export": _export, "report": _report}
+        return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1

@@ -7,6 +7,7 @@ written to ``<out>/config.yaml`` so every run can be repeated exactly.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -500,7 +501,9 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
             continue
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key '{full}'; valid keys here: "
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key '{full}'; {hint}valid keys here: "
                               f"{', '.join(sorted(names))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
