@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _pretrain(a: argparse.Namespace) -> int:
     from . import distributed as D
-    from .config import PRESETS, resolve
+    from .config import PRESETS, ConfigError, resolve
     from .train import pretrain
 
     if a.list_presets:
@@ -106,7 +106,7 @@ def _pretrain(a: argparse.Namespace) -> int:
         overrides["train"]["progress"] = False
     if a.resume:
         if not a.out:
-            raise SystemExit("selfsup: error: --resume needs --out DIR (the run to continue)")
+            raise ConfigError("--resume needs --out DIR (the run to continue)")
         from .config import Config
         cfg = Config(out=a.out)
         cfg.train.device = a.device or "auto"
@@ -126,16 +126,22 @@ def _eval(a: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .data import load_data
+    from .config import ConfigError
+    from .data import DataError, load_data
     from .evaluate import extract_features, knn_accuracy, linear_probe, load_backbone
     from .train import resolve_device
 
+    for flag, ok in (("--k", a.k >= 1), ("--t", a.t > 0), ("--epochs", a.epochs >= 1), ("--lr", a.lr > 0),
+                     ("--batch-size", a.batch_size >= 1)):
+        if not ok:
+            raise ConfigError(f"{flag} must be positive, got {getattr(a, flag[2:].replace('-', '_'))}")
     torch.manual_seed(a.seed)
     backbone, meta = load_backbone(a.checkpoint, random_init=a.random_init)
     device = resolve_device(a.device)
     splits = load_data(a.data, image_size=meta.get("data_image_size"), skip_corrupt=a.skip_corrupt)
     if splits.test is None:
-        raise SystemExit(f"selfsup: error: '{a.data}' has no labelled test split to evaluate on")
+        raise DataError(f"'{a.data}' has no labelled test split to evaluate on (expected test/ or val/ "
+                        f"beside train/)")
     backbone.to(device)
     kw = dict(size=meta["image_size"], mean=meta["mean"], std=meta["std"], device=device,
               batch_size=a.batch_size)
@@ -186,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # data decoding/cache notes
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (already printed as one line), --help or --version
+        return e.code if isinstance(e.code, int) else 2
     try:
         commands = {"pretrain": _pretrain, "eval": _eval, "export": _export, "report": _report}
         return commands[args.command](args)

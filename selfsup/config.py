@@ -548,7 +548,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -566,7 +569,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def preset(name: str) -> dict[str, Any]:
     """A preset's settings; one with ``_base`` states only what it changes in that preset."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(sorted(PRESETS))}")
+        close = difflib.get_close_matches(name, sorted(PRESETS), n=1)
+        raise ConfigError(f"unknown preset '{name}'; {f'did you mean {close[0]!r}? ' if close else ''}"
+                          f"available: {', '.join(sorted(PRESETS))}")
     recipe = PRESETS[name]
     return _merge(preset(recipe["_base"]), recipe) if "_base" in recipe else recipe
 
@@ -578,6 +583,8 @@ def resolve(*, preset_name: str | None = None, file: str | Path | None = None,
     if file is not None:
         data = load_yaml(file)
         preset_name = preset_name or data.get("preset")
+    if preset_name is not None and not isinstance(preset_name, str):
+        raise ConfigError(f"preset: expected a preset name, got {preset_name!r}")
     if preset_name:
         _apply(cfg, preset(preset_name))
         cfg.preset = preset_name
@@ -599,10 +606,15 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Reject values no run can use, with the key named."""
+    from .backbones import BACKBONES
     from .methods import METHODS  # late import: methods import this module
 
     if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method '{cfg.method}'; available: {', '.join(sorted(METHODS))}")
+        close = difflib.get_close_matches(cfg.method, sorted(METHODS), n=1)
+        raise ConfigError(f"unknown method '{cfg.method}'; {f'did you mean {close[0]!r}? ' if close else ''}"
+                          f"available: {', '.join(sorted(METHODS))}")
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone '{cfg.model.backbone}' unknown; choose {', '.join(BACKBONES)}")
     checks = [
         (cfg.train.batch_size >= 2, "train.batch_size must be at least 2 (contrastive losses need negatives)"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
@@ -622,6 +634,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be at least 1"),
         (cfg.train.log_every >= 1, "train.log_every must be at least 1"),
+        (cfg.train.max_minutes is None or cfg.train.max_minutes >= 0, "train.max_minutes must be >= 0"),
+        (cfg.data.device_budget_gb >= 0, "data.device_budget_gb must be >= 0"),
         (cfg.eval.knn_every >= 0, "eval.knn_every must be >= 0"),
         (cfg.eval.knn_k >= 1, "eval.knn_k must be at least 1"),
         (cfg.eval.knn_t > 0, "eval.knn_t must be positive"),

@@ -206,7 +206,8 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
         ckpt.remove_temporaries(out)  # left by a run killed while saving
     if resume:
         if not (out / CHECKPOINT).exists():
-            raise TrainingError(f"--resume: no {CHECKPOINT} in '{out}' to resume from")
+            raise ckpt.CheckpointError(f"--resume: no {CHECKPOINT} in '{out}' to resume from; start the run "
+                                       f"without --resume")
         state = ckpt.load(out / CHECKPOINT)
         if not (isinstance(state, dict) and state.get("format") == "selfsup-checkpoint"):
             raise ckpt.CheckpointError(f"'{out / CHECKPOINT}' is not a selfsup training checkpoint")
