@@ -57,8 +57,12 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     _write_atomic(Path(path), lambda f: torch.save(obj, f))
 
 
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    _write_atomic(Path(path), lambda f: f.write(data))
+
+
 def write_text_atomic(text: str, path: str | Path) -> None:
-    _write_atomic(Path(path), lambda f: f.write(text.encode()))
+    write_bytes_atomic(text.encode(), path)
 
 
 def load(path: str | Path) -> Any:

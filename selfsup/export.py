@@ -70,10 +70,7 @@ def export_backbone(run: str | Path, fmt: str = "torchvision", out: str | Path |
             ckpt.save_atomic(weights, out)
             ckpt.write_text_atomic(json.dumps(meta, indent=1), out.with_suffix(".json"))
         else:
-            st = _safetensors()
-            tmp = out.with_name(f".{out.name}.tmp")
-            st.save_file(weights, str(tmp), metadata={META_KEY: json.dumps(meta)})
-            tmp.replace(out)
+            ckpt.write_bytes_atomic(_safetensors().save(weights, metadata={META_KEY: json.dumps(meta)}), out)
     except OSError as e:
         raise ckpt.CheckpointError(f"could not write the export '{out}': {e.strerror or e}") from None
     return out

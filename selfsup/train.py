@@ -22,7 +22,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as D
 from .backbones import build_backbone
-from .config import Config, ConfigError, dump, from_dict, validate
+from .config import Config, ConfigError, dump, from_dict
 from .data import ImageDataset, load_data
 from .evaluate import autocast, extract_features, knn_accuracy
 from .loader import DeviceLoader
@@ -177,17 +177,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations
     return {k: v.detach() for k, v in output.items()}
 
 
-def pretrain(cfg: Config | dict, *, resume: bool = False, expect: dict | None = None) -> dict:
+def pretrain(cfg: Config, *, resume: bool = False, expect: dict | None = None) -> dict:
     """Pre-train ``cfg.method`` and return the last epoch's metrics (with kNN before/after).
 
-    ``cfg`` may be a plain nested dict (``{"method": "moco", "train": {"epochs": 5}}``), checked
-    like a YAML file. The run folder is locked for the run's duration (:class:`RunLock`).
-    SIGTERM / SIGINT finish the current step, checkpoint and raise :class:`Interrupted`.
-    ``expect`` (resume): settings such as ``{"method": "moco"}`` the saved run must have.
+    The run folder is locked for the run's duration (:class:`RunLock`). SIGTERM / SIGINT finish
+    the current step, checkpoint and raise :class:`Interrupted`. ``expect`` (resume): settings
+    such as ``{"method": "moco"}`` that the saved run must have.
     """
-    if isinstance(cfg, dict):
-        cfg = from_dict(cfg)
-        validate(cfg)
     with StopSignals() as stop, ExitStack() as held:
         return _pretrain(cfg, resume=resume, expect=expect or {}, stop=stop, held=held)
 
