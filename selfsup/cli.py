@@ -114,10 +114,12 @@ def _pretrain(a: argparse.Namespace) -> int:
         cfg.train.max_minutes = a.max_minutes
     else:
         cfg = resolve(preset_name=a.preset, file=a.config, sets=a.sets, overrides=overrides)
-    # resuming keeps the saved settings: flags naming a different run are a mistake, not an override
-    expect = {k: v for k, v in [("method", a.method), ("model.backbone", a.backbone), ("preset", a.preset)]
-              if a.resume and v is not None}
-    pretrain(cfg, resume=a.resume, expect=expect)
+    if a.resume:  # the saved settings hold: flags naming a different run are a mistake, not an override
+        expect = {k: v for k, v in [("method", a.method), ("model.backbone", a.backbone), ("preset", a.preset)]
+                  if v is not None}
+        pretrain(cfg, resume=True, expect=expect)
+    else:
+        pretrain(cfg)
     D.cleanup()  # leave the torchrun process group cleanly (no-op in a single process)
     return 0
 
