@@ -5,7 +5,8 @@
   taken over, so a run killed with SIGKILL never blocks its own resume.
 * :class:`StopSignals` — SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) only raise a flag;
   the loop finishes the current step, checkpoints and raises :class:`Interrupted`. A second
-  SIGINT interrupts at once (KeyboardInterrupt), for a user who really wants out.
+  SIGINT interrupts at once (KeyboardInterrupt), for a user who really wants out. Single-process
+  runs only: under torchrun the signals keep their default action (see ``train.pretrain``).
 """
 from __future__ import annotations
 
@@ -104,11 +105,13 @@ class Interrupted(Exception):
 class StopSignals:
     """Turns SIGTERM/SIGINT into a request the loop honours between steps.
 
-    Installs handlers only in the main thread (Python delivers signals there) and restores the
-    previous ones on exit, so a notebook's Ctrl-C behaves as before once training returns.
+    Installs handlers only in the main thread (Python delivers signals there), only when
+    ``enabled``, and restores the previous ones on exit, so a notebook's Ctrl-C behaves as
+    before once training returns.
     """
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self.received: signal.Signals | None = None
         self._previous: dict = {}
 
@@ -124,7 +127,7 @@ class StopSignals:
         return self.received is not None
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             for sig in EXIT_CODES:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -184,7 +184,9 @@ def pretrain(cfg: Config, *, resume: bool = False, expect: dict | None = None) -
     the current step, checkpoint and raise :class:`Interrupted`. ``expect`` (resume): settings
     such as ``{"method": "moco"}`` that the saved run must have.
     """
-    with StopSignals() as stop, ExitStack() as held:
+    # Not under torchrun: it also sends SIGTERM to tear down a group after a rank died, when the
+    # survivors sit in a collective that never returns, so only the default action ends them.
+    with StopSignals(enabled=not D.launched_by_torchrun()) as stop, ExitStack() as held:
         return _pretrain(cfg, resume=resume, expect=expect or {}, stop=stop, held=held)
 
 
@@ -323,7 +325,7 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
             if progress is not None and (i + 1) % cfg.train.log_every == 0:
                 progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", refresh=False)  # syncs
                 progress.update(cfg.train.log_every)
-            if i + 1 < steps_per_epoch and _stop_agreed(stop, i, cfg.train.log_every, device):
+            if i + 1 < steps_per_epoch and stop.requested:
                 seconds = time.perf_counter() - t0
                 _save(out, method, optimizer, generator, epoch=epoch, step=step + 1, cfg=cfg, meta=meta,
                       partial={"steps": i + 1, "loss_sum": loss_sum.cpu(), "spread_sum": spread_sum.cpu(),
@@ -356,7 +358,7 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
             knn_text = f" kNN {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
             _log(f"epoch {epoch + 1}/{cfg.train.epochs} loss {mean_loss:.4f} lr {lr:.4g} "
                  f"{metrics['images_per_s']:.0f} img/s{knn_text}")
-        stopping = not last and _stop_agreed(stop, -1, 1, device)
+        stopping = not last and stop.requested
         if last or stopping or (epoch + 1) % cfg.train.checkpoint_every == 0:
             _save(out, method, optimizer, generator, epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
                   cfg=cfg, meta=meta)
@@ -375,21 +377,9 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
     return result
 
 
-def _stop_agreed(stop: StopSignals, i: int, every: int, device: torch.device) -> bool:
-    """Whether to stop after step ``i``. Distributed, every rank must stop at the same step,
-    so the ranks agree (an all-reduce, a sync point) only every ``every`` steps."""
-    if D.world_size() == 1:
-        return stop.requested
-    if (i + 1) % every:
-        return False
-    return D.all_reduce_sum(torch.tensor(float(stop.requested), device=device)).item() > 0
-
-
 def _interrupted(stop: StopSignals, out: Path, where: str) -> Interrupted:
-    name = stop.received.name if stop.received is not None else "a signal on another rank"
-    code = EXIT_CODES.get(stop.received, 143)
-    return Interrupted(f"stopped by {name} after {where}; the checkpoint in '{out}' is saved. "
-                       f"Continue with: selfsup pretrain --out {out} --resume", code)
+    return Interrupted(f"stopped by {stop.received.name} after {where}; the checkpoint in '{out}' is saved. "
+                       f"Continue with: selfsup pretrain --out {out} --resume", EXIT_CODES[stop.received])
 
 
 def _progress(cfg: Config, total: int, initial: int):
