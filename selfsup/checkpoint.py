@@ -10,7 +10,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -19,8 +19,8 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, untrusted or does not fit the model."""
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    path = Path(path)
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """temp file in the same folder -> write -> fsync -> rename over ``path`` -> fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
@@ -28,7 +28,7 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,9 +37,32 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(dir_fd)  # the rename itself survives a power cut only once the folder is synced
     finally:
         os.close(dir_fd)
+
+
+def remove_temporaries(folder: str | Path) -> list[str]:
+    """Delete the temporary files of writes cut short by a kill (call only while holding the
+    folder's run lock, when no write can be in flight); returns their names."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that leaves either the old or the new file, never a partial one."""
+    _write_atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    _write_atomic(Path(path), lambda f: f.write(data))
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    write_bytes_atomic(text.encode(), path)
 
 
 def load(path: str | Path) -> Any:
@@ -57,3 +80,38 @@ def load(path: str | Path) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint '{path}' is unreadable or truncated: "
                               f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
+
+
+def load_weights(module: torch.nn.Module, weights: dict, path: str | Path, what: str) -> None:
+    """``module.load_state_dict(weights)`` (strict), or one line naming what does not fit.
+
+    ``what`` describes ``module`` ("a simclr model with a resnet18 (width 0.25)"), so the error
+    reads as the mismatch of architectures or methods it usually is.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in weights and hasattr(weights[k], "shape") and tuple(weights[k].shape) != tuple(v.shape)]
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]} (saved vs expected)")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+    if problems:
+        raise CheckpointError(f"'{path}' does not fit {what}: {'; '.join(problems)}; it was saved "
+                              f"from another architecture or method")
+    module.load_state_dict(weights)
+
+
+def check_expected(saved: dict, expect: dict, path: str | Path) -> None:
+    """Compare dotted settings (``{"model.backbone": "resnet50"}``) with a saved run's config."""
+    for key, want in expect.items():
+        have: Any = saved
+        for part in key.split("."):
+            have = have.get(part) if isinstance(have, dict) else None
+        if have != want:
+            raise CheckpointError(f"'{path}' was saved by a run with {key}={have!r}, not {want!r}; "
+                                  f"resume it without changing {key}, or start a new run in another --out")

@@ -62,12 +62,30 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=512, help="feature extraction batch")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--skip-corrupt", action="store_true")
+
+    ex = sub.add_parser("export", help="write a run's backbone for torchvision/timm or as safetensors")
+    ex.add_argument("run", help="run folder, checkpoint.pt or backbone.pt")
+    ex.add_argument("--format", default="torchvision", choices=["torchvision", "safetensors"],
+                    help="torchvision: a .pt state_dict in torchvision's layout (+ .json); safetensors: "
+                         "the same tensors, description in the metadata (pip install safetensors)")
+    ex.add_argument("--out", help="the file to write (default: RUN/backbone-torchvision.pt or RUN/backbone.safetensors)")
+
+    rep = sub.add_parser("report", help="an HTML page of a run: curves, evaluations, t-SNE, neighbours")
+    rep.add_argument("run", help="run folder (metrics.jsonl, backbone.pt)")
+    rep.add_argument("--out", help="the HTML file (default: RUN/report/index.html; PNGs beside it)")
+    rep.add_argument("--data", help="the labelled data for the embedding map and the neighbour grid "
+                                    "(default: the run's own data source)")
+    rep.add_argument("--points", type=int, default=2000, help="test images in the t-SNE map")
+    rep.add_argument("--queries", type=int, default=8, help="query images in the neighbour grid")
+    rep.add_argument("--k", type=int, default=8, help="neighbours shown per query")
+    rep.add_argument("--device", default="auto")
+    rep.add_argument("--seed", type=int, default=0)
     return p
 
 
 def _pretrain(a: argparse.Namespace) -> int:
     from . import distributed as D
-    from .config import PRESETS, resolve
+    from .config import PRESETS, ConfigError, resolve
     from .train import pretrain
 
     if a.list_presets:
@@ -91,7 +109,7 @@ def _pretrain(a: argparse.Namespace) -> int:
         overrides["train"]["progress"] = False
     if a.resume:
         if not a.out:
-            raise SystemExit("selfsup: error: --resume needs --out DIR (the run to continue)")
+            raise ConfigError("--resume needs --out DIR (the run to continue)")
         from .config import Config
         cfg = Config(out=a.out)
         cfg.train.device = a.device or "auto"
@@ -99,7 +117,12 @@ def _pretrain(a: argparse.Namespace) -> int:
         cfg.train.max_minutes = a.max_minutes
     else:
         cfg = resolve(preset_name=a.preset, file=a.config, sets=a.sets, overrides=overrides)
-    pretrain(cfg, resume=a.resume)
+    if a.resume:  # the saved settings hold: flags naming a different run are a mistake, not an override
+        expect = {k: v for k, v in [("method", a.method), ("model.backbone", a.backbone), ("preset", a.preset)]
+                  if v is not None}
+        pretrain(cfg, resume=True, expect=expect)
+    else:
+        pretrain(cfg)
     D.cleanup()  # leave the torchrun process group cleanly (no-op in a single process)
     return 0
 
@@ -108,16 +131,22 @@ def _eval(a: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .data import load_data
+    from .config import ConfigError
+    from .data import DataError, load_data
     from .evaluate import extract_features, knn_accuracy, linear_probe, load_backbone
     from .train import resolve_device
 
+    for flag, ok in (("--k", a.k >= 1), ("--t", a.t > 0), ("--epochs", a.epochs >= 1), ("--lr", a.lr > 0),
+                     ("--batch-size", a.batch_size >= 1)):
+        if not ok:
+            raise ConfigError(f"{flag} must be positive, got {getattr(a, flag[2:].replace('-', '_'))}")
     torch.manual_seed(a.seed)
     backbone, meta = load_backbone(a.checkpoint, random_init=a.random_init)
     device = resolve_device(a.device)
     splits = load_data(a.data, image_size=meta.get("data_image_size"), skip_corrupt=a.skip_corrupt)
     if splits.test is None:
-        raise SystemExit(f"selfsup: error: '{a.data}' has no labelled test split to evaluate on")
+        raise DataError(f"'{a.data}' has no labelled test split to evaluate on (expected test/ or val/ "
+                        f"beside train/)")
     backbone.to(device)
     kw = dict(size=meta["image_size"], mean=meta["mean"], std=meta["std"], device=device,
               batch_size=a.batch_size)
@@ -143,19 +172,44 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export(a: argparse.Namespace) -> int:
+    from .export import export_backbone
+
+    path = export_backbone(a.run, a.format, a.out)
+    print(f"{a.format} weights -> {path}")
+    return 0
+
+
+def _report(a: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(a.run, out=a.out, data=a.data, points=a.points, queries=a.queries, k=a.k,
+                        device=a.device, seed=a.seed)
+    print(f"report -> {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .runguard import Interrupted
     from .train import TrainingError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # data decoding/cache notes
-    args = _parser().parse_args(argv)
     try:
-        return _pretrain(args) if args.command == "pretrain" else _eval(args)
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (already printed as one line), --help or --version
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        commands = {"pretrain": _pretrain, "eval": _eval, "export": _export, "report": _report}
+        return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
+    except Interrupted as e:  # SIGTERM / SIGINT: checkpoint written; 143 / 130 as a shell would report
+        print(f"selfsup: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("selfsup: interrupted", file=sys.stderr)
         return 130

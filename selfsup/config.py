@@ -7,6 +7,7 @@ written to ``<out>/config.yaml`` so every run can be repeated exactly.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class TrainConfig:
     log_every: int = 20             # steps between progress-bar updates (each one syncs the host)
     max_minutes: float | None = None  # stop at the first epoch end after this much training time
     progress: bool = True
+    tensorboard: bool = False       # also log the epoch metrics to <out>/tensorboard (pip install tensorboard)
 
 
 @dataclass
@@ -603,7 +605,9 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
             continue
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key '{full}'; valid keys here: "
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key '{full}'; {hint}valid keys here: "
                               f"{', '.join(sorted(names))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -648,7 +652,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -666,7 +673,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def preset(name: str) -> dict[str, Any]:
     """A preset's settings; one with ``_base`` states only what it changes in that preset."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(sorted(PRESETS))}")
+        close = difflib.get_close_matches(name, sorted(PRESETS), n=1)
+        raise ConfigError(f"unknown preset '{name}'; {f'did you mean {close[0]!r}? ' if close else ''}"
+                          f"available: {', '.join(sorted(PRESETS))}")
     recipe = PRESETS[name]
     return _merge(preset(recipe["_base"]), recipe) if "_base" in recipe else recipe
 
@@ -678,6 +687,8 @@ def resolve(*, preset_name: str | None = None, file: str | Path | None = None,
     if file is not None:
         data = load_yaml(file)
         preset_name = preset_name or data.get("preset")
+    if preset_name is not None and not isinstance(preset_name, str):
+        raise ConfigError(f"preset: expected a preset name, got {preset_name!r}")
     if preset_name:
         _apply(cfg, preset(preset_name))
         cfg.preset = preset_name
@@ -699,10 +710,15 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Reject values no run can use, with the key named."""
+    from .backbones import BACKBONES
     from .methods import METHODS  # late import: methods import this module
 
     if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method '{cfg.method}'; available: {', '.join(sorted(METHODS))}")
+        close = difflib.get_close_matches(cfg.method, sorted(METHODS), n=1)
+        raise ConfigError(f"unknown method '{cfg.method}'; {f'did you mean {close[0]!r}? ' if close else ''}"
+                          f"available: {', '.join(sorted(METHODS))}")
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone '{cfg.model.backbone}' unknown; choose {', '.join(BACKBONES)}")
     checks = [
         (cfg.train.batch_size >= 2, "train.batch_size must be at least 2 (contrastive losses need negatives)"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
@@ -722,6 +738,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be at least 1"),
         (cfg.train.log_every >= 1, "train.log_every must be at least 1"),
+        (cfg.train.max_minutes is None or cfg.train.max_minutes >= 0, "train.max_minutes must be >= 0"),
+        (cfg.data.device_budget_gb >= 0, "data.device_budget_gb must be >= 0"),
         (cfg.eval.knn_every >= 0, "eval.knn_every must be >= 0"),
         (cfg.eval.knn_k >= 1, "eval.knn_k must be at least 1"),
         (cfg.eval.knn_t > 0, "eval.knn_t must be positive"),

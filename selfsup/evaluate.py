@@ -43,20 +43,29 @@ def extract_features(backbone: nn.Module, images: np.ndarray | Tensor, *, size: 
 
 
 @torch.no_grad()
-def knn_predict(train_features: Tensor, train_labels: Tensor, features: Tensor, *, num_classes: int,
-                k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> Tensor:
-    """Weighted kNN class scores (M, C) for query ``features`` (M, D) against the bank (N, D)."""
+def nearest_neighbours(train_features: Tensor, features: Tensor, *, k: int,
+                       chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Cosine similarities and bank indices (M, k) of each query's k nearest bank entries."""
     bank = F.normalize(train_features.float(), dim=1)           # (N, D)
     k = min(k, len(bank))
-    scores = []
+    sims, idxs = [], []
     for lo in range(0, len(features), chunk):
         q = F.normalize(features[lo:lo + chunk].float(), dim=1)  # (m, D)
         sim, idx = (q @ bank.T).topk(k, dim=1)                    # (m, k)
-        weight = (sim / temperature).exp()                        # (m, k)
-        votes = torch.zeros(len(q), num_classes, device=q.device)
-        votes.scatter_add_(1, train_labels[idx], weight)          # (m, C)
-        scores.append(votes)
-    return torch.cat(scores)
+        sims.append(sim)
+        idxs.append(idx)
+    empty = torch.empty(0, k, device=features.device)
+    return (torch.cat(sims), torch.cat(idxs)) if sims else (empty, empty.long())
+
+
+@torch.no_grad()
+def knn_predict(train_features: Tensor, train_labels: Tensor, features: Tensor, *, num_classes: int,
+                k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> Tensor:
+    """Weighted kNN class scores (M, C) for query ``features`` (M, D) against the bank (N, D)."""
+    sim, idx = nearest_neighbours(train_features, features, k=k, chunk=chunk)  # (M, k)
+    weight = (sim / temperature).exp()                                          # (M, k)
+    votes = torch.zeros(len(features), num_classes, device=features.device)
+    return votes.scatter_add_(1, train_labels[idx], weight)                     # (M, C)
 
 
 def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
@@ -108,7 +117,8 @@ def load_backbone(path: str | Path, *, random_init: bool = False) -> tuple[nn.Mo
     """A pre-trained backbone and its metadata (architecture, input size, normalisation).
 
     ``path`` is a run folder, its ``checkpoint.pt`` or its ``backbone.pt`` (whose sibling
-    ``backbone.json`` describes it). ``random_init`` builds the same architecture untrained.
+    ``backbone.json`` describes it), or an export (``selfsup export``: a ``.pt`` with its
+    ``.json``, or a ``.safetensors``). ``random_init`` builds the same architecture untrained.
     """
     from . import checkpoint as ckpt
     from .backbones import build_backbone
@@ -119,22 +129,42 @@ def load_backbone(path: str | Path, *, random_init: bool = False) -> tuple[nn.Mo
     if not path.exists():
         raise ckpt.CheckpointError(f"checkpoint '{path}' does not exist (expected a run folder, "
                                    f"its checkpoint.pt or its backbone.pt)")
-    state = ckpt.load(path)
-    if isinstance(state, dict) and state.get("format") == "selfsup-checkpoint":
-        meta = state["meta"]
-        weights = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    if path.suffix == ".safetensors":
+        from .export import load_safetensors
+        weights, meta = load_safetensors(path)
     else:
-        meta_path = path.with_name("backbone.json")
-        if not meta_path.exists():
-            raise ckpt.CheckpointError(f"'{path}' has no {meta_path.name} beside it describing the "
-                                       f"architecture; point --checkpoint at the run folder")
-        meta, weights = json.loads(meta_path.read_text()), state
+        weights, meta = _weights_and_meta(path)
+    missing = [k for k in ("backbone", "width", "cifar_stem", "image_size", "mean", "std") if k not in meta]
+    if missing:
+        raise ckpt.CheckpointError(f"the description of '{path}' lacks {', '.join(missing)}; was it "
+                                   f"written by selfsup?")
     backbone = build_backbone(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"],
                               binary_weights=meta.get("binary_weights", True))
     if not random_init:
-        try:
-            backbone.load_state_dict(weights)
-        except RuntimeError as e:
-            raise ckpt.CheckpointError(f"'{path}' does not fit a {meta['backbone']} (width "
-                                       f"{meta['width']}): {str(e).splitlines()[0]}") from None
+        stem = "CIFAR" if meta["cifar_stem"] else "standard"
+        ckpt.load_weights(backbone, weights, path, f"a {meta['backbone']} (width {meta['width']:g}, "
+                                                   f"{stem} stem) as its metadata says")
     return backbone, meta
+
+
+def _weights_and_meta(path: Path) -> tuple[dict, dict]:
+    """A training checkpoint carries its description; a bare state_dict has a JSON beside it."""
+    from . import checkpoint as ckpt
+
+    state = ckpt.load(path)
+    if isinstance(state, dict) and state.get("format") == "selfsup-checkpoint":
+        weights = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+        return weights, state["meta"]
+    meta_path = path.with_suffix(".json")  # an export's own description, else the run's
+    if not meta_path.exists():
+        meta_path = path.with_name("backbone.json")
+    if not meta_path.exists():
+        raise ckpt.CheckpointError(f"'{path}' has no {meta_path.name} beside it describing the "
+                                   f"architecture; point --checkpoint at the run folder")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"'{meta_path}' is not valid JSON ({e}); it describes {path.name}") from None
+    if not isinstance(meta, dict) or not isinstance(state, dict):
+        raise ckpt.CheckpointError(f"'{path}' with '{meta_path.name}' is not a selfsup backbone")
+    return state, meta

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .evaluate import autocast, extract_features, knn_accuracy, load_backbone
 from .loader import DeviceLoader
 from .methods import METHODS, Method
 from .optim import build_optimizer, scale_lr, set_lr, warmup_cosine
+from .runguard import EXIT_CODES, Interrupted, RunLock, StopSignals
 from .stream import IMAGENET_MEAN_STD, ImageStream, StreamLoader, device_augmentations
 
 CHECKPOINT = "checkpoint.pt"
@@ -122,26 +124,54 @@ def _log(msg: str) -> None:
 
 
 def _save(out: Path, method: Method, optimizer, generator: torch.Generator, *, epoch: int,
-          step: int, cfg: Config, meta: dict) -> None:
-    """Checkpoint first, then the backbone alone; both atomic. Every rank calls, rank 0 writes."""
+          step: int, cfg: Config, meta: dict, partial: dict | None = None) -> None:
+    """Checkpoint first, then the backbone alone; both atomic. Every rank calls, rank 0 writes.
+
+    ``partial`` (mid-epoch, on a stop signal): the steps done in epoch ``epoch`` and that
+    epoch's running sums, so a resume skips those batches and logs the same epoch metrics.
+    """
     generators = D.all_gather_object(generator.get_state())  # each rank's augmentation RNG
     if not D.is_main():
         return
     state = {"format": "selfsup-checkpoint", "version": 1, "config": cfg.to_dict(), "epoch": epoch,
              "step": step, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
              "generator": generators[0], "generators": generators, "meta": meta}
-    ckpt.save_atomic(state, out / CHECKPOINT)
-    ckpt.save_atomic(method.backbone.state_dict(), out / BACKBONE)
-    (out / BACKBONE_META).write_text(json.dumps(meta, indent=1))
+    if partial is not None:
+        state["partial_epoch"] = partial
+    try:
+        ckpt.save_atomic(state, out / CHECKPOINT)
+        ckpt.save_atomic(method.backbone.state_dict(), out / BACKBONE)
+        ckpt.write_text_atomic(json.dumps(meta, indent=1), out / BACKBONE_META)
+    except OSError as e:  # e.g. ENOSPC: save_atomic left the previous files untouched
+        raise TrainingError(f"could not write the checkpoint in '{out}': {e.strerror or e}; the previous "
+                            f"checkpoint there is intact. Free space, then resume with: selfsup pretrain "
+                            f"--out {out} --resume") from None
+
+
+def _tensorboard(out: Path):
+    """A SummaryWriter under ``<out>/tensorboard`` (train.tensorboard=true), beside metrics.jsonl."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                          "(or pip install 'selfsup[tensorboard]')") from None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """On resume, drop metric lines of epochs that the checkpoint does not contain."""
+    """Drop metric lines of epochs that the checkpoint does not contain (all of them on a fresh
+    start), and a last line cut short by a kill."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= epochs_done]
-    path.write_text("".join(line + "\n" for line in keep))
+
+    def epoch_of(line: str) -> float:
+        try:
+            return json.loads(line).get("epoch", 0)
+        except ValueError:  # a partial line written as the process was killed
+            return math.inf
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and epoch_of(line) <= epochs_done]
+    ckpt.write_text_atomic("".join(line + "\n" for line in keep), path)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations: list,
@@ -165,8 +195,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations
     return {k: v.detach() for k, v in output.items()}
 
 
-def pretrain(cfg: Config, *, resume: bool = False) -> dict:
-    """Pre-train ``cfg.method`` and return the last epoch's metrics (with kNN before/after)."""
+def pretrain(cfg: Config, *, resume: bool = False, expect: dict | None = None) -> dict:
+    """Pre-train ``cfg.method`` and return the last epoch's metrics (with kNN before/after).
+
+    The run folder is locked for the run's duration (:class:`RunLock`). SIGTERM / SIGINT finish
+    the current step, checkpoint and raise :class:`Interrupted`. ``expect`` (resume): settings
+    such as ``{"method": "moco"}`` that the saved run must have.
+    """
+    # Not under torchrun: it also sends SIGTERM to tear down a group after a rank died, when the
+    # survivors sit in a collective that never returns, so only the default action ends them.
+    with StopSignals(enabled=not D.launched_by_torchrun()) as stop, ExitStack() as held:
+        return _pretrain(cfg, resume=resume, expect=expect or {}, stop=stop, held=held)
+
+
+def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, held: ExitStack) -> dict:
     device = resolve_device(cfg.train.device)
     D.setup(str(device))
     if not cfg.out:  # a fresh folder per run, so repeating a command never clobbers a run
@@ -175,11 +217,18 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
         stamp = D.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         cfg.out = str(Path("runs") / f"{cfg.preset or cfg.method}-{stamp}")
     out = Path(cfg.out)
+    if D.is_main():  # before looking at the folder, so two runs cannot both decide to start
+        held.enter_context(RunLock(out))
+        ckpt.remove_temporaries(out)  # left by a run killed while saving
     if resume:
         if not (out / CHECKPOINT).exists():
-            raise TrainingError(f"--resume: no {CHECKPOINT} in '{out}' to resume from")
+            raise ckpt.CheckpointError(f"--resume: no {CHECKPOINT} in '{out}' to resume from; start the run "
+                                       f"without --resume")
         state = ckpt.load(out / CHECKPOINT)
+        if not (isinstance(state, dict) and state.get("format") == "selfsup-checkpoint"):
+            raise ckpt.CheckpointError(f"'{out / CHECKPOINT}' is not a selfsup training checkpoint")
         saved = from_dict(state["config"])  # the run's own settings; where it runs may change
+        ckpt.check_expected(saved.to_dict(), expect, out / CHECKPOINT)
         saved.out = cfg.out
         saved.train.device, saved.train.progress = cfg.train.device, cfg.train.progress
         saved.train.max_minutes = cfg.train.max_minutes
@@ -235,9 +284,11 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
     final_lr = cfg.optim.final_lr * peak_lr
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + 1 + rank)
 
-    start_epoch = 0
+    start_epoch = start_step = 0
+    partial: dict = {}
     if resume:
-        method.load_state_dict(state["model"])
+        ckpt.load_weights(method, state["model"], out / CHECKPOINT,
+                          f"a {cfg.method} model with a {cfg.model.backbone} (width {cfg.model.width:g})")
         optimizer.load_state_dict(state["optimizer"])
         generators = state.get("generators", [state["generator"]])
         if len(generators) == world:  # else the fresh per-rank seeds: augmentations cannot repeat
@@ -246,12 +297,14 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
             _log(f"the run was saved on {len(generators)} ranks and continues on {world}: the "
                  f"augmentations will differ from an uninterrupted run's")
         start_epoch = int(state["epoch"])
-        _log(f"resuming '{out}' at epoch {start_epoch}/{cfg.train.epochs}")
-        if D.is_main():
-            _truncate_metrics(out / METRICS, start_epoch)
+        partial = state.get("partial_epoch") or {}
+        start_step = int(partial.get("steps", 0))
+        where = f", step {start_step}/{steps_per_epoch} of epoch {start_epoch + 1}" if start_step else ""
+        _log(f"resuming '{out}' at epoch {start_epoch}/{cfg.train.epochs}{where}")
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         dump(cfg, out / "config.yaml")
+        _truncate_metrics(out / METRICS, start_epoch)
 
     model: nn.Module = method
     if world > 1:
@@ -265,20 +318,27 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
     if splits is not None and splits.test is not None and len(splits.test) and (len(splits.train.classes) > 1):
         knn = Knn(splits.train, splits.test, cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size)
     result: dict = {}
-    if knn is not None and start_epoch == 0 and D.is_main():
+    if knn is not None and start_epoch == 0 and not start_step and D.is_main():
         result["knn_top1_init"] = knn(method.backbone, size, mean, std, device, dtype)
         _log(f"kNN top-1 at random initialisation: {result['knn_top1_init']:.2f}%")
 
     _log(f"{cfg.method}: {len(images)} images, {steps_per_epoch} steps/epoch of {cfg.train.batch_size}"
          f" on {world} x {device}, {cfg.train.epochs} epochs, peak lr {peak_lr:.4g}")
-    progress = _progress(cfg, total_steps, start_epoch * steps_per_epoch)
-    train_seconds = 0.0
+    writer = _tensorboard(out) if cfg.train.tensorboard and D.is_main() else None
+    if writer is not None:
+        held.callback(writer.close)
+    progress = _progress(cfg, total_steps, start_epoch * steps_per_epoch + start_step)
+    train_seconds = float(partial.get("train_seconds", 0.0))
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
+        first = start_step if epoch == start_epoch else 0  # > 0 only when resuming mid-epoch
         loss_sum = torch.zeros((), device=device)
         spread_sum = torch.zeros((), device=device)
-        t0 = time.perf_counter()
-        for i, batch in enumerate(loader.batches(epoch)):
+        if first:
+            loss_sum += partial["loss_sum"].to(device)
+            spread_sum += partial["spread_sum"].to(device)
+        t0 = time.perf_counter() - (float(partial.get("seconds", 0.0)) if first else 0.0)
+        for i, batch in enumerate(loader.batches(epoch, first), start=first):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
             set_lr(optimizer, lr)
@@ -292,6 +352,12 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
             if progress is not None and (i + 1) % cfg.train.log_every == 0:
                 progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", refresh=False)  # syncs
                 progress.update(cfg.train.log_every)
+            if i + 1 < steps_per_epoch and stop.requested:
+                seconds = time.perf_counter() - t0
+                _save(out, method, optimizer, generator, epoch=epoch, step=step + 1, cfg=cfg, meta=meta,
+                      partial={"steps": i + 1, "loss_sum": loss_sum.cpu(), "spread_sum": spread_sum.cpu(),
+                               "seconds": seconds, "train_seconds": train_seconds + seconds})
+                raise _interrupted(stop, out, f"step {i + 1}/{steps_per_epoch} of epoch {epoch + 1}")
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         mean_loss = D.all_reduce_mean(loss_sum / steps_per_epoch).item()
@@ -311,12 +377,20 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
         if D.is_main():
             with open(out / METRICS, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            if writer is not None:
+                for key, value in metrics.items():
+                    if key not in ("epoch", "step"):
+                        writer.add_scalar(f"train/{key}", value, metrics["step"])
+                writer.flush()
             knn_text = f" kNN {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
             _log(f"epoch {epoch + 1}/{cfg.train.epochs} loss {mean_loss:.4f} lr {lr:.4g} "
                  f"{metrics['images_per_s']:.0f} img/s{knn_text}")
-        if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
+        stopping = not last and stop.requested
+        if last or stopping or (epoch + 1) % cfg.train.checkpoint_every == 0:
             _save(out, method, optimizer, generator, epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
                   cfg=cfg, meta=meta)
+        if stopping:
+            raise _interrupted(stop, out, f"the end of epoch {epoch + 1}")
         result.update(metrics)
         if last:
             if epoch + 1 < cfg.train.epochs:
@@ -328,6 +402,11 @@ def pretrain(cfg: Config, *, resume: bool = False) -> dict:
         _log(f"kNN top-1 after training: {result['knn_top1']:.2f}%")
     D.barrier()
     return result
+
+
+def _interrupted(stop: StopSignals, out: Path, where: str) -> Interrupted:
+    return Interrupted(f"stopped by {stop.received.name} after {where}; the checkpoint in '{out}' is saved. "
+                       f"Continue with: selfsup pretrain --out {out} --resume", EXIT_CODES[stop.received])
 
 
 def _progress(cfg: Config, total: int, initial: int):

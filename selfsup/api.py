@@ -1,0 +1,109 @@
+"""The Python API for notebooks and scripts: pre-train, load a backbone, extract features.
+
+``import selfsup`` stays light; these functions import torch and the rest on first use. They
+wrap the library's single implementations (``train.pretrain``, ``evaluate.load_backbone``,
+``evaluate.extract_features``) and add only the conversions a user needs at the boundary.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .config import Config
+
+
+def pretrain(config: Config | dict[str, Any] | None = None, *, resume: bool = False) -> dict:
+    """Pre-train from a :class:`Config` or a nested dict and return the last epoch's metrics.
+
+    A dict may name a ``preset`` and override any setting, as ``--preset`` and ``--set`` do::
+
+        selfsup.pretrain({"preset": "digits-simclr", "out": "runs/nb", "train": {"epochs": 2}})
+    """
+    from .config import resolve
+    from .train import pretrain as run
+
+    if config is None or isinstance(config, dict):
+        overrides = dict(config or {})
+        config = resolve(preset_name=overrides.pop("preset", None), overrides=overrides)
+    return run(config, resume=resume)
+
+
+class Backbone(nn.Module):
+    """A pre-trained encoder with what feeding it needs: ``meta`` holds the architecture, the
+    input size and the normalisation of its training run."""
+
+    def __init__(self, encoder: nn.Module, meta: dict):
+        super().__init__()
+        self.encoder = encoder
+        self.meta = meta
+        self.num_features: int = encoder.num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)  # (B, num_features)
+
+
+def load_backbone(path: str | Path, *, device: str | torch.device = "cpu") -> Backbone:
+    """A run folder, ``checkpoint.pt``, ``backbone.pt`` or an export -> an eval-mode backbone."""
+    from .evaluate import load_backbone as load
+
+    encoder, meta = load(path)
+    return Backbone(encoder, meta).to(device).eval()
+
+
+def _as_uint8_images(images: Any, size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) from an array/tensor (HWC or CHW, one image or many) or an image folder."""
+    from .data import DataError
+
+    if isinstance(images, (str, Path)):
+        return _read_folder(Path(images), size)
+    x = torch.as_tensor(images) if isinstance(images, Tensor) else torch.from_numpy(np.asarray(images))
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or 3 not in (x.shape[1], x.shape[-1]):
+        raise DataError(f"images must be (N, H, W, 3) or (N, 3, H, W), got shape {tuple(x.shape)}")
+    if x.shape[-1] != 3:
+        x = x.permute(0, 2, 3, 1)  # (N, H, W, 3)
+    if x.dtype.is_floating_point:  # documented: floats are pixels in [0, 1]
+        x = (x.clamp(0, 1) * 255).round()
+    elif x.dtype != torch.uint8:
+        raise DataError(f"images must be uint8 pixels or floats in [0, 1], got {x.dtype}")
+    return x.to(torch.uint8).contiguous().numpy()  # (N, H, W, 3)
+
+
+def _read_folder(folder: Path, size: int) -> np.ndarray:
+    from .data import DataError, _decode_image
+
+    if not folder.is_dir():
+        raise DataError(f"'{folder}' is not a folder of images")
+    files = image_files(folder)
+    if not files:
+        raise DataError(f"no images in '{folder}' (searched recursively; e.g. .png, .jpg)")
+    try:
+        return np.stack([_decode_image(str(p), size) for p in files])  # converted to RGB, resized
+    except OSError as e:
+        raise DataError(f"could not decode an image in '{folder}': {e}") from None
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The images :func:`extract_features` reads from ``folder``, in the order of its rows."""
+    from .data import _is_image
+
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and _is_image(p.name))
+
+
+def extract_features(backbone: Backbone, images: Any, *, batch_size: int = 256) -> Tensor:
+    """Pooled features (N, D) float32 of ``images``: a uint8 array or tensor, (N, H, W, 3) or
+    (N, 3, H, W) (floats are read as pixels in [0, 1]), or a folder path (every image in it,
+    recursively, in :func:`image_files` order; converted to RGB and resized to the training
+    size). Uses the run's own input size and normalisation, as the kNN monitor does."""
+    from .evaluate import extract_features as extract
+
+    meta = backbone.meta
+    x = _as_uint8_images(images, meta.get("data_image_size") or meta["image_size"])
+    device = next(backbone.parameters()).device
+    return extract(backbone.encoder, x, size=meta["image_size"], mean=meta["mean"], std=meta["std"],
+                   device=device, batch_size=batch_size)

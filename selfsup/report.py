@@ -1,0 +1,204 @@
+"""``selfsup report RUN``: one HTML page to judge a pre-training run by.
+
+The page shows the loss, learning-rate and kNN curves of ``metrics.jsonl``, the evaluation
+table (every ``eval_*.json`` beside the run, and its last epoch), a t-SNE map of test-set
+features coloured by class, and a grid of test queries with their nearest training images
+(cosine, as the kNN monitor ranks them). The PNGs are written beside the page *and* embedded
+in it as base64, so the HTML file alone can be mailed or archived. Figures use matplotlib
+(``pip install 'selfsup[report]'``) with its Agg backend: no display needed.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("selfsup report needs matplotlib: pip install matplotlib "
+                          "(or pip install 'selfsup[report]')") from None
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise CheckpointError(f"'{run}' has no metrics.jsonl; pass a run folder written by selfsup pretrain")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a last line cut short by a kill: the run's resume drops it too
+            continue
+    if not rows:
+        raise CheckpointError(f"'{path}' has no complete epoch yet; report after the first epoch")
+    return rows
+
+
+def _curves(plt, rows: list[dict], path: Path) -> None:
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    panels = [("loss", "training loss"), ("lr", "learning rate (end of epoch)"), ("knn_top1", "kNN top-1 (%)")]
+    for ax, (key, title) in zip(axes, panels):
+        pts = [(e, r[key]) for e, r in zip(epochs, rows) if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _tsne(plt, features: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, seed: int) -> None:
+    from sklearn.manifold import TSNE
+
+    xy = TSNE(n_components=2, init="pca", perplexity=float(min(30, len(features) - 1)),
+              random_state=seed).fit_transform(features)  # (n, 2)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for c, name in enumerate(classes):
+        m = labels == c
+        if m.any():
+            ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(c % cmap.N), label=name)
+    ax.set_title(f"t-SNE of {len(features)} test-set features")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(markerscale=3, fontsize=8, loc="best", ncols=2 if len(classes) > 10 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _neighbour_grid(plt, queries: np.ndarray, q_labels: np.ndarray, neighbours: np.ndarray,
+                    n_labels: np.ndarray, classes: list[str], path: Path) -> None:
+    """Rows: a query test image, then its k nearest training images (green: same class)."""
+    rows, k = neighbours.shape[:2]
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.45 * rows), squeeze=False)
+    for r in range(rows):
+        cells = [(queries[r], q_labels[r], "query")] + [(neighbours[r, j], n_labels[r, j], None) for j in range(k)]
+        for j, (img, label, tag) in enumerate(cells):
+            ax = axes[r, j]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            colour = "black" if tag else ("green" if label == q_labels[r] else "red")
+            for side in ax.spines.values():
+                side.set_edgecolor(colour)
+                side.set_linewidth(2.5 if tag is None else 1)
+            ax.set_title(f"{tag + ': ' if tag else ''}{classes[label]}", fontsize=7, color=colour)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _embed(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"><figcaption>' \
+           f'{html.escape(alt)} ({html.escape(path.name)})</figcaption></figure>'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(run: str | Path, *, out: str | Path | None = None, data: str | None = None,
+                 points: int = 2000, queries: int = 8, k: int = 8, device: str = "auto",
+                 seed: int = 0) -> Path:
+    """Write ``<run>/report/index.html`` (or ``out``) with its PNGs beside it; returns the page."""
+    from .data import load_data
+    from .evaluate import extract_features, load_backbone, nearest_neighbours
+    from .train import resolve_device
+
+    for name, value, low in (("--points", points, 2), ("--queries", queries, 1), ("--k", k, 1)):
+        if value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}")
+    plt = _pyplot()
+    run = Path(run)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder '{run}' does not exist")
+    rows = read_metrics(run)
+    out = Path(out) if out else run / "report" / "index.html"
+    figures = out.parent
+    figures.mkdir(parents=True, exist_ok=True)
+    _curves(plt, rows, figures / "curves.png")
+    sections = [_embed(figures / "curves.png", "loss, learning rate and kNN top-1 per epoch")]
+
+    backbone, meta = load_backbone(run)
+    source = data or meta.get("data")
+    splits = load_data(source, image_size=meta.get("data_image_size"))
+    if splits.test is None or len(splits.train.classes) < 2:
+        sections.append(f"<p>'{html.escape(str(source))}' has no labelled test split: no embedding map "
+                        f"and no neighbour grid.</p>")
+    else:
+        dev = resolve_device(device)
+        backbone.to(dev)
+        kw = dict(size=meta["image_size"], mean=meta["mean"], std=meta["std"], device=dev)
+        rng = np.random.default_rng(seed)
+        test_idx = np.sort(rng.choice(len(splits.test), min(points, len(splits.test)), replace=False))
+        test_images = np.asarray(splits.test.images[test_idx])              # (n, H, W, 3) uint8
+        test_labels = np.asarray(splits.test.labels)[test_idx]
+        test_f = extract_features(backbone, test_images, **kw)              # (n, D)
+        train_f = extract_features(backbone, splits.train.images, **kw)     # (N, D)
+        _tsne(plt, test_f.cpu().numpy(), test_labels, splits.train.classes, figures / "tsne.png", seed)
+        pick = rng.choice(len(test_idx), min(queries, len(test_idx)), replace=False)
+        _, nn_idx = nearest_neighbours(train_f, test_f[torch.as_tensor(pick, device=dev)], k=k)  # (q, k)
+        nn_idx = nn_idx.cpu().numpy()
+        train_labels = np.asarray(splits.train.labels)
+        _neighbour_grid(plt, test_images[pick], test_labels[pick], np.asarray(splits.train.images[nn_idx.ravel()])
+                        .reshape(*nn_idx.shape, *test_images.shape[1:]), train_labels[nn_idx],
+                        splits.train.classes, figures / "neighbours.png")
+        sections += [_embed(figures / "tsne.png", "t-SNE map of test-set features, coloured by class"),
+                     _embed(figures / "neighbours.png", f"test queries and their {k} nearest training "
+                                                        f"images (green: same class)")]
+
+    evals = []
+    for path in sorted(run.glob("eval_*.json")):
+        try:
+            e = json.loads(path.read_text())
+        except ValueError:
+            continue
+        details = ", ".join(f"{key}={e[key]}" for key in ("k", "t", "epochs", "lr") if key in e)
+        evals.append([path.name, e.get("protocol", "?"), e.get("top1", float("nan")), details,
+                      "yes" if e.get("random_init") else "no"])
+    last = rows[-1]
+    if "knn_top1" in last:
+        evals.append(["metrics.jsonl (last epoch)", "knn (monitor)", last["knn_top1"],
+                      f"epoch {last['epoch']}", "no"])
+    summary = _table(["epoch", "loss", "kNN top-1", "images/s", "embedding std"],
+                     [[r["epoch"], r["loss"], r.get("knn_top1", "-"), r.get("images_per_s", "-"),
+                       r.get("embedding_std", "-")] for r in rows[-1:]])
+    title = f"{meta.get('method', '?')} / {meta['backbone']} (width {meta['width']:g}) on {meta.get('data', '?')}"
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>selfsup report: {html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:4px 10px;text-align:left}}
+img{{max-width:100%}}figure{{margin:1.5em 0}}figcaption{{color:#555;font-size:90%}}</style></head>
+<body><h1>selfsup report</h1><p>{html.escape(title)}; run folder <code>{html.escape(str(run))}</code>,
+{len(rows)} epoch(s) logged.</p>
+<h2>Last epoch</h2>{summary}
+<h2>Evaluations</h2>{_table(["source", "protocol", "top-1 (%)", "settings", "random init"], evals)
+                     if evals else "<p>none yet: run selfsup eval knn|linear --checkpoint RUN</p>"}
+<h2>Figures</h2>{"".join(sections)}
+</body></html>
+"""
+    out.write_text(page)
+    return out

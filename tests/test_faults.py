@@ -1,0 +1,166 @@
+"""Runs that survive faults: stop signals, SIGKILL, a full disk, two runs on one folder, mismatches."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfsup import checkpoint as ckpt
+from selfsup import train
+from selfsup.cli import main
+from selfsup.runguard import LOCK, Interrupted, RunLock
+from selfsup.train import TrainingError
+
+# 22 steps per epoch (digits train split at batch 64); knn only at the end keeps epochs short
+TINY = ["--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progress",
+        "--set", "data.image_size=8", "model.width=0.125", "eval.knn_every=0", "eval.knn_k=20",
+        "train.checkpoint_every=1", "optim.warmup_epochs=1", "train.log_every=5"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = ckpt.load(a / "checkpoint.pt"), ckpt.load(b / "checkpoint.pt")
+    assert sa["epoch"] == sb["epoch"] and "partial_epoch" not in sa and "partial_epoch" not in sb
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+    losses = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(a) == losses(b)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch run, the weights every interrupted one must end with."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert main(["pretrain", "--out", str(out), "--epochs", "2", *TINY]) == 0
+    return out
+
+
+def _kill_self_at(monkeypatch, call: int, sig: signal.Signals) -> None:
+    """Deliver ``sig`` to this process during training step number ``call`` (1-based)."""
+    real, calls = train.train_step, {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step)
+
+
+@pytest.mark.parametrize("sig,code,call", [(signal.SIGTERM, 143, 30), (signal.SIGINT, 130, 22)])
+def test_stop_signal_checkpoints_mid_epoch_and_resume_matches(sig, code, call, reference, tmp_path,
+                                                              monkeypatch, capsys):
+    out = tmp_path / "run"
+    _kill_self_at(monkeypatch, call, sig)
+    assert main(["pretrain", "--out", str(out), "--epochs", "2", *TINY]) == code
+    err = capsys.readouterr().err
+    assert f"stopped by {sig.name}" in err and f"selfsup pretrain --out {out} --resume" in err
+    state = ckpt.load(out / "checkpoint.pt")
+    if call == 22:  # the signal came in the last step of epoch 1: an ordinary epoch-end checkpoint
+        assert state["epoch"] == 1 and "partial_epoch" not in state
+    else:           # step 30 = step 8 of epoch 2: the position within the epoch is stored
+        assert state["epoch"] == 1 and state["partial_epoch"]["steps"] == 8 and state["step"] == 30
+    assert not (out / LOCK).exists()                              # the lock is released on the way out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL     # and the handlers restored
+    monkeypatch.undo()
+    assert main(["pretrain", "--out", str(out), "--resume", "--device", "cpu", "--no-progress"]) == 0
+    _assert_same_weights(reference, out)
+
+
+def test_sigkill_at_random_moments_then_resume_ends_with_uninterrupted_weights(reference, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    rng = random.Random(9)
+    for trial in range(2):
+        out = tmp_path / f"trial{trial}"
+        for attempt in range(3):  # killed twice at a random moment of training, then run to the end
+            resume = (out / "checkpoint.pt").exists()
+            args = ["--out", str(out), "--resume", "--device", "cpu", "--no-progress"] if resume else \
+                   ["--out", str(out), "--epochs", "2", *TINY]
+            proc = subprocess.Popen([sys.executable, "-m", "selfsup", "pretrain", *args], cwd=REPO, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if attempt < 2:
+                for line in proc.stdout:  # training starts after this line (start-up takes seconds)
+                    if "steps/epoch" in line:
+                        break
+                time.sleep(rng.uniform(0.0, 2.5))  # ~1 s per epoch: anywhere in epochs 1-2, saves included
+                proc.send_signal(signal.SIGKILL)
+                proc.communicate()
+                if (out / "checkpoint.pt").exists():
+                    ckpt.load(out / "checkpoint.pt")  # never partial: loads, or raises here
+                continue  # a temporary file of a save cut short may remain; the next run removes it
+            printed = proc.communicate(timeout=120)[0]
+            assert proc.returncode == 0, printed
+        _assert_same_weights(reference, out)
+        assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real, saves = torch.save, {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] > 2:  # epoch 1's checkpoint and backbone go through; epoch 2's do not
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(["pretrain", "--out", str(out), "--epochs", "2", *TINY]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "previous checkpoint there is intact" in err[0]
+    assert ckpt.load(out / "checkpoint.pt")["epoch"] == 1
+    assert "conv1.weight" in ckpt.load(out / "backbone.pt")
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")] and not (out / LOCK).exists()
+
+
+def test_second_run_on_a_locked_folder_refuses_with_pid_and_host(tmp_path, capsys):
+    out = tmp_path / "run"
+    with RunLock(out):
+        assert main(["pretrain", "--out", str(out), "--epochs", "1", *TINY]) == 1
+        err = capsys.readouterr().err
+        assert f"pid {os.getpid()}" in err and "is in use by another run" in err
+    assert not (out / LOCK).exists()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+    (tmp_path / LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "x"}))
+    with RunLock(tmp_path) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    (tmp_path / LOCK).write_text('{"pid": 1')  # cut short by a kill while being written: stale too
+    with RunLock(tmp_path):
+        pass
+    (tmp_path / LOCK).write_text(json.dumps({"pid": dead.pid, "host": "another-host", "since": "x"}))
+    with pytest.raises(TrainingError, match="another-host"):  # cannot be checked from here: honoured
+        RunLock(tmp_path).acquire()
+
+
+def test_resume_with_another_method_or_architecture_names_the_mismatch(reference, tmp_path, capsys):
+    assert main(["pretrain", "--out", str(reference), "--resume", "--method", "moco"]) == 2
+    assert "method='simclr', not 'moco'" in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(reference), "--resume", "--backbone", "resnet50"]) == 2
+    assert "model.backbone='resnet18', not 'resnet50'" in capsys.readouterr().err
+    # a backbone.pt whose metadata names another architecture
+    (tmp_path / "backbone.pt").write_bytes((reference / "backbone.pt").read_bytes())
+    meta = json.loads((reference / "backbone.json").read_text())
+    (tmp_path / "backbone.json").write_text(json.dumps({**meta, "backbone": "resnet50"}))
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path), "--data", "digits", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit a resnet50" in err and "shape mismatch" in err and "another architecture" in err
+
+
+def test_interrupted_carries_the_exit_code():
+    assert Interrupted("x", 143).exit_code == 143 and not issubclass(Interrupted, TrainingError)
