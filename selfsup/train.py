@@ -119,8 +119,13 @@ def _save(out: Path, method: Method, optimizer, generator: torch.Generator, *, e
     state = {"format": "selfsup-checkpoint", "version": 1, "config": cfg.to_dict(), "epoch": epoch,
              "step": step, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
              "generator": generators[0], "generators": generators, "meta": meta}
+    save_run(out, state, method.backbone, meta)
+
+
+def save_run(out: Path, state: dict, backbone: nn.Module, meta: dict) -> None:
+    """A run's checkpoint, then its backbone alone with the metadata evaluations read; atomic."""
     ckpt.save_atomic(state, out / CHECKPOINT)
-    ckpt.save_atomic(method.backbone.state_dict(), out / BACKBONE)
+    ckpt.save_atomic(backbone.state_dict(), out / BACKBONE)
     (out / BACKBONE_META).write_text(json.dumps(meta, indent=1))
 
 
