@@ -80,7 +80,116 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--k", type=int, default=8, help="neighbours shown per query")
     rep.add_argument("--device", default="auto")
     rep.add_argument("--seed", type=int, default=0)
+    _semisup_parsers(sub)
     return p
+
+
+def _step_options(q: argparse.ArgumentParser, what: str) -> None:
+    q.add_argument("--data", help="the labelled source (with a test split) the teacher/pre-training used")
+    q.add_argument("--out", help="run folder (default runs/<step>-<time>)")
+    q.add_argument("--epochs", type=int)
+    q.add_argument("--batch-size", type=int)
+    q.add_argument("--lr", type=float, help="base learning rate, scaled by lr_scaling")
+    q.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    q.add_argument("--seed", type=int)
+    q.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help=f"any {what} setting, e.g. --set weight_decay=0 eval_every=5 (see selfsup/semisup.py)")
+
+
+def _semisup_parsers(sub) -> None:
+    ft = sub.add_parser("finetune", help="fine-tune a pre-trained run on a labelled subset (SimCLRv2)")
+    ft.add_argument("--checkpoint", required=True, help="the pre-training run folder")
+    ft.add_argument("--labels", help="1%%, 10%%, a count per class (50) or a file of image indices (default 10%%)")
+    ft.add_argument("--label-seed", type=int, help="seed of the labelled subset (default 0)")
+    ft.add_argument("--from-head-layer", type=int, dest="head_layers",
+                    help="projection-head layers kept under the classifier (SimCLRv2: 1; 0: encoder only)")
+    ft.add_argument("--random-init", action="store_true", default=None,
+                    help="the same network untrained: the supervised-only baseline")
+    _step_options(ft, "fine-tuning")
+
+    ds = sub.add_parser("distill", help="distil a fine-tuned teacher into a student on all images")
+    ds.add_argument("--teacher", required=True, help="a fine-tuned run folder")
+    ds.add_argument("--student", help="resnet18 | resnet34 | resnet50 (default resnet18)")
+    ds.add_argument("--width", type=float, help="the student's width (default: the teacher's)")
+    ds.add_argument("--temperature", type=float, help="tau: 1.0 big-to-small (default), 0.1 self-distillation")
+    ds.add_argument("--alpha", type=float, help="weight of the distillation term; 1 - alpha weighs the "
+                                                "labelled cross-entropy (default 1: distillation only)")
+    ds.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                    help="crop + flip per step (default); --no-augment caches the teacher's logits once")
+    _step_options(ds, "distillation")
+
+    ss = sub.add_parser("semisup", help="SimCLRv2's recipe: pre-train -> fine-tune -> distil, and "
+                                        "the supervised-only baseline, into one table")
+    ss.add_argument("--data", required=True)
+    ss.add_argument("--labels", default="1%", help="as for finetune (default 1%%)")
+    ss.add_argument("--out", help="folder for the steps' runs and results.md/json")
+    ss.add_argument("--pretrained", help="start from this pre-training run instead of pre-training")
+    ss.add_argument("--preset", help="pre-training preset (default: the defaults with a 3-layer head)")
+    ss.add_argument("--from-head-layer", type=int, dest="head_layers", default=1)
+    ss.add_argument("--student", help="the distillation student (default resnet18 at the teacher's width)")
+    ss.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    ss.add_argument("--no-progress", action="store_true", help="no progress bar while pre-training")
+    ss.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="STEP.KEY=VALUE",
+                    help="settings per step: pretrain.model.width=0.25 finetune.epochs=30 "
+                         "distill.temperature=0.1 ...")
+
+
+def _step_overrides(a: argparse.Namespace) -> dict:
+    return {"data": a.data, "out": a.out, "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
+            "device": a.device, "seed": a.seed}
+
+
+def _finetune(a: argparse.Namespace) -> int:
+    from .semisup import FinetuneConfig, finetune, step_config
+
+    cfg = step_config(FinetuneConfig, a.sets, checkpoint=a.checkpoint, labels=a.labels,
+                      label_seed=a.label_seed, head_layers=a.head_layers, random_init=a.random_init,
+                      **_step_overrides(a))
+    result = finetune(cfg)
+    print(f"fine-tuned test top-1: {result['test_top1']:.2f}% -> {result['out']}")
+    return 0
+
+
+def _distill(a: argparse.Namespace) -> int:
+    from .semisup import DistillConfig, distill, step_config
+
+    cfg = step_config(DistillConfig, a.sets, teacher=a.teacher, student=a.student, width=a.width,
+                      temperature=a.temperature, alpha=a.alpha, augment=a.augment, **_step_overrides(a))
+    result = distill(cfg)
+    print(f"student test top-1: {result['test_top1']:.2f}% (teacher {result['teacher_top1']:.2f}%) "
+          f"-> {result['out']}")
+    return 0
+
+
+def _semisup(a: argparse.Namespace) -> int:
+    import time
+
+    from .config import ConfigError, resolve
+    from .semisup import DistillConfig, FinetuneConfig, semisup, step_config
+
+    sets: dict[str, list[str]] = {"pretrain": [], "finetune": [], "distill": []}
+    for item in a.sets:
+        step, _, rest = item.partition(".")
+        if step not in sets or not rest:
+            raise ConfigError(f"--set {item}: name the step first, e.g. pretrain.model.width=0.25, "
+                              f"finetune.epochs=30 or distill.temperature=0.1")
+        sets[step].append(rest)
+    common = {"data": a.data, "device": a.device}
+    pre = None
+    if a.pretrained is None:
+        pre_sets = ([] if a.preset else ["model.proj_layers=3"]) + sets["pretrain"]
+        overrides: dict = {"data": {"source": a.data}, "train": {}}
+        if a.device:
+            overrides["train"]["device"] = a.device
+        if a.no_progress:
+            overrides["train"]["progress"] = False
+        pre = resolve(preset_name=a.preset, sets=pre_sets, overrides=overrides)
+    ft = step_config(FinetuneConfig, sets["finetune"], labels=a.labels, head_layers=a.head_layers, **common)
+    ds = step_config(DistillConfig, sets["distill"], student=a.student, **common)
+    out = a.out or f"runs/semisup-{time.strftime('%Y%m%d-%H%M%S')}"
+    semisup(out, pretrain_cfg=pre, pretrained=a.pretrained, finetune_cfg=ft, distill_cfg=ds)
+    print(f"-> {out}/results.md")
+    return 0
 
 
 def _pretrain(a: argparse.Namespace) -> int:
@@ -202,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # a usage error (already printed as one line), --help or --version
         return e.code if isinstance(e.code, int) else 2
     try:
-        commands = {"pretrain": _pretrain, "eval": _eval, "export": _export, "report": _report}
+        commands = {"pretrain": _pretrain, "eval": _eval, "export": _export, "report": _report,
+                    "finetune": _finetune, "distill": _distill, "semisup": _semisup}
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as e:
         print(f"selfsup: error: {e}", file=sys.stderr)

@@ -710,15 +710,16 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Reject values no run can use, with the key named."""
-    from .backbones import BACKBONES
+    from .backbones import BACKBONES, BINARY_BACKBONES
     from .methods import METHODS  # late import: methods import this module
 
     if cfg.method not in METHODS:
         close = difflib.get_close_matches(cfg.method, sorted(METHODS), n=1)
         raise ConfigError(f"unknown method '{cfg.method}'; {f'did you mean {close[0]!r}? ' if close else ''}"
                           f"available: {', '.join(sorted(METHODS))}")
-    if cfg.model.backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone '{cfg.model.backbone}' unknown; choose {', '.join(BACKBONES)}")
+    if cfg.model.backbone not in {**BACKBONES, **BINARY_BACKBONES}:
+        raise ConfigError(f"model.backbone '{cfg.model.backbone}' unknown; choose "
+                          f"{', '.join([*BACKBONES, *BINARY_BACKBONES])}")
     checks = [
         (cfg.train.batch_size >= 2, "train.batch_size must be at least 2 (contrastive losses need negatives)"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),

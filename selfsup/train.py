@@ -138,14 +138,20 @@ def _save(out: Path, method: Method, optimizer, generator: torch.Generator, *, e
              "generator": generators[0], "generators": generators, "meta": meta}
     if partial is not None:
         state["partial_epoch"] = partial
+    save_run(out, state, method.backbone, meta)
+
+
+def save_run(out: Path, state: dict, backbone: nn.Module, meta: dict) -> None:
+    """A run's checkpoint, then its backbone alone with the metadata evaluations read; each
+    atomic. A failed write (e.g. ENOSPC) leaves the previous files untouched and says so."""
     try:
         ckpt.save_atomic(state, out / CHECKPOINT)
-        ckpt.save_atomic(method.backbone.state_dict(), out / BACKBONE)
+        ckpt.save_atomic(backbone.state_dict(), out / BACKBONE)
         ckpt.write_text_atomic(json.dumps(meta, indent=1), out / BACKBONE_META)
-    except OSError as e:  # e.g. ENOSPC: save_atomic left the previous files untouched
+    except OSError as e:
         raise TrainingError(f"could not write the checkpoint in '{out}': {e.strerror or e}; the previous "
-                            f"checkpoint there is intact. Free space, then resume with: selfsup pretrain "
-                            f"--out {out} --resume") from None
+                            f"checkpoint there is intact. Free space, then resume with the command that "
+                            f"made the run and --resume") from None
 
 
 def _tensorboard(out: Path):

@@ -1,0 +1,461 @@
+"""SimCLRv2's semi-supervised recipe (Chen et al. 2020b, §2): pre-train, fine-tune, distil.
+
+2. **Fine-tune** on a labelled subset from the middle of the projection head: the encoder f
+   plus the first ``head_layers`` layers of g (SimCLRv2's ``ft_proj_selector``; 1 = the first
+   Linear + BN + ReLU) and a new zero-initialised linear classifier, trained end to end with
+   crop + flip only, LARS and no weight decay.
+3. **Distil** the fine-tuned network (the teacher, frozen) into a student on every training
+   image, labelled or not: L = α·L_distill + (1 − α)·CE(labelled), where L_distill is
+   :func:`losses.distill` at temperature τ (§2 eq. 2; α = 1 in the paper's main results).
+
+:func:`semisup` runs the steps in one folder and adds the supervised-only baseline: the same
+fine-tuning from a randomly initialised network. A fine-tuned or distilled run folder holds
+``backbone.pt`` / ``backbone.json`` like a pre-training run, so ``selfsup eval knn|linear``
+evaluates its encoder f.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from . import labels as L
+from .augment import Augment, crop_flip_view, eval_view
+from .backbones import build_backbone
+from .config import Config, ConfigError, from_dict
+from .config import _apply as apply_settings  # the typed --set machinery of run configs
+from .data import ImageDataset, load_data
+from .evaluate import autocast, extract_features
+from .heads import ProjectionHead
+from .loader import epoch_permutation
+from .losses import distill as distill_loss
+from .optim import build_optimizer, param_groups, scale_lr, set_lr, warmup_cosine
+from .train import (CHECKPOINT, METRICS, TrainingError, autocast_dtype, build_method, pretrain,
+                    resolve_device, save_run)
+
+RESULTS = "results"  # semisup writes results.json and results.md
+
+
+@dataclass
+class StepConfig:
+    """What fine-tuning and distillation share: data, schedule, optimiser, where they run."""
+    data: str | None = None          # None: the source the pre-training (teacher) run used
+    out: str | None = None
+    epochs: int = 60
+    batch_size: int = 256
+    optimizer: str = "lars"
+    lr: float = 0.005                # base lr, scaled by lr_scaling
+    lr_scaling: str = "sqrt"         # sqrt: lr*sqrt(B) (SimCLRv2 fine-tuning), linear: lr*B/256, none
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    crop_scale_min: float = 0.08     # crop + flip augmentation: smallest crop area fraction
+    eval_every: int = 1              # epochs between test-split evaluations (always after the last)
+    eval_batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"          # as train.precision: auto | bf16 | fp32
+
+
+@dataclass
+class FinetuneConfig(StepConfig):
+    """SimCLRv2 fine-tuning (README 1 % command: LARS 0.005 x sqrt(B), wd 0, no warm-up, 60
+    epochs for 1 % and 30 for 10 %, from head layer 1; REFERENCE.md section 2)."""
+    checkpoint: str = ""             # the pre-training run (folder or its checkpoint.pt)
+    labels: str = "10%"              # 1%, 10%, a count per class (50) or a file of image indices
+    label_seed: int = 0              # draws the labelled subset of a fraction or count
+    head_layers: int = 1             # projection-head layers kept (SimCLRv2 ft_proj_selector; 0: f only)
+    random_init: bool = False        # the same network untrained: the supervised-only baseline
+
+
+@dataclass
+class DistillConfig(StepConfig):
+    """SimCLRv2 distillation: the student trains on every training image with the pre-training
+    run's schedule (here SimCLR's CIFAR LARS 1.0 x B/256, wd 1e-4), crop + flip only."""
+    teacher: str = ""                # a fine-tuned (or distilled) run folder
+    student: str = "resnet18"
+    width: float | None = None       # the student's width (None: the teacher's)
+    temperature: float = 1.0         # tau: 1.0 big-to-small, 0.1 self-distillation (SimCLRv2 section 2)
+    alpha: float = 1.0               # weight of the distillation term; 1 - alpha weighs the labelled CE
+    augment: bool = True             # crop + flip per step; off: the teacher's logits are computed once
+    unlabeled: bool = False          # STL-10: distil on the 100k unlabelled images too
+    epochs: int = 10
+    lr: float = 1.0
+    lr_scaling: str = "linear"
+    weight_decay: float = 1e-4
+
+
+def _validate(cfg: StepConfig) -> None:
+    checks = [
+        (cfg.epochs >= 1, "epochs must be at least 1"),
+        (cfg.batch_size >= 2, "batch_size must be at least 2 (batch norm needs two samples)"),
+        (cfg.lr > 0, "lr must be positive"),
+        (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
+        (cfg.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+        (cfg.lr_scaling in ("linear", "sqrt", "none"), "lr_scaling must be linear, sqrt or none"),
+        (cfg.optimizer in ("lars", "sgd", "adamw"), f"optimizer '{cfg.optimizer}' unknown; choose lars, sgd or adamw"),
+        (0 < cfg.crop_scale_min <= 1, "crop_scale_min must be in (0, 1]"),
+        (cfg.eval_every >= 1, "eval_every must be at least 1"),
+        (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+    ]
+    if isinstance(cfg, FinetuneConfig):
+        checks.append((cfg.head_layers >= 0, "head_layers (--from-head-layer) must be >= 0"))
+    if isinstance(cfg, DistillConfig):
+        checks += [(cfg.temperature > 0, "temperature must be positive"),
+                   (0 <= cfg.alpha <= 1, "alpha must be in [0, 1]"),
+                   (cfg.width is None or cfg.width > 0, "width must be positive")]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{type(cfg).__name__.removesuffix('Config').lower()}: {message}")
+
+
+def step_config(cls: type[StepConfig], sets: list[str] | None = None, **overrides) -> StepConfig:
+    """A step's settings: defaults <- ``--set key=value`` items <- explicit (non-None) overrides."""
+    from .config import parse_set
+
+    cfg = cls()
+    for item in sets or []:
+        apply_settings(cfg, parse_set(item))
+    apply_settings(cfg, {k: v for k, v in overrides.items() if v is not None})
+    _validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+class Classifier(nn.Module):
+    """f(·), the first layers of g(·) (possibly none) and a linear layer to the classes.
+
+    The encoder is called ``backbone``, as in every method, so ``evaluate.load_backbone``
+    reads the encoder of a fine-tuned or distilled checkpoint like a pre-trained one.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Sequential, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        width = linears[-1].out_features if linears else backbone.num_features
+        self.fc = nn.Linear(width, num_classes)
+        # SimCLRv2's zero_init_logits_layer: every class starts equally likely
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.head(self.backbone(x)))  # (B, 3, S, S) -> (B, C)
+
+
+def build_classifier(meta: dict, method: nn.Module | None = None) -> Classifier:
+    """The classifier ``meta`` describes; ``method``: the pre-training network to take f and g
+    from (its weights are shared, not copied); otherwise both are built untrained."""
+    n = meta["head_layers"]
+    if method is None and (n or meta.get("pretrain_config")):
+        method = build_method(from_dict(meta["pretrain_config"]))
+    if method is None:
+        backbone = build_backbone(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"])
+        return Classifier(backbone, nn.Sequential(), meta["num_classes"])
+    head = nn.Sequential()
+    if n:
+        projector = getattr(method, "projector", None)
+        if not isinstance(projector, ProjectionHead):
+            raise ConfigError(f"a {meta.get('pretrain_method', 'this')} run has no SimCLR-style projection "
+                              f"head to fine-tune from; use --from-head-layer 0 (the encoder only)")
+        if n > projector.num_layers:
+            raise ConfigError(f"--from-head-layer {n}: the run's projection head has only "
+                              f"{projector.num_layers} layers")
+        head = projector.layers_up_to(n)
+    return Classifier(method.backbone, head, meta["num_classes"])
+
+
+def _run_state(path: str | Path) -> tuple[Path, dict]:
+    path = Path(path)
+    folder, file = (path, path / CHECKPOINT) if path.is_dir() else (path.parent, path)
+    if not file.exists():
+        raise ckpt.CheckpointError(f"'{path}' holds no {CHECKPOINT}; pass a run folder")
+    state = ckpt.load(file)
+    if not (isinstance(state, dict) and state.get("format") == "selfsup-checkpoint"):
+        raise ckpt.CheckpointError(f"'{file}' is not a selfsup run checkpoint")
+    return folder, state
+
+
+def load_classifier(run: str | Path) -> tuple[Classifier, dict, Path]:
+    """A fine-tuned or distilled run's classifier, its metadata and its folder."""
+    folder, state = _run_state(run)
+    meta = state["meta"]
+    if "num_classes" not in meta:
+        raise ckpt.CheckpointError(f"'{run}' is a pre-training run, not a fine-tuned one; run "
+                                   f"`selfsup finetune --checkpoint {run}` first")
+    model = build_classifier(meta)
+    model.load_state_dict(state["model"])
+    return model, meta, folder
+
+
+# ---------------------------------------------------------------------------------------------
+# One supervised loop for both steps
+
+
+def _prepare_out(cfg: StepConfig, kind: str) -> Path:
+    out = Path(cfg.out or Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / CHECKPOINT).exists():
+        raise TrainingError(f"'{out}' already holds a run ({CHECKPOINT}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.out = str(out)
+    (out / "config.yaml").write_text(yaml.safe_dump({kind: dataclasses.asdict(cfg)}, sort_keys=False))
+    return out
+
+
+@torch.no_grad()
+def top1(model: nn.Module, data: ImageDataset, meta: dict, device: torch.device, cfg: StepConfig,
+         dtype: torch.dtype | None) -> float:
+    """Test top-1 (%) of a classifier on the deterministic evaluation view."""
+    logits = extract_features(model, data.images, size=meta["image_size"], mean=meta["mean"],
+                              std=meta["std"], device=device, batch_size=cfg.eval_batch_size, dtype=dtype)
+    labels = torch.from_numpy(np.array(data.labels)).to(device)  # a copy: cached arrays are read-only
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+
+
+def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tensor], n: int,
+         cfg: StepConfig, out: Path, evaluate: Callable[[], float], device: torch.device) -> dict:
+    """Minimise ``batch_loss(indices, generator)`` over seeded permutations of ``n`` items with a
+    warm-up + cosine schedule; test top-1 every ``eval_every`` epochs. Returns the last metrics."""
+    batch = min(cfg.batch_size, n)
+    # a 1 % subset is a few batches: keep the last partial one unless BN cannot take it (1 item)
+    steps_per_epoch = n // batch + (n % batch >= 2)
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
+    peak_lr = scale_lr(cfg.lr, batch, cfg.lr_scaling)
+    optimizer = build_optimizer(cfg.optimizer, param_groups(model, cfg.weight_decay), lr=peak_lr,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1)
+    print(f"{n} training images, {steps_per_epoch} steps/epoch of {batch}, {cfg.epochs} epochs, "
+          f"peak lr {peak_lr:.4g}", flush=True)
+    metrics: dict = {}
+    for epoch in range(cfg.epochs):
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        perm = epoch_permutation(n, cfg.seed, epoch).to(device)
+        seen = 0
+        t0 = time.perf_counter()
+        for i in range(steps_per_epoch):
+            lr = warmup_cosine(epoch * steps_per_epoch + i, total, warmup, peak_lr)
+            set_lr(optimizer, lr)
+            idx = perm[i * batch:(i + 1) * batch]
+            loss = batch_loss(idx, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            seen += len(idx)
+        seconds = time.perf_counter() - t0
+        mean_loss = (loss_sum / steps_per_epoch).item()
+        if not math.isfinite(mean_loss):
+            raise TrainingError(f"loss became {mean_loss} in epoch {epoch + 1}; lower lr (now {cfg.lr:g})")
+        metrics = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "loss": mean_loss,
+                   "lr": lr, "images_per_s": seen / seconds, "seconds": seconds}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            metrics["test_top1"] = evaluate()
+        with open(out / METRICS, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        score = f" test top-1 {metrics['test_top1']:.2f}%" if "test_top1" in metrics else ""
+        print(f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} lr {lr:.4g} "
+              f"{metrics['images_per_s']:.0f} img/s{score}", flush=True)
+    return metrics
+
+
+def _save(out: Path, model: Classifier, cfg: StepConfig, kind: str, meta: dict, epoch: int) -> None:
+    state = {"format": "selfsup-checkpoint", "version": 1, "kind": kind, "config": dataclasses.asdict(cfg),
+             "epoch": epoch, "model": model.state_dict(), "meta": meta}
+    save_run(out, state, model.backbone, meta)
+
+
+def _setup(cfg: StepConfig) -> tuple[torch.device, torch.dtype | None]:
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":  # as in pre-training: denormals slow CPU math several-fold
+        torch.set_flush_denormal(True)
+    torch.manual_seed(cfg.seed)
+    return device, autocast_dtype(cfg.precision, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 2: fine-tuning
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune a pre-training run on a labelled subset (SimCLRv2 §2); returns the last metrics."""
+    _validate(cfg)
+    device, dtype = _setup(cfg)
+    folder, state = _run_state(cfg.checkpoint)
+    if "num_classes" in state["meta"]:
+        raise ConfigError(f"'{cfg.checkpoint}' is already a fine-tuned run; pass the pre-training run")
+    pre_cfg: Config = from_dict(state["config"])
+    method = build_method(pre_cfg)
+    if not cfg.random_init:
+        method.load_state_dict(state["model"])
+    cfg.data = cfg.data or state["meta"]["data"]
+    splits = load_data(cfg.data, image_size=state["meta"].get("data_image_size"))
+    if splits.test is None:
+        raise ConfigError(f"'{cfg.data}' has no labelled test split to evaluate the fine-tuning on")
+    train = splits.train
+    meta = dict(state["meta"], method="finetune", pretrain_method=pre_cfg.method,
+                pretrain_config=pre_cfg.to_dict(), head_layers=cfg.head_layers,
+                num_classes=len(train.classes), random_init=cfg.random_init)
+    model = build_classifier(meta, method).to(device, memory_format=torch.channels_last)
+
+    indices = L.select(cfg.labels, train.labels, len(train.classes), seed=cfg.label_seed)  # (M,)
+    out = _prepare_out(cfg, "finetune")
+    L.write_indices(out / L.LABELS_FILE, indices, about=f"--labels {cfg.labels} --label-seed "
+                    f"{cfg.label_seed}: {len(indices)} indices into the training split of {cfg.data}")
+    images = torch.from_numpy(np.array(train.images[indices])).to(device)  # (M, H, W, 3) uint8
+    targets = torch.from_numpy(train.labels[indices]).to(device)             # (M,)
+    augment = Augment(crop_flip_view(meta["image_size"], scale=(cfg.crop_scale_min, 1.0),
+                                     mean=tuple(meta["mean"]), std=tuple(meta["std"])))
+    source = "random initialisation" if cfg.random_init else str(folder)
+    print(f"fine-tuning {meta['backbone']} (width {meta['width']:g}) + {cfg.head_layers} head "
+          f"layer(s) from {source} on {len(indices)} labelled images ({cfg.labels})", flush=True)
+
+    def batch_loss(idx: Tensor, generator: torch.Generator) -> Tensor:
+        with torch.no_grad():
+            x = augment(images[idx], generator)  # (B, 3, S, S)
+        with autocast(device, dtype):
+            logits = model(x)                     # (B, C)
+        return F.cross_entropy(logits.float(), targets[idx])
+
+    metrics = _fit(model, batch_loss, len(indices), cfg, out,
+                   lambda: top1(model, splits.test, meta, device, cfg, dtype), device)
+    _save(out, model, cfg, "finetune", meta, cfg.epochs)
+    return dict(metrics, out=str(out), labelled=len(indices))
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 3: distillation
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Distil a fine-tuned teacher into a student on all training images (SimCLRv2 §2 eq. 2)."""
+    _validate(cfg)
+    device, dtype = _setup(cfg)
+    teacher, tmeta, tfolder = load_classifier(cfg.teacher)
+    teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)  # fixed
+    cfg.data = cfg.data or tmeta["data"]
+    splits = load_data(cfg.data, image_size=tmeta.get("data_image_size"), unlabeled=cfg.unlabeled)
+    if splits.test is None:
+        raise ConfigError(f"'{cfg.data}' has no labelled test split to evaluate the student on")
+    train = splits.train
+    if len(train.classes) != tmeta["num_classes"]:
+        raise ConfigError(f"the teacher '{cfg.teacher}' predicts {tmeta['num_classes']} classes, "
+                          f"'{cfg.data}' has {len(train.classes)}; distil on the teacher's data")
+    labels = np.full(len(train), -1, dtype=np.int64)
+    labels_file = tfolder / L.LABELS_FILE
+    if labels_file.exists():  # the teacher's labelled subset, for the (1 - alpha) CE term
+        idx = L.read_indices(labels_file, len(train))
+        labels[idx] = train.labels[idx]
+    elif cfg.alpha < 1:
+        raise ConfigError(f"alpha {cfg.alpha:g} < 1 needs the teacher's {L.LABELS_FILE}, missing in '{tfolder}'")
+    all_images = np.asarray(train.images)
+    if cfg.unlabeled and splits.unlabeled is not None:
+        all_images = np.concatenate([all_images, np.asarray(splits.unlabeled.images)])
+        labels = np.concatenate([labels, np.full(len(splits.unlabeled), -1, dtype=np.int64)])
+
+    meta = dict(tmeta, method="distill", backbone=cfg.student, width=cfg.width or tmeta["width"],
+                head_layers=0, pretrain_config=None, teacher=str(tfolder), random_init=False)
+    student = build_classifier(meta).to(device, memory_format=torch.channels_last)
+    size, mean, std = meta["image_size"], tuple(meta["mean"]), tuple(meta["std"])
+    out = _prepare_out(cfg, "distill")
+    teacher_top1 = top1(teacher, splits.test, tmeta, device, cfg, dtype)
+    print(f"distilling the teacher {tfolder} (test top-1 {teacher_top1:.2f}%) into {cfg.student} "
+          f"(width {meta['width']:g}) on {len(all_images)} images, tau {cfg.temperature:g}, "
+          f"alpha {cfg.alpha:g}", flush=True)
+    images = torch.from_numpy(np.array(all_images)).to(device)  # (N, H, W, 3) uint8
+    targets = torch.from_numpy(labels).to(device)                 # (N,), -1 = unlabelled
+    augment = Augment(crop_flip_view(size, scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std))
+    cached = None
+    if not cfg.augment:  # one fixed view per image: the teacher's logits never change
+        cached = extract_features(teacher, all_images, size=size, mean=mean, std=std, device=device,
+                                  batch_size=cfg.eval_batch_size, dtype=dtype)  # (N, C)
+
+    def batch_loss(idx: Tensor, generator: torch.Generator) -> Tensor:
+        with torch.no_grad():
+            x = augment(images[idx], generator) if cached is None else eval_view(images[idx], size, mean, std)
+            if cached is None:
+                with autocast(device, dtype):
+                    t = teacher(x).float()        # (B, C)
+            else:
+                t = cached[idx]                   # (B, C)
+        with autocast(device, dtype):
+            s = student(x).float()                # (B, C)
+        loss = distill_loss(s, t, cfg.temperature) if cfg.alpha > 0 else s.new_zeros(())
+        if cfg.alpha < 1:
+            y = targets[idx]                      # (B,)
+            mask = (y >= 0).float()
+            ce = (F.cross_entropy(s, y.clamp_min(0), reduction="none") * mask).sum() / mask.sum().clamp_min(1)
+            loss = cfg.alpha * loss + (1 - cfg.alpha) * ce
+        return loss
+
+    metrics = _fit(student, batch_loss, len(images), cfg, out,
+                   lambda: top1(student, splits.test, meta, device, cfg, dtype), device)
+    _save(out, student, cfg, "distill", meta, cfg.epochs)
+    return dict(metrics, out=str(out), teacher_top1=teacher_top1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole recipe
+
+
+def semisup(out: str | Path, *, pretrain_cfg: Config | None, pretrained: str | None,
+            finetune_cfg: FinetuneConfig, distill_cfg: DistillConfig) -> dict:
+    """Pre-train (unless ``pretrained`` names a run) -> fine-tune -> distil, plus the fine-tuning
+    of a randomly initialised network on the same labels; writes ``results.json`` / ``.md``."""
+    out = Path(out)
+    if (out / f"{RESULTS}.json").exists():
+        raise TrainingError(f"'{out}' already holds a semisup run ({RESULTS}.json); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if pretrained is None:
+        if pretrain_cfg is None:
+            raise ConfigError("semisup needs a pre-training config or --pretrained RUN")
+        pretrain_cfg.out = str(out / "pretrain")
+        result = pretrain(pretrain_cfg)
+        pretrained = pretrain_cfg.out
+        rows.append({"step": "1. pre-train (kNN monitor, all labels)", "run": pretrained,
+                     "top1": result.get("knn_top1")})
+    # one labelled subset for every step: drawn once, then passed on as the file it was written to
+    labels = finetune_cfg.labels
+    steps = [("2. fine-tune", "finetune", False), ("supervised only (random init)", "supervised", True)]
+    for name, folder, random_init in steps:
+        cfg = dataclasses.replace(finetune_cfg, checkpoint=str(pretrained), out=str(out / folder),
+                                  random_init=random_init, labels=labels)
+        result = finetune(cfg)
+        labels = str(Path(result["out"]) / L.LABELS_FILE)
+        rows.append({"step": name, "run": result["out"], "top1": result["test_top1"],
+                     "labelled": result["labelled"]})
+    dcfg = dataclasses.replace(distill_cfg, teacher=str(out / "finetune"), out=str(out / "distill"))
+    result = distill(dcfg)
+    rows.append({"step": "3. distil (student)", "run": result["out"], "top1": result["test_top1"]})
+
+    table = {"labels": finetune_cfg.labels, "pretrained": str(pretrained), "head_layers": finetune_cfg.head_layers,
+             "distill_temperature": distill_cfg.temperature, "distill_alpha": distill_cfg.alpha,
+             "rows": rows}
+    (out / f"{RESULTS}.json").write_text(json.dumps(table, indent=1) + "\n")
+    lines = [f"Labels: {finetune_cfg.labels}; pre-trained run: {pretrained}", "",
+             "| step | test top-1 | run |", "|---|---|---|"]
+    lines += [f"| {r['step']} | {_percent(r['top1'])} | {r['run']} |" for r in rows]
+    (out / f"{RESULTS}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return table
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} %"
