@@ -1,8 +1,5 @@
 """Bad input, tried: each case gets a one-line error naming what is wrong (exit 2, no traceback)
 or a documented recovery. The files are built by tests/bad_inputs.py.
-
-Not covered here: a label file with bad indices — the label-file feature (issue 7) is not on
-this branch; its cases belong with it.
 """
 from __future__ import annotations
 
@@ -211,3 +208,38 @@ def test_an_untrusted_checkpoint_never_runs_code(tmp_path, capsys):
     rc = main(["pretrain", "--out", str(tmp_path), "--resume", "--device", "cpu"])
     out = capsys.readouterr()
     assert rc == 2 and "refusing to load" in out.err and "this must never run" not in out.out
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled subsets for fine-tuning (issue 7): a label file with bad indices, impossible requests
+
+LABEL_CASES = {
+    "label file with a word": ("3\nseven\n", "labels.txt:2: 'seven' is not an image index"),
+    "label file with a negative index": ("4\n-1\n", "labels.txt:2: '-1' is not an image index"),
+    "label file index out of range": ("1\n99999\n", "labels.txt:2: index 99999 is out of range"),
+    "label file with a duplicate": ("5\n6\n5\n", "labels.txt:3: index 5 is listed twice (first on line 1)"),
+    "empty label file": ("\n", "lists no image index"),
+    "zero per cent": (None, "a fraction must be in (0%, 100%]"),
+    "more labels per class than exist": (None, "has only"),
+}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pre") / "run"
+    assert main(["pretrain", "--out", str(out), "--data", "digits", "--batch-size", "64",
+                 *FAST, "data.image_size=8", "eval.knn_every=0"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("content,message", LABEL_CASES.values(), ids=LABEL_CASES.keys())
+def test_bad_label_subsets(content, message, pretrained, tmp_path, capsys):
+    if content is not None:  # a file of image indices, one per line
+        spec = str(tmp_path / "labels.txt")
+        Path(spec).write_text(content)
+    else:  # a fraction or a count per class that cannot be met
+        spec = "0%" if "fraction" in message else "100000"
+    capsys.readouterr()
+    rc = main(["finetune", "--checkpoint", str(pretrained), "--data", "digits", "--labels", spec,
+               "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "ft")])
+    _one_line_error(capsys, rc, message)
