@@ -151,9 +151,9 @@ def _finetune(a: argparse.Namespace) -> int:
 
 
 def _distill(a: argparse.Namespace) -> int:
-    from .semisup import DistillConfig, distill, step_config
+    from .semisup import StudentConfig, distill, step_config
 
-    cfg = step_config(DistillConfig, a.sets, teacher=a.teacher, student=a.student, width=a.width,
+    cfg = step_config(StudentConfig, a.sets, teacher=a.teacher, student=a.student, width=a.width,
                       temperature=a.temperature, alpha=a.alpha, augment=a.augment, **_step_overrides(a))
     result = distill(cfg)
     print(f"student test top-1: {result['test_top1']:.2f}% (teacher {result['teacher_top1']:.2f}%) "
@@ -165,7 +165,7 @@ def _semisup(a: argparse.Namespace) -> int:
     import time
 
     from .config import ConfigError, resolve
-    from .semisup import DistillConfig, FinetuneConfig, semisup, step_config
+    from .semisup import StudentConfig, FinetuneConfig, semisup, step_config
 
     sets: dict[str, list[str]] = {"pretrain": [], "finetune": [], "distill": []}
     for item in a.sets:
@@ -185,7 +185,7 @@ def _semisup(a: argparse.Namespace) -> int:
             overrides["train"]["progress"] = False
         pre = resolve(preset_name=a.preset, sets=pre_sets, overrides=overrides)
     ft = step_config(FinetuneConfig, sets["finetune"], labels=a.labels, head_layers=a.head_layers, **common)
-    ds = step_config(DistillConfig, sets["distill"], student=a.student, **common)
+    ds = step_config(StudentConfig, sets["distill"], student=a.student, **common)
     out = a.out or f"runs/semisup-{time.strftime('%Y%m%d-%H%M%S')}"
     semisup(out, pretrain_cfg=pre, pretrained=a.pretrained, finetune_cfg=ft, distill_cfg=ds)
     print(f"-> {out}/results.md")

@@ -80,7 +80,7 @@ class FinetuneConfig(StepConfig):
 
 
 @dataclass
-class DistillConfig(StepConfig):
+class StudentConfig(StepConfig):
     """SimCLRv2 distillation: the student trains on every training image with the pre-training
     run's schedule (here SimCLR's CIFAR LARS 1.0 x B/256, wd 1e-4), crop + flip only."""
     teacher: str = ""                # a fine-tuned (or distilled) run folder
@@ -111,7 +111,7 @@ def _validate(cfg: StepConfig) -> None:
     ]
     if isinstance(cfg, FinetuneConfig):
         checks.append((cfg.head_layers >= 0, "head_layers (--from-head-layer) must be >= 0"))
-    if isinstance(cfg, DistillConfig):
+    if isinstance(cfg, StudentConfig):
         checks += [(cfg.temperature > 0, "temperature must be positive"),
                    (0 <= cfg.alpha <= 1, "alpha must be in [0, 1]"),
                    (cfg.width is None or cfg.width > 0, "width must be positive")]
@@ -343,7 +343,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 # Step 3: distillation
 
 
-def distill(cfg: DistillConfig) -> dict:
+def distill(cfg: StudentConfig) -> dict:
     """Distil a fine-tuned teacher into a student on all training images (SimCLRv2 §2 eq. 2)."""
     _validate(cfg)
     device, dtype = _setup(cfg)
@@ -415,7 +415,7 @@ def distill(cfg: DistillConfig) -> dict:
 
 
 def semisup(out: str | Path, *, pretrain_cfg: Config | None, pretrained: str | None,
-            finetune_cfg: FinetuneConfig, distill_cfg: DistillConfig) -> dict:
+            finetune_cfg: FinetuneConfig, distill_cfg: StudentConfig) -> dict:
     """Pre-train (unless ``pretrained`` names a run) -> fine-tune -> distil, plus the fine-tuning
     of a randomly initialised network on the same labels; writes ``results.json`` / ``.md``."""
     out = Path(out)

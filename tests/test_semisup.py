@@ -138,7 +138,7 @@ def test_student_reproduces_its_teacher_and_the_teacher_stays_frozen(pretrained,
 
     real = S.load_classifier
     monkeypatch.setattr(S, "load_classifier", spy)
-    result = S.distill(S.step_config(S.DistillConfig, teacher=str(teacher_run), out=str(tmp_path / "student"),
+    result = S.distill(S.step_config(S.StudentConfig, teacher=str(teacher_run), out=str(tmp_path / "student"),
                                      epochs=6, batch_size=64, lr=2.0, augment=False, device="cpu"))
     teacher = held["teacher"]
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
