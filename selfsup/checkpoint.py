@@ -15,8 +15,16 @@ from typing import IO, Any, Callable
 import torch
 
 
+FORMAT = "selfsup-checkpoint"  # the "format" entry of every run checkpoint (pre-training, fine-tuning, ...)
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, untrusted or does not fit the model."""
+
+
+def is_run_state(state: Any) -> bool:
+    """Whether a loaded checkpoint is a selfsup run's (config, model, meta), not a bare state_dict."""
+    return isinstance(state, dict) and state.get("format") == FORMAT
 
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:

@@ -152,7 +152,7 @@ def _weights_and_meta(path: Path) -> tuple[dict, dict]:
     from . import checkpoint as ckpt
 
     state = ckpt.load(path)
-    if isinstance(state, dict) and state.get("format") == "selfsup-checkpoint":
+    if ckpt.is_run_state(state):
         weights = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
         return weights, state["meta"]
     meta_path = path.with_suffix(".json")  # an export's own description, else the run's

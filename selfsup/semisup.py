@@ -186,7 +186,7 @@ def _run_state(path: str | Path) -> tuple[Path, dict]:
     if not file.exists():
         raise ckpt.CheckpointError(f"'{path}' holds no {CHECKPOINT}; pass a run folder")
     state = ckpt.load(file)
-    if not (isinstance(state, dict) and state.get("format") == "selfsup-checkpoint"):
+    if not ckpt.is_run_state(state):
         raise ckpt.CheckpointError(f"'{file}' is not a selfsup run checkpoint")
     return folder, state
 
@@ -276,7 +276,7 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
 
 
 def _save(out: Path, model: Classifier, cfg: StepConfig, kind: str, meta: dict, epoch: int) -> None:
-    state = {"format": "selfsup-checkpoint", "version": 1, "kind": kind, "config": dataclasses.asdict(cfg),
+    state = {"format": ckpt.FORMAT, "version": 1, "kind": kind, "config": dataclasses.asdict(cfg),
              "epoch": epoch, "model": model.state_dict(), "meta": meta}
     save_run(out, state, model.backbone, meta)
 

@@ -133,7 +133,7 @@ def _save(out: Path, method: Method, optimizer, generator: torch.Generator, *, e
     generators = D.all_gather_object(generator.get_state())  # each rank's augmentation RNG
     if not D.is_main():
         return
-    state = {"format": "selfsup-checkpoint", "version": 1, "config": cfg.to_dict(), "epoch": epoch,
+    state = {"format": ckpt.FORMAT, "version": 1, "config": cfg.to_dict(), "epoch": epoch,
              "step": step, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
              "generator": generators[0], "generators": generators, "meta": meta}
     if partial is not None:
@@ -231,7 +231,7 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
             raise ckpt.CheckpointError(f"--resume: no {CHECKPOINT} in '{out}' to resume from; start the run "
                                        f"without --resume")
         state = ckpt.load(out / CHECKPOINT)
-        if not (isinstance(state, dict) and state.get("format") == "selfsup-checkpoint"):
+        if not ckpt.is_run_state(state):
             raise ckpt.CheckpointError(f"'{out / CHECKPOINT}' is not a selfsup training checkpoint")
         saved = from_dict(state["config"])  # the run's own settings; where it runs may change
         ckpt.check_expected(saved.to_dict(), expect, out / CHECKPOINT)

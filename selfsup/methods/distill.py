@@ -46,7 +46,7 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
         raise ckpt.CheckpointError(f"distill.teacher '{path}' does not exist (expected a selfsup run folder "
                                    f"or its {CHECKPOINT})")
     state = ckpt.load(file)
-    if not (isinstance(state, dict) and state.get("format") == "selfsup-checkpoint"):
+    if not ckpt.is_run_state(state):
         raise ckpt.CheckpointError(f"distill.teacher '{file}' is not a selfsup pre-training checkpoint; pass the "
                                    f"run folder (its {CHECKPOINT} holds the projection head a teacher needs)")
     try:
