@@ -496,10 +496,10 @@ def _scan_image_folder(root: Path, src: _Source) -> None:
     Symlinked class folders are common in prepared datasets, so links are followed, but only to
     places inside ``root`` (by real path), each real folder once per split (a loop or a second
     link to it is read once), and never into another split: a link that would pull test/ images
-    into train/, or one file in two splits, is refused. Dangling links, link loops and anything
-    that is not a regular file or a folder (a named pipe, a socket, a device) are refused by name
-    when they carry an image extension, and skipped otherwise; decoding only ever opens the
-    regular files listed here.
+    into train/, or one file reached through links in two splits, is refused. Dangling links and
+    link loops are refused by name; anything that is not a regular file or a folder (a named pipe,
+    a socket, a device) is refused by name when it has an image extension and skipped otherwise,
+    and decoding opens only regular files.
     """
     real_root = os.path.realpath(root)
     for s in _SPLITS:
@@ -511,14 +511,14 @@ def _scan_image_folder(root: Path, src: _Source) -> None:
             if s < t and (_within(top, other) or _within(other, top)):
                 raise DataError(f"{root / s} and {root / t} are the same folder or one holds the other (through a "
                                 "symbolic link); a split must not contain another split's images")
-    owner: dict[str, str] = {}  # real path of every image -> its split, to refuse one file in two splits
+    owner: dict[str, str] = {}  # real path of each image reached through a link -> its split
     for split, real_top in tops.items():
         if not _within(real_top, real_root):
             raise DataError(_outside(root / split, real_top, real_root))
         seen: set[str] = set()
-        stack = [(split, real_top)]
+        stack = [(split, real_top, False)]  # (folder, its real path, reached through a link)
         while stack:
-            rel_dir, real_dir = stack.pop()
+            rel_dir, real_dir, linked = stack.pop()
             if real_dir in seen:
                 continue
             seen.add(real_dir)
@@ -530,25 +530,28 @@ def _scan_image_folder(root: Path, src: _Source) -> None:
             subdirs = []
             for e in entries:
                 rel = f"{rel_dir}/{e.name}"
-                real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name)
+                link = e.is_symlink()
+                real = os.path.realpath(e.path) if link else f"{real_dir}/{e.name}"
                 try:
                     st = os.stat(e.path)
                 except OSError as err:
-                    if not e.is_symlink():
+                    if not link:
                         raise DataError(f"cannot read {root / rel}: {err.strerror or err}") from None
                     problem = "a symbolic link loop" if err.errno == errno.ELOOP else "a broken symbolic link"
                     raise DataError(f"{root / rel} is {problem} (to {os.readlink(e.path)}); fix or remove it") from None
-                if e.is_symlink() and not _within(real, real_root):
-                    raise DataError(_outside(root / rel, real, real_root))
-                others = [t for t, top in tops.items() if t != split and (_within(real, top) or (
-                    stat.S_ISDIR(st.st_mode) and _within(top, real)))]  # inside another split, or holding it
-                if others:
-                    raise DataError(f"{root / rel} leads to {real}, inside the {others[0]}/ split or holding it; a "
-                                    "split must not contain another split's images (remove the link)")
+                if link:  # (a plain entry lies in its folder, which passed these checks)
+                    if not _within(real, real_root):
+                        raise DataError(_outside(root / rel, real, real_root))
+                    others = [t for t, top in tops.items() if t != split and (_within(real, top) or (
+                        stat.S_ISDIR(st.st_mode) and _within(top, real)))]  # inside another split, or holding it
+                    if others:
+                        raise DataError(f"{root / rel} leads to {real}, inside the {others[0]}/ split or holding "
+                                        "it; a split must not contain another split's images (remove the link)")
                 if stat.S_ISDIR(st.st_mode):
-                    subdirs.append((rel, real))
+                    subdirs.append((rel, real, linked or link))
                 elif stat.S_ISREG(st.st_mode):
-                    if _is_image(e.name):
+                    # Without a link on its way a file lies in its own split (the checks above).
+                    if (linked or link) and _is_image(e.name):
                         if owner.setdefault(real, split) != split:
                             raise DataError(f"{root / rel} is the file {real}, which is also in {owner[real]}/; a "
                                             "split must not contain another split's images")
