@@ -3,8 +3,12 @@
 Every source ends up as an ``(N, H, W, 3)`` uint8 array plus int64 labels:
 
 * ``digits`` -- scikit-learn's bundled 8x8 digits (the built-in default, no files needed);
-* an image folder ``<root>/{train,test|val}/<class>/<image>``, possibly inside one top folder;
-* a ``.tar``/``.tar.gz``/``.tgz``/``.zip`` archive of such a folder (read without extracting);
+* an image folder ``<root>/{train,test|val}/<class>/<image>``, possibly inside one top folder
+  (symbolic links are followed inside ``<root>`` only, never from one split into another; only
+  regular files are read);
+* a ``.tar``/``.tar.gz``/``.tgz``/``.zip`` archive of such a folder (read without extracting; a
+  member listed twice is refused, and so is an image member that expands to more than 64 MiB,
+  ``$SELFSUP_MAX_IMAGE_MB``);
 * the CIFAR-10/100 python release (archive or extracted folder), or the names ``cifar10``/``cifar100``;
 * the STL-10 binary release (archive or ``stl10_binary/`` folder), or the name ``stl10``.
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import bz2
 import concurrent.futures as cf
+import errno
 import functools
 import gzip
 import hashlib
@@ -37,6 +42,7 @@ import pickle
 import re
 import secrets
 import shutil
+import stat
 import sys
 import tarfile
 import tempfile
@@ -65,6 +71,8 @@ _SPLITS = ("train", "test", "val")  # folder names; 'val' stands in for a missin
 _MEAN_STD_SAMPLES = 10_000
 _DIGITS_SIZE = 32
 _CHUNK = 1024  # images per decode task: big enough to amortise process round trips
+_IMAGE_MEMBER_LIMIT = 64 << 20  # bytes one image member of an archive may expand to (SELFSUP_MAX_IMAGE_MB)
+_CIFAR_MEMBER_LIMIT = 256 << 20  # CIFAR-100's train file, the biggest, holds 50000 x 3072 bytes of pixels
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 _CIFAR10_FILES = frozenset({"batches.meta", "test_batch"} | {f"data_batch_{i}" for i in range(1, 6)})
 _CIFAR100_FILES = frozenset({"meta", "train", "test"})
@@ -470,25 +478,7 @@ def _inspect_dir(path: Path) -> _Source:
         kind, root = found[0]
     src = _Source(path, kind, root)
     if kind == "folder":
-        for split in _SPLITS:
-            top = root / split
-            if not top.is_dir():
-                continue
-            seen: set[str] = set()
-            # Symlinked class folders are common in prepared datasets, so follow links (once each).
-            for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-                real = os.path.realpath(dirpath)
-                if real in seen:
-                    dirnames[:] = []
-                    continue
-                seen.add(real)
-                dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-                rel_dir = Path(dirpath).relative_to(root).as_posix()
-                src.dirs.append(rel_dir)
-                for fn in sorted(filenames):
-                    if not _hidden(fn):
-                        st = os.stat(os.path.join(dirpath, fn))
-                        src.files.append((f"{rel_dir}/{fn}", st.st_size, st.st_mtime_ns))
+        _scan_image_folder(root, src)
     else:
         for p in sorted(root.iterdir()):
             if p.is_file() and not _hidden(p.name):
@@ -498,6 +488,93 @@ def _inspect_dir(path: Path) -> _Source:
     src.size = sum(f[1] for f in src.files)
     src.mtime_ns = max((f[2] for f in src.files), default=0)
     return src
+
+
+def _scan_image_folder(root: Path, src: _Source) -> None:
+    """List ``root/<split>/...`` into ``src.dirs``/``src.files``, following symlinks safely.
+
+    Symlinked class folders are common in prepared datasets, so links are followed, but only to
+    places inside ``root`` (by real path), each real folder once per split (a loop or a second
+    link to it is read once), and never into another split: a link that would pull test/ images
+    into train/, or one file reached through links in two splits, is refused. Dangling links and
+    link loops are refused by name; anything that is not a regular file or a folder (a named pipe,
+    a socket, a device) is refused by name when it has an image extension and skipped otherwise,
+    and decoding opens only regular files.
+    """
+    real_root = os.path.realpath(root)
+    for s in _SPLITS:
+        if (root / s).is_symlink() and not (root / s).exists():
+            raise DataError(f"{root / s} is a broken symbolic link (to {os.readlink(root / s)}); fix or remove it")
+    tops = {s: os.path.realpath(root / s) for s in _SPLITS if (root / s).is_dir()}
+    for s, top in tops.items():
+        for t, other in tops.items():
+            if s < t and (_within(top, other) or _within(other, top)):
+                raise DataError(f"{root / s} and {root / t} are the same folder or one holds the other (through a "
+                                "symbolic link); a split must not contain another split's images")
+    owner: dict[str, str] = {}  # real path of each image reached through a link -> its split
+    for split, real_top in tops.items():
+        if not _within(real_top, real_root):
+            raise DataError(_outside(root / split, real_top, real_root))
+        seen: set[str] = set()
+        stack = [(split, real_top, False)]  # (folder, its real path, reached through a link)
+        while stack:
+            rel_dir, real_dir, linked = stack.pop()
+            if real_dir in seen:
+                continue
+            seen.add(real_dir)
+            src.dirs.append(rel_dir)
+            try:
+                entries = sorted((e for e in os.scandir(root / rel_dir) if not _hidden(e.name)), key=lambda e: e.name)
+            except OSError as e:
+                raise DataError(f"cannot list {root / rel_dir}: {e.strerror or e}") from None
+            subdirs = []
+            for e in entries:
+                rel = f"{rel_dir}/{e.name}"
+                link = e.is_symlink()
+                real = os.path.realpath(e.path) if link else f"{real_dir}/{e.name}"
+                try:
+                    st = os.stat(e.path)
+                except OSError as err:
+                    if not link:
+                        raise DataError(f"cannot read {root / rel}: {err.strerror or err}") from None
+                    problem = "a symbolic link loop" if err.errno == errno.ELOOP else "a broken symbolic link"
+                    raise DataError(f"{root / rel} is {problem} (to {os.readlink(e.path)}); fix or remove it") from None
+                if link:  # (a plain entry lies in its folder, which passed these checks)
+                    if not _within(real, real_root):
+                        raise DataError(_outside(root / rel, real, real_root))
+                    others = [t for t, top in tops.items() if t != split and (_within(real, top) or (
+                        stat.S_ISDIR(st.st_mode) and _within(top, real)))]  # inside another split, or holding it
+                    if others:
+                        raise DataError(f"{root / rel} leads to {real}, inside the {others[0]}/ split or holding "
+                                        "it; a split must not contain another split's images (remove the link)")
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append((rel, real, linked or link))
+                elif stat.S_ISREG(st.st_mode):
+                    # Without a link on its way a file lies in its own split (the checks above).
+                    if (linked or link) and _is_image(e.name):
+                        if owner.setdefault(real, split) != split:
+                            raise DataError(f"{root / rel} is the file {real}, which is also in {owner[real]}/; a "
+                                            "split must not contain another split's images")
+                    src.files.append((rel, st.st_size, st.st_mtime_ns))
+                elif _is_image(e.name):
+                    raise DataError(f"{root / rel} is not a regular file (a {_file_kind(st.st_mode)}); only regular "
+                                    "files are read as images, remove it")
+            stack.extend(reversed(subdirs))  # depth first, in name order
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _outside(link: Path, real: str, real_root: str) -> str:
+    return (f"{link} leads to {real}, outside the dataset folder {real_root}; symbolic links are followed only "
+            "inside it (move or copy the files in)")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "named pipe", stat.S_ISSOCK: "socket", stat.S_ISCHR: "character device",
+             stat.S_ISBLK: "block device"}
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
 def _is_image(name: str) -> bool:
@@ -777,6 +854,7 @@ def _decode_archive(path: Path, *, image_size: int | None, skip_corrupt: bool, u
     stl: dict[str, Path] = {}  # STL-10 binaries, extracted to a scratch folder
     stl_dir: Path | None = None
     result: _Decoded | None = None
+    seen: set[str] = set()  # member paths, normalised: one listed twice would be read twice
     try:
         try:
             for m in _iter_archive(path):
@@ -786,10 +864,14 @@ def _decode_archive(path: Path, *, image_size: int | None, skip_corrupt: bool, u
                 if m.is_dir:
                     collector.add_dir(parts)
                     continue
+                member = "/".join(parts)
+                if member in seen:
+                    raise DataError(f"archive {path} holds the member {member!r} twice; a dataset lists each file "
+                                    "once, so create the archive again (e.g. not by appending with tar -r)")
+                seen.add(member)
                 base = parts[-1]
                 if base in _CIFAR10_FILES or base in _CIFAR100_FILES:
-                    with m.open() as f:
-                        raw["/".join(parts)] = f.read()
+                    raw[member] = _read_member(m, path, _CIFAR_MEMBER_LIMIT, "a CIFAR batch file")
                 elif base in _STL_FILES:
                     if base == "unlabeled_X.bin" and not unlabeled:
                         continue  # 2.7 GB that nobody asked for
@@ -799,8 +881,7 @@ def _decode_archive(path: Path, *, image_size: int | None, skip_corrupt: bool, u
                     with m.open() as f:
                         _copy_out(f, stl[base])
                 elif _is_image(base):
-                    with m.open() as f:
-                        collector.add_file(parts, f.read())
+                    collector.add_file(parts, _read_member(m, path, _image_member_limit(), "an image"))
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
             raise DataError(f"could not read archive {path}: {type(e).__name__}: {e} (is it truncated or "
                             "corrupt? download or create it again)") from e
@@ -835,6 +916,36 @@ def _decode_archive(path: Path, *, image_size: int | None, skip_corrupt: bool, u
         collector.close()
         if stl_dir is not None:
             shutil.rmtree(stl_dir, ignore_errors=True)
+
+
+def _image_member_limit() -> int:
+    """The most bytes one image member of an archive may expand to: $SELFSUP_MAX_IMAGE_MB, default 64 MiB."""
+    env = os.environ.get("SELFSUP_MAX_IMAGE_MB", "").strip()
+    if not env:
+        return _IMAGE_MEMBER_LIMIT
+    try:
+        mb = float(env)
+    except ValueError:
+        mb = -1.0
+    if not 0 < mb < float("inf"):
+        raise DataError(f"SELFSUP_MAX_IMAGE_MB must be a positive number of MiB, got {env!r}")
+    return int(mb * (1 << 20))
+
+
+def _read_member(m: _Member, archive: Path, limit: int, what: str) -> bytes:
+    """A member's bytes, refused by name (before reading) when it expands to more than ``limit``."""
+    def refuse(size: int) -> DataError:
+        return DataError(f"archive {archive}: member {m.name!r} expands to {size / (1 << 20):.1f} MiB, more than "
+                         f"the {limit / (1 << 20):g} MiB allowed for {what}; it is corrupt or not a dataset "
+                         f"file{' (SELFSUP_MAX_IMAGE_MB raises the limit)' if what == 'an image' else ''}")
+
+    if m.size > limit:  # the size the archive declares
+        raise refuse(m.size)
+    with m.open() as f:
+        data = f.read(limit + 1)  # and never more than the limit, whatever it declared
+    if len(data) > limit:
+        raise refuse(len(data))
+    return data
 
 
 def _scratch_dir(scratch: Path) -> Path:
@@ -1093,8 +1204,22 @@ def _decode_chunk(payloads: list[bytes | str],
     return arrays, errors
 
 
+def _open_regular(path: str) -> IO[bytes]:
+    """``open(path, 'rb')`` for a regular file only: a named pipe would block the read for ever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not wait either
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"{path} is not a regular file (a {_file_kind(mode)})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _decode_image(src: bytes | str, image_size: int | None) -> np.ndarray:
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+    with io.BytesIO(src) if isinstance(src, bytes) else _open_regular(src) as f, Image.open(f) as im:
         if image_size is not None:
             im.draft("RGB", (image_size, image_size))  # lets libjpeg scale big JPEGs down while decoding
         rgb = _to_rgb(im)

@@ -48,8 +48,15 @@ def _per_class(spec: str, counts: np.ndarray) -> np.ndarray:
 def read_indices(path: str | Path, num_images: int) -> np.ndarray:
     """Indices listed in ``path`` (one integer per line; blank lines and ``#`` comments skipped)."""
     path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); a "
+                        "label file lists image indices, one per line") from None
+    except OSError as e:
+        raise DataError(f"cannot read the label file {path}: {e.strerror or e}") from None
     seen: dict[int, int] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue

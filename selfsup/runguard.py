@@ -1,8 +1,9 @@
 """What keeps a run folder safe on a shared machine: one run per folder, and a clean stop.
 
-* :class:`RunLock` — ``<out>/run.lock`` holds the owner's pid and host. A second run on the
-  same folder refuses; a lock whose process is gone (same host, pid not alive) is stale and
-  taken over, so a run killed with SIGKILL never blocks its own resume.
+* :class:`RunLock` — ``<out>/run.lock`` is flock-ed by the owner and holds its pid and host. A
+  second run on the same folder refuses; a lock whose process is gone (same host, pid not
+  alive) is stale and taken over, atomically, so a run killed with SIGKILL never blocks its own
+  resume and two runs taking it over never both win.
 * :class:`StopSignals` — SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) only raise a flag;
   the loop finishes the current step, checkpoints and raises :class:`Interrupted`. A second
   SIGINT interrupts at once (KeyboardInterrupt), for a user who really wants out. Single-process
@@ -10,6 +11,7 @@
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -41,32 +43,75 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """An exclusive, pid/host-stamped lock file in the run folder (``with RunLock(out): ...``)."""
+    """An exclusive, pid/host-stamped lock file in the run folder (``with RunLock(out): ...``).
+
+    Exclusion is an ``fcntl.flock`` on ``run.lock``, held open for the run's duration: the kernel
+    grants it to one process only and drops it when that process dies, so two processes taking
+    over the same stale lock cannot both win (unlink-then-``O_EXCL`` could: a slow one unlinked
+    the winner's fresh file). The pid/host stamp written under the lock names the owner in the
+    refusal, and keeps the old rule for a lock nobody holds: another host's, or a live pid's
+    (a process that does not use flock), is honoured; a dead pid's or an unreadable one is stale.
+    """
 
     def __init__(self, out: str | Path):
         self.path = Path(out) / LOCK
         self.held = False
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):  # second try after removing a stale lock
+        for _ in range(100):  # retried only when the file was replaced between open and flock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._in_use(self._wait_for_owner()) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                if not self._same_file(fd):  # released (unlinked) by its owner while we opened it
+                    os.close(fd)
+                    continue
                 owner = self._owner()
-                if owner is not None and not self._stale(owner):
-                    raise _training_error()(
-                        f"'{self.path.parent}' is in use by another run (pid {owner.get('pid')} on "
-                        f"{owner.get('host')}, since {owner.get('since')}); choose another --out, or "
-                        f"if that run is dead delete {self.path}") from None
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+                if owner is not None and owner.get("pid") != os.getpid() and not self._stale(owner):
+                    raise self._in_use(owner)
+                me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode(), 0)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
             self.held = True
             return
         raise _training_error()(f"could not take the lock {self.path}; another run keeps creating it")
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _wait_for_owner(self) -> dict | None:
+        """The holder's stamp; it may still be writing it, so wait a moment for a live one."""
+        owner = None
+        for _ in range(50):
+            owner = self._owner()
+            if owner is not None and not self._stale(owner):
+                break
+            time.sleep(0.01)
+        return owner
+
+    def _in_use(self, owner: dict | None) -> Exception:
+        who = (f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('since')}" if owner
+               else "its owner is still writing the lock")
+        return _training_error()(
+            f"'{self.path.parent}' is in use by another run ({who}); choose another --out, or "
+            f"if that run is dead delete {self.path}")
 
     def _owner(self) -> dict | None:
         """The lock's content; None when it is unreadable (a writer killed mid-write: stale)."""
@@ -83,7 +128,10 @@ class RunLock:
 
     def release(self) -> None:
         if self.held:
+            # Unlinked while still locked: a process that opened the old file sees it replaced.
             self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
             self.held = False
 
     def __enter__(self) -> RunLock:

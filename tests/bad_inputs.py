@@ -1,7 +1,10 @@
 """Malformed data, config and checkpoint files for tests/test_bad_input.py, built under a folder."""
 from __future__ import annotations
 
+import io
+import os
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -70,4 +73,79 @@ def build(root: Path) -> dict[str, Path]:
                        "section_scalar_yaml": "optim: 0.1\n", "preset_number_yaml": "preset: 3\n"}.items():
         (root / f"{name}.yaml").write_text(text)
         p[name] = root / f"{name}.yaml"
+    return p
+
+
+def build_faults(root: Path) -> dict[str, Path]:
+    """Real symlinks, named pipes, archives with duplicate or oversized members, odd config files."""
+    p: dict[str, Path] = {}
+
+    def case(name: str) -> Path:
+        p[name] = folder(root / name)
+        return p[name]
+
+    (case("link_to_root") / "train" / "a" / "all").symlink_to(root / "link_to_root", target_is_directory=True)
+    (case("link_into_test") / "train" / "a" / "more").symlink_to("../../test/a", target_is_directory=True)
+    (case("file_link_into_test") / "train" / "a" / "9.png").symlink_to("../../test/a/0.png")
+    test = case("test_is_train") / "test"
+    for f in sorted(test.rglob("*"), reverse=True):
+        f.unlink() if f.is_file() else f.rmdir()
+    test.rmdir()
+    test.symlink_to("train", target_is_directory=True)
+    shared = case("shared_pool")  # train/a and test/a both link to one folder inside the root
+    (shared / "pool").mkdir()
+    (shared / "train" / "a").rename(shared / "pool" / "a")
+    (shared / "train" / "a").symlink_to("../pool/a", target_is_directory=True)
+    for f in (shared / "test" / "a").iterdir():
+        f.unlink()
+    (shared / "test" / "a").rmdir()
+    (shared / "test" / "a").symlink_to("../pool/a", target_is_directory=True)
+    (case("self_loop") / "train" / "a" / "loop.png").symlink_to("loop.png")
+    (case("dangling") / "train" / "a" / "gone.png").symlink_to("nowhere.png")
+    (case("dangling_dir") / "train" / "b" / "more").symlink_to("/no/such/folder", target_is_directory=True)
+    outside = folder(root / "outside_images", splits=("train",), classes=("owl",))
+    (case("dir_link_outside") / "train" / "owl").symlink_to(outside / "train" / "owl", target_is_directory=True)
+    (case("file_link_outside") / "train" / "a" / "9.png").symlink_to(outside / "train" / "owl" / "0.png")
+    (case("dir_loop") / "train" / "a" / "up").symlink_to("..", target_is_directory=True)  # read once: loads
+    (case("split_link_outside") / "test").rename(root / "elsewhere_test")
+    (root / "split_link_outside" / "test").symlink_to(root / "elsewhere_test", target_is_directory=True)
+    os.mkfifo(case("fifo_image") / "train" / "a" / "pipe.png")
+    os.mkfifo(case("fifo_other") / "train" / "a" / "notes")  # no image extension: skipped
+    with tarfile.open(root / "fifo.tar", "w") as tf:  # a FIFO member is not a file: skipped
+        tf.add(root / "fifo_other", arcname="fifo")
+    p["fifo_tar"] = root / "fifo.tar"
+
+    good = folder(root / "archived")
+    members = sorted(f for f in good.rglob("*") if f.is_file())
+    with tarfile.open(root / "dup.tar.gz", "w:gz") as tf:
+        tf.add(good, arcname="ds")
+        tf.add(members[0], arcname="ds/" + members[0].relative_to(good).as_posix())  # as 'tar -r' appends it
+    p["dup_tar"] = root / "dup.tar.gz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns of the duplicate it is asked to write
+        with zipfile.ZipFile(root / "dup.zip", "w") as zf:
+            for f in members + members[:1]:
+                zf.write(f, "ds/" + f.relative_to(good).as_posix())
+    p["dup_zip"] = root / "dup.zip"
+    zeros = bytes(4 << 20)  # 4 MiB of zeros, a few KiB compressed: a bomb when the limit is lowered to 1 MiB
+    with zipfile.ZipFile(root / "bomb.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for f in members:
+            zf.write(f, "ds/" + f.relative_to(good).as_posix())
+        zf.writestr("ds/train/a/huge.png", zeros)
+    p["bomb_zip"] = root / "bomb.zip"
+    with tarfile.open(root / "bomb.tar.gz", "w:gz") as tf:
+        tf.add(good, arcname="ds")
+        info = tarfile.TarInfo("ds/train/b/huge.png")
+        info.size = len(zeros)
+        tf.addfile(info, io.BytesIO(zeros))
+    p["bomb_tar"] = root / "bomb.tar.gz"
+
+    for name, data in {"duplicate_key_yaml": b"train:\n  epochs: 3\n  batch_size: 8\n  epochs: 5\n",
+                       "latin1_yaml": "train:\n  epochs: 3  # \u00e9t\u00e9\n".encode("latin-1")}.items():
+        (root / f"{name}.yaml").write_bytes(data)
+        p[name] = root / f"{name}.yaml"
+    (root / "config_dir.yaml").mkdir()
+    p["config_dir"] = root / "config_dir.yaml"
+    os.mkfifo(root / "fifo.yaml")
+    p["fifo_yaml"] = root / "fifo.yaml"
     return p

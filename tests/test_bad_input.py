@@ -4,6 +4,7 @@ or a documented recovery. The files are built by tests/bad_inputs.py.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from selfsup import checkpoint as ckpt
 from selfsup.backbones import build_backbone
 from selfsup.cli import main
 from selfsup.config import ConfigError, resolve
-from selfsup.data import load_data
+from selfsup.data import DataError, load_data
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bad_inputs  # noqa: E402
@@ -243,3 +244,105 @@ def test_bad_label_subsets(content, message, pretrained, tmp_path, capsys):
     rc = main(["finetune", "--checkpoint", str(pretrained), "--data", "digits", "--labels", spec,
                "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "ft")])
     _one_line_error(capsys, rc, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Symlinks, named pipes, archives with duplicate or oversized members, odd config files (issue 17).
+# Every case is the real thing: real links, real FIFOs, real archives.
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory) -> dict[str, Path]:
+    return bad_inputs.build_faults(tmp_path_factory.mktemp("faults"))
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, rather than hang, a test whose code blocks (on a named pipe) for more than 20 s."""
+    def hung(signum, frame):
+        raise TimeoutError("blocked for 20 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+FAULT_CASES = {
+    "dir symlink to the root in a class folder": ("link_to_root", "train/a/all leads to", "inside the test/ split"),
+    "dir symlink from train into test": ("link_into_test", "train/a/more leads to", "inside the test/ split"),
+    "file symlink from train into test": ("file_link_into_test", "train/a/9.png leads to", "inside the test/ split"),
+    "test split a symlink to train": ("test_is_train", "are the same folder or one holds the other", ""),
+    "one folder linked into two splits": ("shared_pool", "test/a/0.png is the file", "which is also in train/"),
+    "symlink loop": ("self_loop", "train/a/loop.png is a symbolic link loop", ""),
+    "dangling file symlink": ("dangling", "train/a/gone.png is a broken symbolic link (to nowhere.png)", ""),
+    "dangling dir symlink": ("dangling_dir", "train/b/more is a broken symbolic link", ""),
+    "dir symlink outside the root": ("dir_link_outside", "train/owl leads to", "outside the dataset folder"),
+    "file symlink outside the root": ("file_link_outside", "train/a/9.png leads to", "outside the dataset folder"),
+    "split symlink outside the root": ("split_link_outside", "/test leads to", "outside the dataset folder"),
+    "named pipe as an image": ("fifo_image", "train/a/pipe.png is not a regular file (a named pipe)", ""),
+    "tar member listed twice": ("dup_tar", "dup.tar.gz holds the member 'ds/test/a/0.png' twice", ""),
+    "zip member listed twice": ("dup_zip", "dup.zip holds the member 'ds/test/a/0.png' twice", ""),
+    "zip member over the size limit": ("bomb_zip", "bomb.zip: member 'ds/train/a/huge.png' expands to 4.0 MiB",
+                                       "more than the 1 MiB allowed for an image"),
+    "tar member over the size limit": ("bomb_tar", "bomb.tar.gz: member 'ds/train/b/huge.png' expands to 4.0 MiB",
+                                       "more than the 1 MiB allowed for an image"),
+}
+
+
+@pytest.mark.parametrize("name,message,more", FAULT_CASES.values(), ids=FAULT_CASES.keys())
+def test_links_pipes_and_archive_members(name, message, more, faults, tmp_path, capsys, monkeypatch, no_hang):
+    monkeypatch.setenv("SELFSUP_MAX_IMAGE_MB", "1")  # the bombs are 4 MiB of zeros, a few KiB packed
+    monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "cache"))
+    rc = main(["pretrain", "--out", str(tmp_path / "out"), "--data", str(faults[name]), "--batch-size", "4", *FAST])
+    _one_line_error(capsys, rc, message)
+    with pytest.raises(DataError) as e:
+        load_data(str(faults[name]), cache_dir=tmp_path / "cache")
+    assert message in str(e.value) and more in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_image_size_limit_is_named(faults, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SELFSUP_MAX_IMAGE_MB", "lots")
+    rc = main(["pretrain", "--out", str(tmp_path / "out"), "--data", str(faults["bomb_zip"]), *FAST])
+    _one_line_error(capsys, rc, "SELFSUP_MAX_IMAGE_MB must be a positive number of MiB, got 'lots'")
+
+
+@pytest.mark.parametrize("name", ["dir_loop", "fifo_other", "fifo_tar"])
+def test_link_loops_are_read_once_and_pipes_without_an_image_name_skipped(name, faults, tmp_path, no_hang):
+    splits = load_data(str(faults[name]), cache_dir=tmp_path / "cache")
+    assert (len(splits.train), len(splits.test)) == (6, 6)  # the images of folder(), each once
+
+
+def test_a_split_never_holds_another_splits_files_by_real_path(faults, tmp_path):
+    splits = load_data(str(faults["dir_loop"]), cache_dir=tmp_path / "cache")
+    train = {bytes(im) for im in np.asarray(splits.train.images)}
+    assert not train & {bytes(im) for im in np.asarray(splits.test.images)}
+
+
+FAULT_CONFIG_CASES = {
+    "duplicate YAML key": ("duplicate_key_yaml", "duplicate_key_yaml.yaml' sets 'epochs' twice in one mapping "
+                                                 "(lines 2 and 4)"),
+    "non-UTF-8 config": ("latin1_yaml", "latin1_yaml.yaml' is not UTF-8 text (byte 0xe9 at offset 22)"),
+    "directory as --config": ("config_dir", "config_dir.yaml' is a directory; pass a YAML file"),
+    "named pipe as --config": ("fifo_yaml", "fifo.yaml' is not a regular file"),
+}
+
+
+@pytest.mark.parametrize("name,message", FAULT_CONFIG_CASES.values(), ids=FAULT_CONFIG_CASES.keys())
+def test_odd_config_files(name, message, faults, tmp_path, capsys, no_hang):
+    _one_line_error(capsys, main(["pretrain", "--out", str(tmp_path / "o"), "--config", str(faults[name])]), message)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    (tmp_path / "c.yaml").write_text("base: &b {epochs: 2}\ntrain:\n  <<: *b\n  epochs: 3\n")
+    from selfsup.config import load_yaml
+    assert load_yaml(tmp_path / "c.yaml")["train"] == {"epochs": 3}
+
+
+def test_non_utf8_label_file(pretrained, tmp_path, capsys):
+    (tmp_path / "labels.txt").write_bytes("3\n4 # f\u00fcnf\n".encode("latin-1"))
+    capsys.readouterr()
+    rc = main(["finetune", "--checkpoint", str(pretrained), "--data", "digits", "--labels", str(tmp_path / "labels.txt"),
+               "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "ft")])
+    _one_line_error(capsys, rc, "labels.txt is not UTF-8 text (byte 0xfc at offset 7)")
