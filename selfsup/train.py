@@ -27,7 +27,7 @@ from .data import ImageDataset, load_data
 from .evaluate import autocast, extract_features, knn_accuracy, load_backbone
 from .loader import DeviceLoader
 from .methods import METHODS, Method
-from .monitor import collapse_warning, effective_rank, feature_std
+from .monitor import CHANCE_TOLERANCE, collapse_warning, effective_rank, feature_std
 from .optim import build_optimizer, scale_lr, set_lr, warmup_cosine
 from .runguard import EXIT_CODES, Interrupted, RunLock, StopSignals
 from .stream import IMAGENET_MEAN_STD, ImageStream, StreamLoader, device_augmentations
@@ -37,7 +37,6 @@ BACKBONE = "backbone.pt"
 BACKBONE_META = "backbone.json"
 METRICS = "metrics.jsonl"
 MONITOR_IMAGES = 2048  # the collapse monitor's fixed subset of the training images
-CHANCE_TOLERANCE = 0.01  # an epoch loss within this fraction of the method's chance value is "at chance"
 
 
 class TrainingError(RuntimeError):
@@ -205,8 +204,8 @@ def monitor_text(metrics: dict, dim: int) -> str:
 
 
 def monitor_warnings(method: Method, metrics: dict, dim: int) -> list[str]:
-    """Warnings for the epoch: the backbone looks collapsed, or the loss sits at the method's
-    chance value (:meth:`Method.chance_loss`)."""
+    """Warnings for the epoch: the backbone looks collapsed, the loss sits at the method's
+    chance value (:meth:`Method.chance_loss`), or the method's own (:meth:`Method.warnings`)."""
     warnings = []
     if "feature_std" in metrics:
         reason = collapse_warning(metrics["feature_std"], metrics["effective_rank"], dim)
@@ -217,7 +216,7 @@ def monitor_warnings(method: Method, metrics: dict, dim: int) -> list[str]:
     if chance is not None and abs(metrics["loss"] - chance) <= CHANCE_TOLERANCE * chance:
         warnings.append(f"warning: the loss {metrics['loss']:.4f} sits at its chance value {chance:.4f}: "
                         f"{method.chance_advice}")
-    return warnings
+    return warnings + [f"warning: {w}" for w in method.warnings(metrics)]
 
 
 def accumulate_scalars(sums: dict[str, torch.Tensor], output: dict[str, torch.Tensor]) -> None:
@@ -376,7 +375,9 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
     result: dict = {}
     if knn is not None and start_epoch == 0 and not start_step and D.is_main():
         result["knn_top1_init"] = knn(method.backbone, size, mean, std, device, dtype)
-        _log(f"kNN top-1 at random initialisation: {result['knn_top1_init']:.2f}%")
+        init = collapse_monitor(knn.bank[torch.as_tensor(monitor_idx, device=device)])
+        knn.bank = None
+        _log(f"kNN top-1 at random initialisation: {result['knn_top1_init']:.2f}%{monitor_text(init, feature_dim)}")
 
     _log(f"{cfg.method}: {len(images)} images, {steps_per_epoch} steps/epoch of {cfg.train.batch_size}"
          f" on {world} x {device}, {cfg.train.epochs} epochs, peak lr {peak_lr:.4g}")
@@ -431,6 +432,7 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
         if knn is not None and D.is_main() and (last or (every and (epoch + 1) % every == 0)):
             metrics["knn_top1"] = knn(method.backbone, size, mean, std, device, dtype)
             features = knn.bank[torch.as_tensor(monitor_idx, device=device)]  # (n, D): the same images
+            knn.bank = None  # the whole training set's features: not kept until the next kNN
         elif monitor_idx is not None and D.is_main():
             features = extract_features(method.backbone, splits.train.images[monitor_idx], size=size, mean=mean,
                                         std=std, device=device, batch_size=cfg.eval.batch_size, dtype=dtype)

@@ -143,6 +143,11 @@ def test_swav_code_entropy_is_ln_k_for_a_collapsed_embedding_and_its_loss_at_cha
     [warning] = train.monitor_warnings(method, {"loss": math.log(K) * 1.005}, 128)
     assert "chance value" in warning and "uniform codes" in warning and "swav.epsilon" in warning
     assert train.monitor_warnings(method, {"loss": math.log(K) * 0.9}, 128) == []
+    # uniform codes, however the loss reads (at T 0.1 it sits above ln K): SwAV's own warning
+    uniform = {"loss": math.log(K) * 1.05, "code_entropy": out["code_entropy"].item()}
+    [warning] = train.monitor_warnings(method, uniform, 128)
+    assert "codes are uniform" in warning and "swav.epsilon" in warning
+    assert train.monitor_warnings(method, {"loss": math.log(K) * 1.05, "code_entropy": 0.9 * math.log(K)}, 128) == []
     assert METHODS["simclr"].chance_loss(method) is None  # methods without a known dead end: no warning
 
 

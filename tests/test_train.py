@@ -20,6 +20,7 @@ def test_cli_run_writes_metrics_config_and_checkpoints(tmp_path, capsys):
     assert main(["pretrain", "--method", "simclr", "--out", str(out), "--epochs", "2", *TINY]) == 0
     printed = capsys.readouterr().out
     assert "kNN top-1 at random initialisation" in printed and "kNN top-1 after training" in printed
+    assert "eff. rank" in printed and "feature std" in printed  # the collapse monitors, every epoch
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     for m in lines:

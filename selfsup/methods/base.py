@@ -52,6 +52,11 @@ class Method(nn.Module):
         uniform codes at ln K); the trainer warns when an epoch's loss sits there. None: no such value."""
         return None
 
+    def warnings(self, metrics: dict[str, float]) -> list[str]:
+        """What the epoch's ``metrics`` (loss and the scalars forward returned) say is wrong, in
+        words, for the trainer's log (e.g. SwAV's uniform codes). None by default."""
+        return []
+
     def param_groups(self) -> list[dict]:
         return param_groups(self, self.cfg.optim.weight_decay,
                             exclude_bias_and_norm=self.cfg.optim.exclude_bias_and_norm)

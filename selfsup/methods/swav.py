@@ -35,7 +35,7 @@ from ..augment import Augment, simclr_view
 from ..config import Config
 from ..heads import mlp
 from ..losses import sinkhorn, swav
-from ..monitor import code_entropy
+from ..monitor import CHANCE_TOLERANCE, code_entropy
 from .base import Method, encode_by_resolution
 
 
@@ -101,6 +101,13 @@ class SwAV(Method):
     def chance_loss(self) -> float:
         """ln K: uniform codes predicted by uniform scores."""
         return math.log(self.cfg.swav.prototypes)
+
+    def warnings(self, metrics: dict[str, float]) -> list[str]:
+        """Uniform codes (code entropy at ln K): the collapse, whatever the loss reads."""
+        entropy, chance = metrics.get("code_entropy"), self.chance_loss()
+        if entropy is None or entropy < (1 - CHANCE_TOLERANCE) * chance:
+            return []
+        return [f"the codes are uniform (code entropy {entropy:.4f}, ln K = {chance:.4f}): {self.chance_advice}"]
 
     def _queue_state(self) -> tuple[bool, bool]:
         """(filling, full): the queue takes embeddings from ``queue_start_epoch`` on and joins
