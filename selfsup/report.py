@@ -183,9 +183,9 @@ def write_report(run: str | Path, *, out: str | Path | None = None, data: str | 
     if "knn_top1" in last:
         evals.append(["metrics.jsonl (last epoch)", "knn (monitor)", last["knn_top1"],
                       f"epoch {last['epoch']}", "no"])
-    summary = _table(["epoch", "loss", "kNN top-1", "images/s", "embedding std"],
+    summary = _table(["epoch", "loss", "kNN top-1", "images/s", "feature std", "effective rank"],
                      [[r["epoch"], r["loss"], r.get("knn_top1", "-"), r.get("images_per_s", "-"),
-                       r.get("embedding_std", "-")] for r in rows[-1:]])
+                       r.get("feature_std", "-"), r.get("effective_rank", "-")] for r in rows[-1:]])
     title = f"{meta.get('method', '?')} / {meta['backbone']} (width {meta['width']:g}) on {meta.get('data', '?')}"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>selfsup report: {html.escape(title)}</title>

@@ -27,6 +27,7 @@ from .data import ImageDataset, load_data
 from .evaluate import autocast, extract_features, knn_accuracy, load_backbone
 from .loader import DeviceLoader
 from .methods import METHODS, Method
+from .monitor import CHANCE_TOLERANCE, collapse_warning, effective_rank, feature_std
 from .optim import build_optimizer, scale_lr, set_lr, warmup_cosine
 from .runguard import EXIT_CODES, Interrupted, RunLock, StopSignals
 from .stream import IMAGENET_MEAN_STD, ImageStream, StreamLoader, device_augmentations
@@ -35,6 +36,7 @@ CHECKPOINT = "checkpoint.pt"
 BACKBONE = "backbone.pt"
 BACKBONE_META = "backbone.json"
 METRICS = "metrics.jsonl"
+MONITOR_IMAGES = 2048  # the collapse monitor's fixed subset of the training images
 
 
 class TrainingError(RuntimeError):
@@ -103,10 +105,11 @@ class Knn:
     k: int
     temperature: float
     batch_size: int
+    bank: torch.Tensor | None = None  # the last call's training-set features, reused by the collapse monitor
 
     def __call__(self, backbone: nn.Module, size, mean, std, device, dtype) -> float:
         kw = dict(size=size, mean=mean, std=std, device=device, batch_size=self.batch_size, dtype=dtype)
-        bank = extract_features(backbone, self.train.images, **kw)
+        bank = self.bank = extract_features(backbone, self.train.images, **kw)
         queries = extract_features(backbone, self.test.images, **kw)
         as_long = lambda y: torch.tensor(np.asarray(y), dtype=torch.long, device=device)  # noqa: E731
         return knn_accuracy(bank, as_long(self.train.labels), queries, as_long(self.test.labels),
@@ -178,6 +181,50 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
 
     keep = [line for line in path.read_text().splitlines() if line.strip() and epoch_of(line) <= epochs_done]
     ckpt.write_text_atomic("".join(line + "\n" for line in keep), path)
+
+
+def monitor_indices(n: int, seed: int) -> np.ndarray:
+    """The collapse monitor's images: a fixed random subset of ``MONITOR_IMAGES`` of the n
+    training images, the same every epoch (and on resume), sorted."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, min(n, MONITOR_IMAGES), replace=False))
+
+
+def collapse_monitor(features: torch.Tensor) -> dict[str, float]:
+    """The backbone monitors every method shares (selfsup.monitor), of pooled features (N, D)."""
+    return {"feature_std": feature_std(features), "effective_rank": effective_rank(features)}
+
+
+def monitor_text(metrics: dict, dim: int) -> str:
+    """The monitors' part of the epoch log line: feature std in units of 1/√D, effective rank of D."""
+    if "feature_std" not in metrics:
+        return ""
+    return (f" feature std {metrics['feature_std'] * math.sqrt(dim):.3f}/√D"
+            f" eff. rank {metrics['effective_rank']:.1f}/{dim}")
+
+
+def monitor_warnings(method: Method, metrics: dict, dim: int) -> list[str]:
+    """Warnings for the epoch: the backbone looks collapsed, the loss sits at the method's
+    chance value (:meth:`Method.chance_loss`), or the method's own (:meth:`Method.warnings`)."""
+    warnings = []
+    if "feature_std" in metrics:
+        reason = collapse_warning(metrics["feature_std"], metrics["effective_rank"], dim)
+        if reason:
+            warnings.append(f"warning: the backbone features look collapsed ({reason}); every image maps to "
+                            f"(almost) one direction")
+    chance = method.chance_loss()
+    if chance is not None and abs(metrics["loss"] - chance) <= CHANCE_TOLERANCE * chance:
+        warnings.append(f"warning: the loss {metrics['loss']:.4f} sits at its chance value {chance:.4f}: "
+                        f"{method.chance_advice}")
+    return warnings + [f"warning: {w}" for w in method.warnings(metrics)]
+
+
+def accumulate_scalars(sums: dict[str, torch.Tensor], output: dict[str, torch.Tensor]) -> None:
+    """Add every 0-dim output of a step besides the loss (e.g. SwAV's ``code_entropy``) to
+    ``sums``; the epoch logs their means. On the device: nothing is read back."""
+    for key, value in output.items():
+        if key != "loss" and value.dim() == 0:
+            sums[key] = sums[key] + value.float() if key in sums else value.float()
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations: list,
@@ -323,10 +370,14 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
     knn = None
     if splits is not None and splits.test is not None and len(splits.test) and (len(splits.train.classes) > 1):
         knn = Knn(splits.train, splits.test, cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size)
+    monitor_idx = None if splits is None else monitor_indices(len(splits.train), cfg.train.seed)  # streamed: none
+    feature_dim = method.backbone.num_features
     result: dict = {}
     if knn is not None and start_epoch == 0 and not start_step and D.is_main():
         result["knn_top1_init"] = knn(method.backbone, size, mean, std, device, dtype)
-        _log(f"kNN top-1 at random initialisation: {result['knn_top1_init']:.2f}%")
+        init = collapse_monitor(knn.bank[torch.as_tensor(monitor_idx, device=device)])
+        knn.bank = None
+        _log(f"kNN top-1 at random initialisation: {result['knn_top1_init']:.2f}%{monitor_text(init, feature_dim)}")
 
     _log(f"{cfg.method}: {len(images)} images, {steps_per_epoch} steps/epoch of {cfg.train.batch_size}"
          f" on {world} x {device}, {cfg.train.epochs} epochs, peak lr {peak_lr:.4g}")
@@ -339,10 +390,10 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
         model.train()
         first = start_step if epoch == start_epoch else 0  # > 0 only when resuming mid-epoch
         loss_sum = torch.zeros((), device=device)
-        spread_sum = torch.zeros((), device=device)
+        sums: dict[str, torch.Tensor] = {}  # the method's other scalar outputs (old checkpoints: spread_sum, dropped)
         if first:
             loss_sum += partial["loss_sum"].to(device)
-            spread_sum += partial["spread_sum"].to(device)
+            sums = {k: v.to(device) for k, v in partial.get("sums", {}).items()}
         t0 = time.perf_counter() - (float(partial.get("seconds", 0.0)) if first else 0.0)
         for i, batch in enumerate(loader.batches(epoch, first), start=first):
             step = epoch * steps_per_epoch + i
@@ -353,15 +404,15 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
             method.on_step_end(step, total_steps)
             loss = output["loss"]
             loss_sum += loss
-            with torch.no_grad():  # collapse monitor: per-dimension std of the normalised embedding
-                spread_sum += nn.functional.normalize(output["embedding"].float(), dim=1).std(0).mean()
+            accumulate_scalars(sums, output)
             if progress is not None and (i + 1) % cfg.train.log_every == 0:
                 progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", refresh=False)  # syncs
                 progress.update(cfg.train.log_every)
             if i + 1 < steps_per_epoch and stop.requested:
                 seconds = time.perf_counter() - t0
                 _save(out, method, optimizer, generator, epoch=epoch, step=step + 1, cfg=cfg, meta=meta,
-                      partial={"steps": i + 1, "loss_sum": loss_sum.cpu(), "spread_sum": spread_sum.cpu(),
+                      partial={"steps": i + 1, "loss_sum": loss_sum.cpu(),
+                               "sums": {k: v.cpu() for k, v in sums.items()},
                                "seconds": seconds, "train_seconds": train_seconds + seconds})
                 raise _interrupted(stop, out, f"step {i + 1}/{steps_per_epoch} of epoch {epoch + 1}")
         seconds = time.perf_counter() - t0
@@ -373,13 +424,20 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
                                 f"use train.precision=fp32, then resume or restart")
         metrics = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "loss": mean_loss,
                    "lr": lr, "images_per_s": steps_per_epoch * cfg.train.batch_size / seconds,
-                   "seconds": seconds,
-                   "embedding_std": D.all_reduce_mean(spread_sum / steps_per_epoch).item()}
+                   "seconds": seconds}
+        metrics.update({k: D.all_reduce_mean(sums[k] / steps_per_epoch).item() for k in sorted(sums)})
         last = epoch + 1 == cfg.train.epochs or (
             cfg.train.max_minutes is not None and train_seconds >= 60 * cfg.train.max_minutes)
         every = cfg.eval.knn_every
         if knn is not None and D.is_main() and (last or (every and (epoch + 1) % every == 0)):
             metrics["knn_top1"] = knn(method.backbone, size, mean, std, device, dtype)
+            features = knn.bank[torch.as_tensor(monitor_idx, device=device)]  # (n, D): the same images
+            knn.bank = None  # the whole training set's features: not kept until the next kNN
+        elif monitor_idx is not None and D.is_main():
+            features = extract_features(method.backbone, splits.train.images[monitor_idx], size=size, mean=mean,
+                                        std=std, device=device, batch_size=cfg.eval.batch_size, dtype=dtype)
+        if monitor_idx is not None and D.is_main():
+            metrics.update(collapse_monitor(features))
         if D.is_main():
             with open(out / METRICS, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -389,8 +447,11 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
                         writer.add_scalar(f"train/{key}", value, metrics["step"])
                 writer.flush()
             knn_text = f" kNN {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
+            extra = "".join(f" {k} {metrics[k]:.4g}" for k in sorted(sums))
             _log(f"epoch {epoch + 1}/{cfg.train.epochs} loss {mean_loss:.4f} lr {lr:.4g} "
-                 f"{metrics['images_per_s']:.0f} img/s{knn_text}")
+                 f"{metrics['images_per_s']:.0f} img/s{knn_text}{monitor_text(metrics, feature_dim)}{extra}")
+            for warning in monitor_warnings(method, metrics, feature_dim):
+                _log(warning)
         stopping = not last and stop.requested
         if last or stopping or (epoch + 1) % cfg.train.checkpoint_every == 0:
             _save(out, method, optimizer, generator, epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,

@@ -77,6 +77,24 @@ def test_stop_signal_checkpoints_mid_epoch_and_resume_matches(sig, code, call, r
     _assert_same_weights(reference, out)
 
 
+def test_resume_from_an_old_mid_epoch_checkpoint_with_spread_sum(reference, tmp_path, monkeypatch, capsys):
+    """Checkpoints written before the backbone monitors hold the old embedding spread's running
+    sum (``spread_sum``) and no ``sums``: they resume to the same weights and metrics."""
+    out = tmp_path / "run"
+    _kill_self_at(monkeypatch, 30, signal.SIGTERM)
+    assert main(["pretrain", "--out", str(out), "--epochs", "2", *TINY]) == 143
+    monkeypatch.undo()
+    state = ckpt.load(out / "checkpoint.pt")
+    partial = state["partial_epoch"]
+    del partial["sums"]
+    partial["spread_sum"] = torch.tensor(0.5)
+    ckpt.save_atomic(state, out / "checkpoint.pt")
+    assert main(["pretrain", "--out", str(out), "--resume", "--device", "cpu", "--no-progress"]) == 0
+    _assert_same_weights(reference, out)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "spread_sum" not in last and "embedding_std" not in last and last["effective_rank"] > 2
+
+
 def test_sigkill_at_random_moments_then_resume_ends_with_uninterrupted_weights(reference, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     rng = random.Random(9)

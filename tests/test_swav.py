@@ -1,5 +1,6 @@
 """SwAV (issue 5): Sinkhorn-Knopp, the swapped-prediction loss, the prototypes and the queue."""
 import json
+import math
 
 import pytest
 import torch
@@ -207,7 +208,8 @@ def test_swav_trains_through_the_cli_and_resumes_exactly(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     metrics = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["loss"] > 0 and m["embedding_std"] > 0 for m in metrics) and "knn_top1" in metrics[-1]
+    assert all(m["loss"] > 0 and m["effective_rank"] > 2 and 0 < m["code_entropy"] <= math.log(20) + 1e-4
+               for m in metrics) and "knn_top1" in metrics[-1]
 
 
 # ---------------------------------------------------------------------------------------------

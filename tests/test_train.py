@@ -20,10 +20,11 @@ def test_cli_run_writes_metrics_config_and_checkpoints(tmp_path, capsys):
     assert main(["pretrain", "--method", "simclr", "--out", str(out), "--epochs", "2", *TINY]) == 0
     printed = capsys.readouterr().out
     assert "kNN top-1 at random initialisation" in printed and "kNN top-1 after training" in printed
+    assert "eff. rank" in printed and "feature std" in printed  # the collapse monitors, every epoch
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     for m in lines:
-        assert {"loss", "lr", "images_per_s", "seconds", "knn_top1", "embedding_std"} <= m.keys()
+        assert {"loss", "lr", "images_per_s", "seconds", "knn_top1", "feature_std", "effective_rank"} <= m.keys()
         assert m["loss"] > 0 and 0 <= m["knn_top1"] <= 100
     assert "method: simclr" in (out / "config.yaml").read_text()
     state = ckpt.load(out / "checkpoint.pt")

@@ -13,8 +13,9 @@ from ..optim import param_groups
 
 
 class Method(nn.Module):
-    """A self-supervised method: ``forward(views)`` returns a dict with the scalar ``loss`` and
-    the ``embedding`` whose per-dimension spread the trainer logs as a collapse monitor."""
+    """A self-supervised method: ``forward(views)`` returns a dict with the scalar ``loss``, the
+    ``embedding`` and optionally other 0-dim tensors (e.g. SwAV's ``code_entropy``), which the
+    trainer averages over each epoch and logs under their keys."""
 
     #: Methods whose papers synchronise BN across devices default to global BN.
     sync_bn_default: bool = True
@@ -42,6 +43,19 @@ class Method(nn.Module):
         views = multi_crop_views(global_views, mc.local_crops, local_size,
                                  (mc.local_scale_min, mc.local_scale_max), local_from)
         return [Augment(v) for v in views]
+
+    #: What an epoch loss at :meth:`chance_loss` means and what to change, for the trainer's warning.
+    chance_advice: str = ""
+
+    def chance_loss(self) -> float | None:
+        """The loss of a model that has learnt nothing in a way known to be a dead end (e.g. SwAV's
+        uniform codes at ln K); the trainer warns when an epoch's loss sits there. None: no such value."""
+        return None
+
+    def warnings(self, metrics: dict[str, float]) -> list[str]:
+        """What the epoch's ``metrics`` (loss and the scalars forward returned) say is wrong, in
+        words, for the trainer's log (e.g. SwAV's uniform codes). None by default."""
+        return []
 
     def param_groups(self) -> list[dict]:
         return param_groups(self, self.cfg.optim.weight_decay,

@@ -21,6 +21,7 @@ steps (the teacher's output became uniform, loss ln K); see docs/results.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,13 @@ class DINO(Method):
                    for t, s in pairs) / len(pairs)
         self.update_center(teacher_out)  # after the loss: this step's targets used the old centre
         return {"loss": loss, "embedding": z[: n_global * b]}
+
+    chance_advice = ("DINO's collapse to the uniform distribution (the centring outweighs the sharpening, "
+                     "DINO §5.3): sharpen the teacher (lower dino.teacher_temp) or set dino.head_bn=true")
+
+    def chance_loss(self) -> float:
+        """ln K: uniform student and teacher outputs."""
+        return math.log(self.cfg.dino.out_dim)
 
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:

@@ -16,8 +16,15 @@ current batch are kept.
 The official queue is each rank's own. Here every rank holds the queue of the global batch
 (identical everywhere, so DDP's buffer broadcast and a rank-0 checkpoint keep it whole) and
 each rank re-scores only the rows it contributed: the same Sinkhorn input as the original.
+
+The step output's ``code_entropy`` is the mean over samples (and global crops) of each code's
+entropy H(q_i): ln K when the codes are uniform, the collapse the SwAV README describes (its
+loss then sits at ln K). The entropy of the *mean* assignment says nothing here: Sinkhorn makes
+it ≈ ln K (equal partition) for healthy and collapsed codes alike.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +35,7 @@ from ..augment import Augment, simclr_view
 from ..config import Config
 from ..heads import mlp
 from ..losses import sinkhorn, swav
+from ..monitor import CHANCE_TOLERANCE, code_entropy
 from .base import Method, encode_by_resolution
 
 
@@ -71,7 +79,7 @@ class SwAV(Method):
             C = C.detach()  # frozen: the optimiser skips a parameter without a gradient
         scores = (z @ C.T).split(b)  # V x (B, K)
         filling, full = self._queue_state()
-        loss = 0.0
+        loss, entropy = 0.0, 0.0
         for s in range(n_global):
             with torch.no_grad():
                 out = scores[s].detach()  # (B, K)
@@ -81,9 +89,25 @@ class SwAV(Method):
                     batch = D.gather(z[s * b:(s + 1) * b].detach().to(self.queue.dtype))  # (W*B, D)
                     self.queue[s] = torch.cat([batch, self.queue[s, :-len(batch)]])
                 q = sinkhorn(out, c.epsilon, c.sinkhorn_iterations)[-b:]  # (B, K) this batch's codes
+                entropy = entropy + code_entropy(q)
             predicted = [swav(scores[t], q, self.cfg.temperature) for t in range(n_crops) if t != s]
             loss = loss + sum(predicted) / (n_crops - 1)  # swapped: crop t predicts the codes of s
-        return {"loss": loss / n_global, "embedding": z[: n_global * b]}
+        return {"loss": loss / n_global, "embedding": z[: n_global * b], "code_entropy": entropy / n_global}
+
+    chance_advice = ("SwAV's collapse to uniform codes (SwAV README), not a slow start: lower swav.epsilon "
+                     "(e.g. 0.03), start the queue later (swav.queue_start_epoch) or freeze the prototypes "
+                     "longer (swav.freeze_prototypes_steps)")
+
+    def chance_loss(self) -> float:
+        """ln K: uniform codes predicted by uniform scores."""
+        return math.log(self.cfg.swav.prototypes)
+
+    def warnings(self, metrics: dict[str, float]) -> list[str]:
+        """Uniform codes (code entropy at ln K): the collapse, whatever the loss reads."""
+        entropy, chance = metrics.get("code_entropy"), self.chance_loss()
+        if entropy is None or entropy < (1 - CHANCE_TOLERANCE) * chance:
+            return []
+        return [f"the codes are uniform (code entropy {entropy:.4f}, ln K = {chance:.4f}): {self.chance_advice}"]
 
     def _queue_state(self) -> tuple[bool, bool]:
         """(filling, full): the queue takes embeddings from ``queue_start_epoch`` on and joins
