@@ -156,7 +156,7 @@ def online_linear(cfg: Config, method: Method, train: ImageDataset, num_images: 
     if not cfg.eval.online_linear:
         return None
     labels = torch.full((num_images,), -1, dtype=torch.long)
-    labels[:len(train)] = torch.as_tensor(np.asarray(train.labels), dtype=torch.long)
+    labels[:len(train)] = torch.tensor(np.asarray(train.labels), dtype=torch.long)
     probe = OnlineLinear(method.backbone.num_features, labels, len(train.classes),
                          lr=cfg.eval.online_linear_lr).to(device)
     probe.watch(method.backbone)
