@@ -57,8 +57,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="evaluate the same architecture at random initialisation (the baseline)")
     ev.add_argument("--k", type=int, default=200, help="kNN neighbours")
     ev.add_argument("--t", type=float, default=0.1, help="kNN temperature")
-    ev.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
-    ev.add_argument("--lr", type=float, default=0.1, help="linear probe learning rate")
+    ev.add_argument("--features", choices=["backbone", "head"], default="backbone",
+                    help="kNN on the pooled backbone features or on the method's projection output "
+                         "(head: as the MoCo CIFAR demo; needs the run's checkpoint.pt)")
+    ev.add_argument("--protocol", dest="protocol_name", choices=["simclr", "moco", "fast"],
+                    help="linear: simclr (Nesterov, lr 0.1 x B/256, cosine) or moco (lr 30, steps at "
+                         "60/80 %%), both on crop + flip through the frozen backbone, 100 epochs, batch "
+                         "256; fast: pre-extracted standardised features (default: the run's method: "
+                         "moco -> moco, else simclr)")
+    ev.add_argument("--epochs", type=int, help="linear epochs (default: the protocol's, 100)")
+    ev.add_argument("--lr", type=float, help="linear learning rate at batch 256 (default: the protocol's)")
     ev.add_argument("--batch-size", type=int, default=512, help="feature extraction batch")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--skip-corrupt", action="store_true")
@@ -242,11 +250,12 @@ def _eval(a: argparse.Namespace) -> int:
 
     from .config import ConfigError
     from .data import DataError, load_data
-    from .evaluate import extract_features, knn_accuracy, linear_probe, load_backbone
-    from .train import resolve_device
+    from .evaluate import (LINEAR_PROTOCOLS, apply_head, extract_features, knn_accuracy, linear_eval,
+                           linear_probe, load_backbone, protocol_for)
+    from .train import load_projector, resolve_device
 
-    for flag, ok in (("--k", a.k >= 1), ("--t", a.t > 0), ("--epochs", a.epochs >= 1), ("--lr", a.lr > 0),
-                     ("--batch-size", a.batch_size >= 1)):
+    for flag, ok in (("--k", a.k >= 1), ("--t", a.t > 0), ("--epochs", a.epochs is None or a.epochs >= 1),
+                     ("--lr", a.lr is None or a.lr > 0), ("--batch-size", a.batch_size >= 1)):
         if not ok:
             raise ConfigError(f"{flag} must be positive, got {getattr(a, flag[2:].replace('-', '_'))}")
     torch.manual_seed(a.seed)
@@ -259,24 +268,40 @@ def _eval(a: argparse.Namespace) -> int:
     backbone.to(device)
     kw = dict(size=meta["image_size"], mean=meta["mean"], std=meta["std"], device=device,
               batch_size=a.batch_size)
-    train_f = extract_features(backbone, splits.train.images, **kw)
     test_f = extract_features(backbone, splits.test.images, **kw)
     labels = lambda d: torch.tensor(np.asarray(d.labels), dtype=torch.long, device=device)  # noqa: E731
     n_cls = len(splits.train.classes)
-    if a.protocol == "knn":
+    linear = a.protocol == "linear"
+    name = a.protocol
+    if not linear:
+        train_f = extract_features(backbone, splits.train.images, **kw)
+        if a.features == "head":
+            head = load_projector(a.checkpoint, random_init=a.random_init).to(device)
+            train_f, test_f = apply_head(head, train_f), apply_head(head, test_f)
+            name += "_head"
         top1 = knn_accuracy(train_f, labels(splits.train), test_f, labels(splits.test),
                             num_classes=n_cls, k=a.k, temperature=a.t)
-        result = {"protocol": "knn", "top1": top1, "k": a.k, "t": a.t}
+        result = {"protocol": "knn", "features": a.features, "top1": top1, "k": a.k, "t": a.t}
     else:
-        result = {"protocol": "linear", "epochs": a.epochs, "lr": a.lr,
-                  **linear_probe(train_f, labels(splits.train), test_f, labels(splits.test),
-                                 num_classes=n_cls, epochs=a.epochs, lr=a.lr, seed=a.seed)}
+        protocol = LINEAR_PROTOCOLS[a.protocol_name or protocol_for(meta.get("method"))]
+        if protocol.augment:
+            out = linear_eval(backbone, splits.train.images, labels(splits.train), test_f, labels(splits.test),
+                              num_classes=n_cls, protocol=protocol, size=meta["image_size"], mean=meta["mean"],
+                              std=meta["std"], device=device, epochs=a.epochs, lr=a.lr, seed=a.seed)
+        else:
+            train_f = extract_features(backbone, splits.train.images, **kw)
+            out = linear_probe(train_f, labels(splits.train), test_f, labels(splits.test), num_classes=n_cls,
+                               epochs=a.epochs, lr=a.lr, seed=a.seed)
+        result = {"protocol": "linear", "linear_protocol": protocol.name, "features": "backbone",
+                  "epochs": out["settings"]["epochs"], "lr": out["settings"]["lr"], **out}
+        name += f"_{protocol.name}"
     result.update(data=a.data, checkpoint=str(a.checkpoint), random_init=a.random_init)
     where = Path(a.checkpoint)
     where = where if where.is_dir() else where.parent
-    name = f"eval_{a.protocol}{'_random_init' if a.random_init else ''}.json"
+    name = f"eval_{name}{'_random_init' if a.random_init else ''}.json"
     (where / name).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{a.protocol} top-1{' (random init)' if a.random_init else ''}: {result['top1']:.2f}% "
+    what = f"linear ({result['linear_protocol']})" if linear else f"knn ({a.features} features)"
+    print(f"{what} top-1{' (random init)' if a.random_init else ''}: {result['top1']:.2f}% "
           f"-> {where / name}")
     return 0
 

@@ -90,9 +90,10 @@ class EvalConfig:
     knn_k: int = 200
     knn_t: float = 0.1
     batch_size: int = 512           # feature extraction batch
-    linear_epochs: int = 100
-    linear_lr: float = 0.1
-    linear_batch_size: int = 256
+    knn_features: str = "backbone"  # backbone: pooled features; head: the method's projection output (MoCo demo)
+    online_linear: bool = True      # solo-learn's online linear probe (labelled in-memory sources; logged as linear_top1)
+    online_linear_lr: float = 0.1   # its SGD lr (solo-learn classifier_lr), times the run's lr schedule
+    # offline linear evaluation (selfsup eval linear): its protocols live in evaluate.LINEAR_PROTOCOLS
 
 
 @dataclass
@@ -738,7 +739,14 @@ def resolve(*, preset_name: str | None = None, file: str | Path | None = None,
     return cfg
 
 
+# Keys that saved runs may hold but that no longer exist (never read when they did).
+RETIRED_KEYS = {"eval": ("linear_epochs", "linear_lr", "linear_batch_size")}
+
+
 def from_dict(data: dict[str, Any]) -> Config:
+    """The config of a saved run (``Config.to_dict()``), ignoring :data:`RETIRED_KEYS`."""
+    data = {k: ({n: x for n, x in v.items() if n not in RETIRED_KEYS.get(k, ())} if isinstance(v, dict) else v)
+            for k, v in data.items()}
     cfg = Config()
     _apply(cfg, data)
     return cfg
@@ -781,6 +789,9 @@ def validate(cfg: Config) -> None:
         (cfg.eval.knn_k >= 1, "eval.knn_k must be at least 1"),
         (cfg.eval.knn_t > 0, "eval.knn_t must be positive"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be at least 1"),
+        (cfg.eval.knn_features in ("backbone", "head"),
+         f"eval.knn_features '{cfg.eval.knn_features}' unknown; use backbone or head"),
+        (cfg.eval.online_linear_lr > 0, "eval.online_linear_lr must be positive"),
         (cfg.dclw_sigma > 0, "dclw_sigma must be positive"),
         (cfg.moco.queue_size >= 1, "moco.queue_size must be at least 1"),
         (0 <= cfg.moco.momentum <= 1, "moco.momentum must be in [0, 1]"),

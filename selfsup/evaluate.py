@@ -1,13 +1,23 @@
-"""One feature extractor for every evaluation: weighted kNN, linear probe (and, later, fine-tuning).
+"""One feature extractor for every evaluation: weighted kNN, the linear protocols and the online
+linear probe.
 
 kNN follows the InstDisc / MoCo-demo monitor: cosine similarity to the training bank, the top k
 neighbours vote with weight exp(sim / T) (k=200, T=0.1). Similarities are computed in chunks of
-test queries, so 50 000 x 512 features never form a full similarity matrix.
+test queries, so 50 000 x 512 features never form a full similarity matrix. Its features are the
+pooled backbone's, or the method's projection head on top of them (``head``: the MoCo CIFAR
+demo's kNN runs on encoder_q's 128-d output).
+
+Linear evaluation (:data:`LINEAR_PROTOCOLS`): ``simclr`` and ``moco`` train a classifier on the
+frozen backbone (eval mode) with random-resized-crop + flip drawn on the fly, as the papers do;
+``fast`` trains it on pre-extracted, standardised features of the un-augmented images (quick,
+not comparable with published tables). :class:`OnlineLinear` is solo-learn's online probe.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .augment import eval_view
+from .augment import Augment, crop_flip_view, eval_view
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -40,6 +50,16 @@ def extract_features(backbone: nn.Module, images: np.ndarray | Tensor, *, size: 
             feats.append(backbone(x).float())
     backbone.train(was_training)
     return torch.cat(feats) if feats else torch.empty(0, device=device)
+
+
+@torch.no_grad()
+def apply_head(head: nn.Module, features: Tensor, *, batch_size: int = 4096) -> Tensor:
+    """The projection head (eval mode, fp32) on backbone features: (N, F) -> (N, D)."""
+    was_training = head.training
+    head.eval()
+    out = [head(features[lo:lo + batch_size].float()).float() for lo in range(0, len(features), batch_size)]
+    head.train(was_training)
+    return torch.cat(out) if out else features
 
 
 @torch.no_grad()
@@ -77,40 +97,218 @@ def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Te
     return 100.0 * (scores.argmax(1) == test_labels).float().mean().item()
 
 
-def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
-                 test_labels: Tensor, *, num_classes: int, epochs: int = 100, lr: float = 0.1,
-                 batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0) -> dict:
-    """A linear classifier trained on frozen features: SGD (Nesterov, momentum 0.9), cosine
-    schedule, features standardised with the training statistics (the role BN plays in front
-    of the classifier in frozen-feature protocols). Returns test top-1 (%) and the final loss."""
-    device = train_features.device
-    mu = train_features.mean(0, keepdim=True)
-    sigma = train_features.std(0, keepdim=True).clamp_min(1e-6)
-    x_train, x_test = (train_features - mu) / sigma, (test_features - mu) / sigma
-    g = torch.Generator().manual_seed(seed)
-    clf = nn.Linear(x_train.shape[1], num_classes).to(device)
-    nn.init.zeros_(clf.weight)
+@dataclass(frozen=True)
+class LinearProtocol:
+    """How a linear classifier is trained on a frozen backbone; the one place stating each default."""
+    name: str
+    lr: float                  # at batch 256; scaled by batch / 256 where ``scale_lr``
+    scale_lr: bool
+    weight_decay: float
+    nesterov: bool
+    schedule: str              # "cosine" (per step, to 0) or "steps" (x0.1 at ``milestones`` of the epochs)
+    milestones: tuple[float, ...]
+    init: str                  # classifier weights: "zeros" or "normal" (std 0.01); bias zero
+    augment: bool              # random-resized-crop + flip on the fly through the frozen backbone
+    standardize: bool          # features standardised with the training statistics (fast only)
+    epochs: int = 100
+    batch_size: int = 256
+    momentum: float = 0.9
+
+    def base_lr(self, batch_size: int) -> float:
+        return self.lr * batch_size / 256 if self.scale_lr else self.lr
+
+
+LINEAR_PROTOCOLS = {
+    # SimCLR: Nesterov momentum, lr 0.1 x B/256, no wd, crop + flip, cosine; zero-initialised
+    # classifier (zero_init_logits_layer). 100 epochs as its CIFAR README recipe (ImageNet: 90).
+    "simclr": LinearProtocol("simclr", lr=0.1, scale_lr=True, weight_decay=0.0, nesterov=True,
+                             schedule="cosine", milestones=(), init="zeros", augment=True, standardize=False),
+    # MoCo main_lincls.py: SGD momentum 0.9, lr 30, wd 0, batch 256, 100 epochs, lr x0.1 at epochs
+    # 60 and 80, fc ~ N(0, 0.01) with zero bias, crop + flip.
+    "moco": LinearProtocol("moco", lr=30.0, scale_lr=False, weight_decay=0.0, nesterov=False,
+                           schedule="steps", milestones=(0.6, 0.8), init="normal", augment=True, standardize=False),
+    # Pre-extracted un-augmented features, standardised: quick, not the papers' protocol.
+    "fast": LinearProtocol("fast", lr=0.1, scale_lr=False, weight_decay=0.0, nesterov=True,
+                           schedule="cosine", milestones=(), init="zeros", augment=False, standardize=True),
+}
+
+
+def protocol_for(method: str | None) -> str:
+    """The linear protocol of a run's method by default: MoCo's for moco, SimCLR's otherwise."""
+    return "moco" if method == "moco" else "simclr"
+
+
+def _lr_at(protocol: LinearProtocol, base_lr: float, step: int, total: int, steps_per_epoch: int) -> float:
+    if protocol.schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+    epochs = total // steps_per_epoch
+    epoch = step // steps_per_epoch
+    return base_lr * 0.1 ** sum(epoch >= round(m * epochs) for m in protocol.milestones)
+
+
+def _classifier(dim: int, num_classes: int, init: str, seed: int, device) -> nn.Linear:
+    clf = nn.Linear(dim, num_classes)
+    if init == "normal":
+        with torch.no_grad():
+            clf.weight.copy_(torch.randn(clf.weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.01)
+    else:
+        nn.init.zeros_(clf.weight)
     nn.init.zeros_(clf.bias)
-    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                          weight_decay=weight_decay)
-    n = len(x_train)
-    steps_per_epoch = max(1, math.ceil(n / batch_size))
-    total = epochs * steps_per_epoch
+    return clf.to(device)
+
+
+def fit_linear(batches, dim: int, *, num_classes: int, protocol: LinearProtocol, steps_per_epoch: int,
+               epochs: int, batch_size: int, seed: int = 0, device=None) -> tuple[nn.Linear, float]:
+    """Train a linear classifier under ``protocol`` on ``batches(epoch)``, an iterator of
+    ((B, dim) features, (B,) labels) per epoch. Returns the classifier and the last batch loss."""
+    clf = _classifier(dim, num_classes, protocol.init, seed, device)
+    opt = torch.optim.SGD(clf.parameters(), lr=protocol.lr, momentum=protocol.momentum,
+                          nesterov=protocol.nesterov, weight_decay=protocol.weight_decay)
+    base_lr = protocol.base_lr(batch_size)
+    total = max(1, epochs * steps_per_epoch)
     step, loss = 0, torch.zeros(())
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g).to(device)
-        for lo in range(0, n, batch_size):
-            idx = perm[lo:lo + batch_size]
+    for epoch in range(epochs):
+        for x, y in batches(epoch):
             for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(clf(x_train[idx]), train_labels[idx])
+                group["lr"] = _lr_at(protocol, base_lr, step, total, steps_per_epoch)
+            loss = F.cross_entropy(clf(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
+    return clf, float(loss.detach())
+
+
+def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
+                 test_labels: Tensor, *, num_classes: int, epochs: int | None = None,
+                 lr: float | None = None, seed: int = 0) -> dict:
+    """The ``fast`` protocol: a linear classifier on pre-extracted frozen features, standardised
+    with the training statistics (the role BN plays in front of the classifier in frozen-feature
+    protocols). Returns test top-1 (%), the final loss and the settings used."""
+    protocol = LINEAR_PROTOCOLS["fast"]
+    if lr is not None:
+        protocol = dataclasses.replace(protocol, lr=lr)
+    epochs = protocol.epochs if epochs is None else epochs
+    mu = train_features.mean(0, keepdim=True)
+    sigma = train_features.std(0, keepdim=True).clamp_min(1e-6)
+    x_train, x_test = (train_features - mu) / sigma, (test_features - mu) / sigma
+    g = torch.Generator().manual_seed(seed)
+    n, b = len(x_train), protocol.batch_size
+
+    def batches(epoch):
+        perm = torch.randperm(n, generator=g).to(x_train.device)
+        for lo in range(0, n, b):
+            idx = perm[lo:lo + b]
+            yield x_train[idx], train_labels[idx]
+
+    clf, loss = fit_linear(batches, x_train.shape[1], num_classes=num_classes, protocol=protocol,
+                           steps_per_epoch=max(1, math.ceil(n / b)), epochs=epochs, batch_size=b,
+                           seed=seed, device=x_train.device)
     with torch.no_grad():
         top1 = 100.0 * (clf(x_test).argmax(1) == test_labels).float().mean().item()
-    return {"top1": top1, "train_loss": float(loss.detach())}
+    return {"top1": top1, "train_loss": loss, "settings": {**dataclasses.asdict(protocol), "epochs": epochs}}
+
+
+def linear_eval(backbone: nn.Module, train_images: np.ndarray | Tensor, train_labels: Tensor,
+                test_features: Tensor, test_labels: Tensor, *, num_classes: int, protocol: LinearProtocol,
+                size: int, mean, std, device: torch.device, epochs: int | None = None,
+                lr: float | None = None, dtype: torch.dtype | None = None, seed: int = 0) -> dict:
+    """Linear evaluation as the papers run it: the backbone frozen in eval mode, each step's
+    batch of ``protocol.batch_size`` training images cropped and flipped afresh
+    (random-resized-crop, scale (0.08, 1), flip p=0.5) and encoded without gradient; tested on the
+    un-augmented ``test_features`` (from :func:`extract_features`). Returns top-1 (%), the final
+    loss and the settings used."""
+    if lr is not None:
+        protocol = dataclasses.replace(protocol, lr=lr)
+    epochs = protocol.epochs if epochs is None else epochs
+    images = torch.as_tensor(np.array(train_images)).to(device)  # (N, H, W, 3) uint8, once
+    labels = train_labels.to(device)
+    augment = Augment(crop_flip_view(size, mean=tuple(mean), std=tuple(std)))
+    g_order = torch.Generator().manual_seed(seed)
+    g_aug = torch.Generator(device=device).manual_seed(seed + 1)
+    n, b = len(images), protocol.batch_size
+    was_training = backbone.training
+    backbone.eval()
+
+    def batches(epoch):
+        perm = torch.randperm(n, generator=g_order).to(device)
+        for lo in range(0, n, b):
+            idx = perm[lo:lo + b]
+            with torch.no_grad(), autocast(device, dtype):
+                x = backbone(augment(images.index_select(0, idx), g_aug)).float()  # (B, F)
+            yield x, labels[idx]
+
+    clf, loss = fit_linear(batches, test_features.shape[1], num_classes=num_classes, protocol=protocol,
+                           steps_per_epoch=max(1, math.ceil(n / b)), epochs=epochs, batch_size=b,
+                           seed=seed, device=device)
+    backbone.train(was_training)
+    with torch.no_grad():
+        top1 = 100.0 * (clf(test_features).argmax(1) == test_labels).float().mean().item()
+    return {"top1": top1, "train_loss": loss, "settings": {**dataclasses.asdict(protocol), "epochs": epochs}}
+
+
+class OnlineLinear(nn.Module):
+    """solo-learn's online linear probe: a linear classifier trained in the same steps as
+    pre-training on the detached backbone features of the training views, with its own optimiser
+    and its own backward, so the backbone's gradients never see it.
+
+    The features are those of the backbone's first call in each training step (a forward hook):
+    both views for SimCLR (one pass), the query view for MoCo, the global crops under multi-crop;
+    solo-learn likewise averages the classifier loss over the large crops. BN is in train mode there
+    (augmented views), and the probe is tested on the un-augmented test split in eval mode.
+    ``labels`` (N,) are the training images' labels by index; -1 (unlabelled images) is ignored.
+
+    Optimiser: SGD momentum 0.9, no weight decay, lr ``lr`` (0.1) times the run's schedule (the
+    run's lr / its peak): solo-learn's CIFAR configs put the classifier in the method's optimiser
+    with classifier_lr 0.1, weight_decay 0 and the same warm-up + cosine schedule. Plain SGD rather
+    than the run's LARS: a trust ratio on a zero-initialised layer freezes it (issue 13 §1.1).
+    """
+
+    def __init__(self, num_features: int, labels: Tensor, num_classes: int, lr: float = 0.1):
+        super().__init__()
+        self.classifier = nn.Linear(num_features, num_classes)
+        nn.init.zeros_(self.classifier.weight)  # deterministic: no draw from the global RNG
+        nn.init.zeros_(self.classifier.bias)
+        self.register_buffer("labels", labels.long(), persistent=False)  # (N,)
+        self.lr = lr
+        self.optimizer = torch.optim.SGD(self.classifier.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+        self.features: Tensor | None = None
+        self.hook = None
+
+    def watch(self, backbone: nn.Module) -> None:
+        """Capture the detached output of ``backbone``'s first training call in each step."""
+        def capture(module, args, output):
+            if self.features is None and module.training and torch.is_grad_enabled():
+                self.features = output.detach()
+        self.hook = backbone.register_forward_hook(capture)
+
+    def step(self, indices: Tensor, lr_factor: float = 1.0) -> Tensor:
+        """One optimiser step on the captured features of the batch of images ``indices`` (B,);
+        returns the (detached) loss. Nothing is read back to the host."""
+        features, self.features = self.features, None
+        if features is None:
+            raise RuntimeError("OnlineLinear.step: the backbone was not called in this step")
+        y = self.labels[indices].repeat(len(features) // len(indices))  # (V*B,): views in order
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * lr_factor
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            loss = F.cross_entropy(self.classifier(features.float()), y, ignore_index=-1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def accuracy(self, features: Tensor, labels: Tensor) -> float:
+        """Top-1 (%) on (M, F) eval-mode features."""
+        return 100.0 * (self.classifier(features.float()).argmax(1) == labels).float().mean().item()
+
+    def run_state(self) -> dict:
+        return {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_run_state(self, state: dict) -> None:
+        self.classifier.load_state_dict(state["classifier"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def load_backbone(path: str | Path, *, random_init: bool = False) -> tuple[nn.Module, dict]:

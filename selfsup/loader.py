@@ -44,14 +44,19 @@ class DeviceLoader:
         """Steps per epoch; the last partial batch is dropped (contrastive batches must be full)."""
         return self.n // self.global_batch
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[Tensor]:
-        """uint8 (B_local, H, W, 3) batches of ``epoch`` on the device, from step ``start``."""
+    def indices(self, epoch: int, start: int = 0) -> Iterator[Tensor]:
+        """The image indices (B_local,) of each batch of ``epoch`` from step ``start``, on the
+        device when the images are (the labels of a batch: ``labels[idx]``)."""
         perm = epoch_permutation(self.n, self.seed, epoch)
         if self.on_device:
             perm = perm.to(self.device)
         for step in range(start, len(self)):
             lo = step * self.global_batch + self.rank * self.local_batch
-            idx = perm[lo:lo + self.local_batch]
+            yield perm[lo:lo + self.local_batch]
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Tensor]:
+        """uint8 (B_local, H, W, 3) batches of ``epoch`` on the device, from step ``start``."""
+        for idx in self.indices(epoch, start):
             if self.on_device:
                 yield self.images.index_select(0, idx)
             else:

@@ -176,12 +176,16 @@ def write_report(run: str | Path, *, out: str | Path | None = None, data: str | 
             e = json.loads(path.read_text())
         except ValueError:
             continue
-        details = ", ".join(f"{key}={e[key]}" for key in ("k", "t", "epochs", "lr") if key in e)
+        details = ", ".join(f"{key}={e[key]}" for key in ("linear_protocol", "features", "k", "t", "epochs", "lr")
+                            if key in e)
         evals.append([path.name, e.get("protocol", "?"), e.get("top1", float("nan")), details,
                       "yes" if e.get("random_init") else "no"])
     last = rows[-1]
     if "knn_top1" in last:
         evals.append(["metrics.jsonl (last epoch)", "knn (monitor)", last["knn_top1"],
+                      f"epoch {last['epoch']}, features={last.get('knn_features', 'backbone')}", "no"])
+    if "linear_top1" in last:
+        evals.append(["metrics.jsonl (last epoch)", "linear (online probe)", last["linear_top1"],
                       f"epoch {last['epoch']}", "no"])
     summary = _table(["epoch", "loss", "kNN top-1", "images/s", "feature std", "effective rank"],
                      [[r["epoch"], r["loss"], r.get("knn_top1", "-"), r.get("images_per_s", "-"),

@@ -7,6 +7,7 @@ end of each epoch (each read is a host-device synchronisation).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -24,7 +25,7 @@ from . import distributed as D
 from .backbones import build_backbone
 from .config import Config, ConfigError, dump, from_dict
 from .data import ImageDataset, load_data
-from .evaluate import autocast, extract_features, knn_accuracy, load_backbone
+from .evaluate import OnlineLinear, apply_head, autocast, extract_features, knn_accuracy, load_backbone
 from .loader import DeviceLoader
 from .methods import METHODS, Method
 from .monitor import CHANCE_TOLERANCE, collapse_warning, effective_rank, feature_std
@@ -89,6 +90,27 @@ def build_method(cfg: Config) -> Method:
     return METHODS[cfg.method](cfg, backbone)
 
 
+def load_projector(path: str | Path, *, random_init: bool = False) -> nn.Module:
+    """The projection head g of a run, from its ``checkpoint.pt`` (a run folder, the checkpoint,
+    or the ``backbone.pt`` beside it), built as the run's method builds it (kNN on head features).
+    ``random_init``: the same head untrained."""
+    path = Path(path)
+    path = path / CHECKPOINT if path.is_dir() else path.with_name(CHECKPOINT) if path.name == BACKBONE else path
+    if not path.exists():
+        raise ckpt.CheckpointError(f"head features need the run's {CHECKPOINT}; '{path}' does not exist")
+    state = ckpt.load(path)
+    if not ckpt.is_run_state(state):
+        raise ckpt.CheckpointError(f"head features need a selfsup training checkpoint; '{path}' is not one")
+    cfg = from_dict(state["config"])
+    cfg.model.init_from = None  # the saved weights replace whatever the run started from
+    method = build_method(cfg)
+    if not hasattr(method, "projector"):
+        raise ConfigError(f"method '{cfg.method}' has no projection head for --features head")
+    if not random_init:
+        ckpt.load_weights(method, state["model"], path, f"a {cfg.method} model as its config says")
+    return method.projector
+
+
 def backbone_meta(cfg: Config, size: int, mean, std) -> dict:
     """What an evaluation needs to rebuild the backbone and feed it as in training."""
     return {"backbone": cfg.model.backbone, "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem,
@@ -107,13 +129,41 @@ class Knn:
     batch_size: int
     bank: torch.Tensor | None = None  # the last call's training-set features, reused by the collapse monitor
 
-    def __call__(self, backbone: nn.Module, size, mean, std, device, dtype) -> float:
+    head: nn.Module | None = None  # the method's projection head (eval.knn_features=head), else None
+
+    def __call__(self, backbone: nn.Module, size, mean, std, device, dtype,
+                 probe: OnlineLinear | None = None) -> dict[str, float | str]:
+        """``knn_top1`` and ``knn_features``, with the online probe's ``linear_top1`` on the same
+        (backbone) test features when ``probe`` is given."""
         kw = dict(size=size, mean=mean, std=std, device=device, batch_size=self.batch_size, dtype=dtype)
-        bank = self.bank = extract_features(backbone, self.train.images, **kw)
-        queries = extract_features(backbone, self.test.images, **kw)
+        bank = self.bank = extract_features(backbone, self.train.images, **kw)  # (N, F)
+        queries = extract_features(backbone, self.test.images, **kw)              # (M, F)
         as_long = lambda y: torch.tensor(np.asarray(y), dtype=torch.long, device=device)  # noqa: E731
-        return knn_accuracy(bank, as_long(self.train.labels), queries, as_long(self.test.labels),
-                            num_classes=len(self.train.classes), k=self.k, temperature=self.temperature)
+        test_labels = as_long(self.test.labels)
+        result: dict[str, float | str] = {}
+        if probe is not None:
+            result["linear_top1"] = probe.accuracy(queries, test_labels)
+        if self.head is not None:
+            bank, queries = apply_head(self.head, bank), apply_head(self.head, queries)  # (N, D), (M, D)
+        result["knn_top1"] = knn_accuracy(bank, as_long(self.train.labels), queries, test_labels,
+                                          num_classes=len(self.train.classes), k=self.k,
+                                          temperature=self.temperature)
+        result["knn_features"] = "head" if self.head is not None else "backbone"
+        return result
+
+
+def online_linear(cfg: Config, method: Method, train: ImageDataset, num_images: int,
+                  device: torch.device) -> OnlineLinear | None:
+    """The online linear probe of a labelled in-memory run (eval.online_linear), watching the
+    backbone; images past the labelled training split (STL-10's unlabelled) carry label -1."""
+    if not cfg.eval.online_linear:
+        return None
+    labels = torch.full((num_images,), -1, dtype=torch.long)
+    labels[:len(train)] = torch.tensor(np.asarray(train.labels), dtype=torch.long)
+    probe = OnlineLinear(method.backbone.num_features, labels, len(train.classes),
+                         lr=cfg.eval.online_linear_lr).to(device)
+    probe.watch(method.backbone)
+    return probe
 
 
 def _unwrap(model: nn.Module) -> Method:
@@ -127,7 +177,8 @@ def _log(msg: str) -> None:
 
 
 def _save(out: Path, method: Method, optimizer, generator: torch.Generator, *, epoch: int,
-          step: int, cfg: Config, meta: dict, partial: dict | None = None) -> None:
+          step: int, cfg: Config, meta: dict, partial: dict | None = None,
+          probe: OnlineLinear | None = None) -> None:
     """Checkpoint first, then the backbone alone; both atomic. Every rank calls, rank 0 writes.
 
     ``partial`` (mid-epoch, on a stop signal): the steps done in epoch ``epoch`` and that
@@ -141,6 +192,8 @@ def _save(out: Path, method: Method, optimizer, generator: torch.Generator, *, e
              "generator": generators[0], "generators": generators, "meta": meta}
     if partial is not None:
         state["partial_epoch"] = partial
+    if probe is not None:
+        state["online_linear"] = probe.run_state()
     save_run(out, state, method.backbone, meta)
 
 
@@ -367,17 +420,22 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
     if cfg.train.compile:
         model = torch.compile(model)
 
-    knn = None
+    knn = probe = None
     if splits is not None and splits.test is not None and len(splits.test) and (len(splits.train.classes) > 1):
-        knn = Knn(splits.train, splits.test, cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size)
+        head = method.projector if cfg.eval.knn_features == "head" else None
+        knn = Knn(splits.train, splits.test, cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, head=head)
+        probe = online_linear(cfg, method, splits.train, len(images), device)
+        if probe is not None and resume and "online_linear" in state:
+            probe.load_run_state(state["online_linear"])
     monitor_idx = None if splits is None else monitor_indices(len(splits.train), cfg.train.seed)  # streamed: none
     feature_dim = method.backbone.num_features
     result: dict = {}
     if knn is not None and start_epoch == 0 and not start_step and D.is_main():
-        result["knn_top1_init"] = knn(method.backbone, size, mean, std, device, dtype)
+        result["knn_top1_init"] = knn(method.backbone, size, mean, std, device, dtype)["knn_top1"]
         init = collapse_monitor(knn.bank[torch.as_tensor(monitor_idx, device=device)])
         knn.bank = None
-        _log(f"kNN top-1 at random initialisation: {result['knn_top1_init']:.2f}%{monitor_text(init, feature_dim)}")
+        _log(f"kNN top-1 at random initialisation ({cfg.eval.knn_features} features): "
+             f"{result['knn_top1_init']:.2f}%{monitor_text(init, feature_dim)}")
 
     _log(f"{cfg.method}: {len(images)} images, {steps_per_epoch} steps/epoch of {cfg.train.batch_size}"
          f" on {world} x {device}, {cfg.train.epochs} epochs, peak lr {peak_lr:.4g}")
@@ -395,13 +453,16 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
             loss_sum += partial["loss_sum"].to(device)
             sums = {k: v.to(device) for k, v in partial.get("sums", {}).items()}
         t0 = time.perf_counter() - (float(partial.get("seconds", 0.0)) if first else 0.0)
-        for i, batch in enumerate(loader.batches(epoch, first), start=first):
+        indices = loader.indices(epoch, first) if probe is not None else itertools.repeat(None)
+        for i, (batch, idx) in enumerate(zip(loader.batches(epoch, first), indices), start=first):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
             set_lr(optimizer, lr)
             method.on_step_start(step, total_steps)
             output = train_step(model, optimizer, augmentations, batch, generator, dtype, cfg.optim.clip_grad)
             method.on_step_end(step, total_steps)
+            if probe is not None:  # its own backward on detached features, after the method's step
+                probe.step(idx, lr / peak_lr)
             loss = output["loss"]
             loss_sum += loss
             accumulate_scalars(sums, output)
@@ -411,8 +472,8 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
             if i + 1 < steps_per_epoch and stop.requested:
                 seconds = time.perf_counter() - t0
                 _save(out, method, optimizer, generator, epoch=epoch, step=step + 1, cfg=cfg, meta=meta,
-                      partial={"steps": i + 1, "loss_sum": loss_sum.cpu(),
-                               "sums": {k: v.cpu() for k, v in sums.items()},
+                      probe=probe, partial={"steps": i + 1, "loss_sum": loss_sum.cpu(),
+                                            "sums": {k: v.cpu() for k, v in sums.items()},
                                "seconds": seconds, "train_seconds": train_seconds + seconds})
                 raise _interrupted(stop, out, f"step {i + 1}/{steps_per_epoch} of epoch {epoch + 1}")
         seconds = time.perf_counter() - t0
@@ -430,7 +491,7 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
             cfg.train.max_minutes is not None and train_seconds >= 60 * cfg.train.max_minutes)
         every = cfg.eval.knn_every
         if knn is not None and D.is_main() and (last or (every and (epoch + 1) % every == 0)):
-            metrics["knn_top1"] = knn(method.backbone, size, mean, std, device, dtype)
+            metrics.update(knn(method.backbone, size, mean, std, device, dtype, probe))
             features = knn.bank[torch.as_tensor(monitor_idx, device=device)]  # (n, D): the same images
             knn.bank = None  # the whole training set's features: not kept until the next kNN
         elif monitor_idx is not None and D.is_main():
@@ -443,10 +504,11 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
                 f.write(json.dumps(metrics) + "\n")
             if writer is not None:
                 for key, value in metrics.items():
-                    if key not in ("epoch", "step"):
+                    if key not in ("epoch", "step", "knn_features"):
                         writer.add_scalar(f"train/{key}", value, metrics["step"])
                 writer.flush()
             knn_text = f" kNN {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
+            knn_text += f" online linear {metrics['linear_top1']:.2f}%" if "linear_top1" in metrics else ""
             extra = "".join(f" {k} {metrics[k]:.4g}" for k in sorted(sums))
             _log(f"epoch {epoch + 1}/{cfg.train.epochs} loss {mean_loss:.4f} lr {lr:.4g} "
                  f"{metrics['images_per_s']:.0f} img/s{knn_text}{monitor_text(metrics, feature_dim)}{extra}")
@@ -455,7 +517,7 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
         stopping = not last and stop.requested
         if last or stopping or (epoch + 1) % cfg.train.checkpoint_every == 0:
             _save(out, method, optimizer, generator, epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
-                  cfg=cfg, meta=meta)
+                  cfg=cfg, meta=meta, probe=probe)
         if stopping:
             raise _interrupted(stop, out, f"the end of epoch {epoch + 1}")
         result.update(metrics)

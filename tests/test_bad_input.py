@@ -145,6 +145,7 @@ def test_config_file_that_does_not_exist(tmp_path, capsys):
     ({"model": {"cifar_stem": "yes"}}, "model.cifar_stem: expected bool"),
     ({"data": {"image_size": 3.5}}, "data.image_size: expected int or null"),
     ({"eval": {"knn_k": 0}}, "eval.knn_k must be at least 1"),
+    ({"eval": {"knn_features": "pooled"}}, "eval.knn_features 'pooled' unknown; use backbone or head"),
 ])
 def test_config_loader_rejects_values(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from selfsup import losses
 from selfsup.config import Config
+from selfsup.evaluate import OnlineLinear
 from selfsup.losses import dcl, dclw, info_nce, nt_xent
 from selfsup.methods import METHODS
 from selfsup.perf import build_rig, rss_bytes
@@ -48,13 +49,8 @@ def teacher_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_train_step_never_reads_back_to_the_host(method, monkeypatch, request):
-    cfg = _cfg(method)
-    if method == "distill":
-        cfg.distill.teacher = str(request.getfixturevalue("teacher_run"))
-    rig = build_rig(cfg, torch.device("cpu"), SIZE)
-    rig()  # first step outside the count (lazy state, e.g. optimiser buffers)
+def _count_host_reads(monkeypatch) -> list[str]:
+    """From now on, every read back to the host (as listed above) is appended to the list returned."""
     calls: list[str] = []
 
     def counting(name, original):
@@ -74,9 +70,54 @@ def test_train_step_never_reads_back_to_the_host(method, monkeypatch, request):
             calls.append("blocking host->device copy")
         return to(self, *args, **kwargs)
     monkeypatch.setattr(torch.Tensor, "to", blocking_to)
+    return calls
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_train_step_never_reads_back_to_the_host(method, monkeypatch, request):
+    cfg = _cfg(method)
+    if method == "distill":
+        cfg.distill.teacher = str(request.getfixturevalue("teacher_run"))
+    rig = build_rig(cfg, torch.device("cpu"), SIZE)
+    rig()  # first step outside the count (lazy state, e.g. optimiser buffers)
+    calls = _count_host_reads(monkeypatch)
     for _ in range(3):
         rig()
     assert calls == [], f"{method}: {sorted(set(calls))} during 3 training steps"
+
+
+def _probe(rig) -> OnlineLinear:
+    labels = torch.arange(100) % 10
+    probe = OnlineLinear(rig.method.backbone.num_features, labels, 10)
+    probe.watch(rig.method.backbone)
+    return probe
+
+
+def test_online_linear_step_never_reads_back_to_the_host(monkeypatch):
+    rig = build_rig(_cfg("simclr"), torch.device("cpu"), SIZE)
+    probe, idx = _probe(rig), torch.arange(rig.cfg.train.batch_size)
+    rig()
+    probe.step(idx)
+    calls = _count_host_reads(monkeypatch)
+    for _ in range(3):
+        rig()
+        probe.step(idx, 0.5)
+    assert calls == [], f"{sorted(set(calls))} during 3 steps with the online probe"
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_online_linear_leaves_the_backbone_gradients_unchanged(method):
+    """The same steps with and without the probe: identical backbone gradients and weights."""
+    plain, probed = (build_rig(_cfg(method), torch.device("cpu"), SIZE) for _ in range(2))
+    probe, idx = _probe(probed), torch.arange(plain.cfg.train.batch_size)
+    before = probe.classifier.weight.clone()
+    for _ in range(2):
+        plain()
+        probed()
+        probe.step(idx)
+        for (name, p), q in zip(plain.method.backbone.named_parameters(), probed.method.backbone.parameters()):
+            assert torch.equal(p.grad, q.grad) and torch.equal(p, q), name
+    assert not torch.equal(probe.classifier.weight, before)  # the probe itself trained
 
 
 # ---------------------------------------------------------------------------------------------

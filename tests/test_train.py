@@ -24,7 +24,8 @@ def test_cli_run_writes_metrics_config_and_checkpoints(tmp_path, capsys):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     for m in lines:
-        assert {"loss", "lr", "images_per_s", "seconds", "knn_top1", "feature_std", "effective_rank"} <= m.keys()
+        assert {"loss", "lr", "images_per_s", "seconds", "knn_top1", "knn_features", "linear_top1",
+                "feature_std", "effective_rank"} <= m.keys()
         assert m["loss"] > 0 and 0 <= m["knn_top1"] <= 100
     assert "method: simclr" in (out / "config.yaml").read_text()
     state = ckpt.load(out / "checkpoint.pt")
@@ -37,7 +38,7 @@ def test_cli_run_writes_metrics_config_and_checkpoints(tmp_path, capsys):
     assert json.loads((out / "eval_knn.json").read_text())["top1"] > 0
     assert main(["eval", "linear", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits",
                  "--epochs", "5", "--device", "cpu", "--random-init"]) == 0
-    assert json.loads((out / "eval_linear_random_init.json").read_text())["random_init"] is True
+    assert json.loads((out / "eval_linear_simclr_random_init.json").read_text())["random_init"] is True
 
     # a second run into the same folder is refused rather than overwriting it
     assert main(["pretrain", "--out", str(out), "--epochs", "2", *TINY]) == 1
@@ -62,6 +63,10 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     la = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
     assert [m["loss"] for m in la] == [m["loss"] for m in lb]
+    # the online linear probe resumes exactly too
+    for key, value in a["online_linear"]["classifier"].items():
+        assert torch.equal(value, b["online_linear"]["classifier"][key]), key
+    assert [m["linear_top1"] for m in la] == [m["linear_top1"] for m in lb]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
