@@ -18,7 +18,10 @@ source's path, size and modification times, ``image_size`` and ``skip_corrupt``,
 source or changing those options decodes again.
 
 Resizing (``image_size``) uses PIL bicubic resampling to a square ``image_size x image_size``,
-ignoring the aspect ratio; PIL antialiases when shrinking. Images are converted to RGB:
+ignoring the aspect ratio; PIL antialiases when shrinking. Before resizing digits, a folder, CIFAR
+or STL-10, the decoded size (with the path's temporaries) is compared with the memory available
+(:func:`available_memory`), and work that cannot fit is refused with the estimate; archives, whose
+image count is known only once read, are not checked. Images are converted to RGB:
 grayscale is replicated, an alpha channel is dropped (not composited), 16-bit grayscale keeps its
 top 8 bits, and multi-frame files (GIF, TIFF) use their first frame.
 """
