@@ -90,9 +90,9 @@ def _read_folder(folder: Path, size: int) -> np.ndarray:
 
 def image_files(folder: str | Path) -> list[Path]:
     """The images :func:`extract_features` reads from ``folder``, in the order of its rows."""
-    from .data import _is_image
+    from .data import is_image_name
 
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and _is_image(p.name))
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image_name(p.name))
 
 
 def extract_features(backbone: Backbone, images: Any, *, batch_size: int = 256) -> Tensor:

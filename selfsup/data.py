@@ -18,7 +18,10 @@ source's path, size and modification times, ``image_size`` and ``skip_corrupt``,
 source or changing those options decodes again.
 
 Resizing (``image_size``) uses PIL bicubic resampling to a square ``image_size x image_size``,
-ignoring the aspect ratio; PIL antialiases when shrinking. Images are converted to RGB:
+ignoring the aspect ratio; PIL antialiases when shrinking. Before resizing digits, a folder, CIFAR
+or STL-10, the decoded size (with the path's temporaries) is compared with the memory available
+(:func:`available_memory`), and work that cannot fit is refused with the estimate; archives, whose
+image count is known only once read, are not checked. Images are converted to RGB:
 grayscale is replicated, an alpha channel is dropped (not composited), 16-bit grayscale keeps its
 top 8 bits, and multi-frame files (GIF, TIFF) use their first frame.
 """
@@ -306,6 +309,55 @@ def _skipped_message(count: int, source: str, examples: list[str]) -> str:
             f"(e.g. {', '.join(examples[:5])})")
 
 
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: /proc/meminfo's MemAvailable (or the free pages
+    sysconf reports), lowered by a cgroup memory limit and an address-space ulimit. None: unknown."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            limits += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    if not limits:
+        try:
+            limits.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = (Path(limit_file).read_text().strip(), int(Path(usage_file).read_text()))
+            if limit != "max" and int(limit) < 1 << 60:
+                limits.append(max(0, int(limit) - usage))
+        except (OSError, ValueError):
+            continue
+        break
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                vm = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            limits.append(max(0, soft - vm))
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return min(limits) if limits else None
+
+
+def _check_memory(n: int, size: int, copies: float, what: str) -> None:
+    """Refuse, before allocating, ``n`` uint8 RGB images of ``size``^2 held ``copies`` times at the
+    peak of their decoding (measured per path: the result plus its temporaries)."""
+    images = n * size * size * 3
+    need, free = int(images * copies), available_memory()
+    if free is not None and need > free:
+        gb = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+        raise DataError(f"{what}: {n} images of {size}x{size} need about {gb(need)} of memory to decode ({gb(images)} "
+                        f"of uint8 pixels, {copies:.3g}x that at the peak), but only {gb(free)} is available; lower "
+                        "data.image_size, or stream the source from disk (data.stream=true)")
+
+
 # --------------------------------------------------------------------------------------------
 # digits
 # --------------------------------------------------------------------------------------------
@@ -325,6 +377,8 @@ def _digits_arrays(size: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.n
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
+    # Peak, in N*S^2 bytes: gray (1), its RGB copy (3) and both splits' copies (3) = 7/3 of the RGB pixels.
+    _check_memory(len(digits.images), size, 7 / 3, f"digits at data.image_size={size}")
     gray = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8) 0..16 -> 0..255
     if size != gray.shape[1]:
         gray = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.Resampling.BICUBIC))
@@ -466,7 +520,7 @@ def _inspect_dir(path: Path) -> _Source:
     if kind is None:
         # An unpacked archive usually wraps everything in one top folder.
         found = [(k, d) for d in sorted(path.iterdir())
-                 if d.is_dir() and not _hidden(d.name) and (k := _dir_kind(d)) is not None]
+                 if d.is_dir() and not is_hidden_name(d.name) and (k := _dir_kind(d)) is not None]
         if len(found) > 1:
             names = ", ".join(d.name for _, d in found)
             raise DataError(f"folder {path} holds several datasets ({names}); pass one of them, "
@@ -478,10 +532,10 @@ def _inspect_dir(path: Path) -> _Source:
         kind, root = found[0]
     src = _Source(path, kind, root)
     if kind == "folder":
-        _scan_image_folder(root, src)
+        src.dirs, src.files = scan_image_folder(root)
     else:
         for p in sorted(root.iterdir()):
-            if p.is_file() and not _hidden(p.name):
+            if p.is_file() and not is_hidden_name(p.name):
                 st = p.stat()
                 src.files.append((p.name, st.st_size, st.st_mtime_ns))
     src.count = len(src.files)
@@ -490,8 +544,13 @@ def _inspect_dir(path: Path) -> _Source:
     return src
 
 
-def _scan_image_folder(root: Path, src: _Source) -> None:
-    """List ``root/<split>/...`` into ``src.dirs``/``src.files``, following symlinks safely.
+def scan_image_folder(root: Path, splits: tuple[str, ...] = _SPLITS
+                      ) -> tuple[list[str], list[tuple[str, int, int]]]:
+    """List the folders and files of ``root/<split>/...``, following symlinks safely.
+
+    -> (folders, files): relative paths from ``root``, and (relative path, size, mtime_ns) per
+    file. The split ``""`` stands for ``root`` itself (every file under it, as streaming reads a
+    folder without ``train/``).
 
     Symlinked class folders are common in prepared datasets, so links are followed, but only to
     places inside ``root`` (by real path), each real folder once per split (a loop or a second
@@ -499,13 +558,15 @@ def _scan_image_folder(root: Path, src: _Source) -> None:
     into train/, or one file reached through links in two splits, is refused. Dangling links and
     link loops are refused by name; anything that is not a regular file or a folder (a named pipe,
     a socket, a device) is refused by name when it has an image extension and skipped otherwise,
-    and decoding opens only regular files.
+    and decoding opens only regular files (:func:`open_regular`).
     """
+    dirs: list[str] = []
+    files: list[tuple[str, int, int]] = []
     real_root = os.path.realpath(root)
-    for s in _SPLITS:
+    for s in splits:
         if (root / s).is_symlink() and not (root / s).exists():
             raise DataError(f"{root / s} is a broken symbolic link (to {os.readlink(root / s)}); fix or remove it")
-    tops = {s: os.path.realpath(root / s) for s in _SPLITS if (root / s).is_dir()}
+    tops = {s: os.path.realpath(root / s) for s in splits if (root / s).is_dir()}
     for s, top in tops.items():
         for t, other in tops.items():
             if s < t and (_within(top, other) or _within(other, top)):
@@ -522,14 +583,15 @@ def _scan_image_folder(root: Path, src: _Source) -> None:
             if real_dir in seen:
                 continue
             seen.add(real_dir)
-            src.dirs.append(rel_dir)
+            dirs.append(rel_dir)
             try:
-                entries = sorted((e for e in os.scandir(root / rel_dir) if not _hidden(e.name)), key=lambda e: e.name)
+                entries = sorted((e for e in os.scandir(root / rel_dir) if not is_hidden_name(e.name)),
+                                 key=lambda e: e.name)
             except OSError as e:
                 raise DataError(f"cannot list {root / rel_dir}: {e.strerror or e}") from None
             subdirs = []
             for e in entries:
-                rel = f"{rel_dir}/{e.name}"
+                rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
                 link = e.is_symlink()
                 real = os.path.realpath(e.path) if link else f"{real_dir}/{e.name}"
                 try:
@@ -551,15 +613,16 @@ def _scan_image_folder(root: Path, src: _Source) -> None:
                     subdirs.append((rel, real, linked or link))
                 elif stat.S_ISREG(st.st_mode):
                     # Without a link on its way a file lies in its own split (the checks above).
-                    if (linked or link) and _is_image(e.name):
+                    if (linked or link) and is_image_name(e.name):
                         if owner.setdefault(real, split) != split:
                             raise DataError(f"{root / rel} is the file {real}, which is also in {owner[real]}/; a "
                                             "split must not contain another split's images")
-                    src.files.append((rel, st.st_size, st.st_mtime_ns))
-                elif _is_image(e.name):
+                    files.append((rel, st.st_size, st.st_mtime_ns))
+                elif is_image_name(e.name):
                     raise DataError(f"{root / rel} is not a regular file (a {_file_kind(st.st_mode)}); only regular "
                                     "files are read as images, remove it")
             stack.extend(reversed(subdirs))  # depth first, in name order
+    return dirs, files
 
 
 def _within(path: str, folder: str) -> bool:
@@ -577,12 +640,13 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
-def _is_image(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+    """Whether a file name has one of :data:`IMAGE_EXTENSIONS` (any case)."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _hidden(name: str) -> bool:
-    # Dot files and macOS archive litter (__MACOSX/, ._foo.jpg) are never data.
+def is_hidden_name(name: str) -> bool:
+    """Whether a file or folder name is never data: dot files and macOS litter (__MACOSX/, ._foo.jpg)."""
     return name.startswith(".") or name == "__MACOSX"
 
 
@@ -763,6 +827,9 @@ def _decode_source(src: _Source, *, image_size: int | None, skip_corrupt: bool, 
     if src.fmt == "stl10":
         return _stl(root, image_size, unlabeled)
 
+    if image_size is not None:  # the decoded list and the split arrays built from it
+        _check_memory(sum(is_image_name(rel) for rel, _, _ in src.files), image_size, 2,
+                      f"{root} at image_size={image_size}")
     collector = _FolderCollector(str(root), image_size)
     try:
         for d in src.dirs:
@@ -784,7 +851,7 @@ def _dataset_name(path: Path) -> str:
 
 def _clean_parts(name: str) -> list[str] | None:
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
-    if not parts or any(_hidden(p) for p in parts):
+    if not parts or any(is_hidden_name(p) for p in parts):
         return None
     return parts
 
@@ -880,7 +947,7 @@ def _decode_archive(path: Path, *, image_size: int | None, skip_corrupt: bool, u
                     stl[base] = stl_dir / base
                     with m.open() as f:
                         _copy_out(f, stl[base])
-                elif _is_image(base):
+                elif is_image_name(base):
                     collector.add_file(parts, _read_member(m, path, _image_member_limit(), "an image"))
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
             raise DataError(f"could not read archive {path}: {type(e).__name__}: {e} (is it truncated or "
@@ -1004,7 +1071,7 @@ class _FolderCollector:
             self.class_dirs.add(where)
 
     def add_file(self, parts: list[str], payload: bytes | str) -> None:
-        if not _is_image(parts[-1]):
+        if not is_image_name(parts[-1]):
             if len(parts) > 1:
                 self.add_dir(parts[:-1])  # a class folder holding only non-images is still reported
             return
@@ -1204,7 +1271,7 @@ def _decode_chunk(payloads: list[bytes | str],
     return arrays, errors
 
 
-def _open_regular(path: str) -> IO[bytes]:
+def open_regular(path: str) -> IO[bytes]:
     """``open(path, 'rb')`` for a regular file only: a named pipe would block the read for ever."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not wait either
     try:
@@ -1219,16 +1286,17 @@ def _open_regular(path: str) -> IO[bytes]:
 
 
 def _decode_image(src: bytes | str, image_size: int | None) -> np.ndarray:
-    with io.BytesIO(src) if isinstance(src, bytes) else _open_regular(src) as f, Image.open(f) as im:
+    with io.BytesIO(src) if isinstance(src, bytes) else open_regular(src) as f, Image.open(f) as im:
         if image_size is not None:
             im.draft("RGB", (image_size, image_size))  # lets libjpeg scale big JPEGs down while decoding
-        rgb = _to_rgb(im)
+        rgb = to_rgb(im)
         if image_size is not None and rgb.size != (image_size, image_size):
             rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
         return np.asarray(rgb)  # (H, W, 3) uint8
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as loaded RGB: grayscale replicated, alpha dropped, 16-bit keeping its top byte."""
     if im.mode == "RGB":
         im.load()
         return im
@@ -1332,6 +1400,7 @@ def _cifar(read: Callable[[str], bytes], fmt: str, label: str, image_size: int |
             raise DataError(f"{label}: {what} labels span {y.min()}..{y.max()} but there are {len(classes)} classes")
     splits = {"train": train, "test": test}
     if image_size is not None and image_size != 32:
+        _check_memory(len(train[0]) + len(test[0]), image_size, 1, f"{label} at image_size={image_size}")
         splits = {s: (_resize_all(x, image_size), y) for s, (x, y) in splits.items()}
     return _Decoded(fmt, fmt, classes, splits)
 
@@ -1381,5 +1450,6 @@ def _stl(root: Path, image_size: int | None, unlabeled: bool, label: str | None 
         x = _stl_images(need("unlabeled_X.bin"))
         splits["unlabeled"] = (x, np.full(len(x), -1, np.int64))
     if image_size is not None and image_size != _STL_SIZE:
+        _check_memory(sum(len(x) for x, _ in splits.values()), image_size, 1, f"{label} at image_size={image_size}")
         splits = {s: (_resize_all(x, image_size), y) for s, (x, y) in splits.items()}
     return _Decoded("stl10", "stl10", classes, splits)

@@ -14,8 +14,11 @@ change to the target network before loading (:func:`apply_cifar_stem`)::
     selfsup.export.apply_cifar_stem(net)
     net.load_state_dict(torch.load("backbone-torchvision.pt", weights_only=True), strict=False)
 
-Width multipliers other than 1 have no torchvision counterpart; export those as safetensors
-and load them with ``selfsup.load_backbone``.
+Width multipliers other than 1, and the 1-bit backbones (``binary-resnet18``: its convs hold
+binarisation scales torchvision has no place for), have no torchvision counterpart, so
+``torchvision`` refuses them; export those as safetensors and load them with
+``selfsup.load_backbone``. Their description says ``"layout": "selfsup"`` (for ResNets at other
+widths: torchvision's names, other shapes), never ``"torchvision"``.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .backbones import BACKBONES
 from .config import ConfigError
 
 FORMATS = ("torchvision", "safetensors")
@@ -57,13 +61,19 @@ def export_backbone(run: str | Path, fmt: str = "torchvision", out: str | Path |
     if fmt not in FORMATS:
         raise ConfigError(f"export format '{fmt}' unknown; choose {' or '.join(FORMATS)}")
     backbone, meta = load_backbone(run)
-    if fmt == "torchvision" and meta["width"] != 1:
+    if meta["backbone"] not in BACKBONES:
+        if fmt == "torchvision":
+            raise ConfigError(f"'{run}' is a {meta['backbone']}, which has no torchvision counterpart (its layers "
+                              f"and parameter names are selfsup's own); use --format safetensors and "
+                              f"selfsup.load_backbone")
+    elif fmt == "torchvision" and meta["width"] != 1:
         raise ConfigError(f"'{run}' is a {meta['backbone']} at width {meta['width']:g}, which has no "
                           f"torchvision counterpart (only width 1 fits torchvision.models."
                           f"{meta['backbone']}); use --format safetensors and selfsup.load_backbone")
     run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
     out = Path(out) if out else run_dir / ("backbone-torchvision.pt" if fmt == "torchvision" else "backbone.safetensors")
-    meta = {**meta, "format": fmt, "layout": "torchvision", "stem": "cifar" if meta["cifar_stem"] else "standard"}
+    layout = "torchvision" if meta["backbone"] in BACKBONES and meta["width"] == 1 else "selfsup"
+    meta = {**meta, "format": fmt, "layout": layout, "stem": "cifar" if meta["cifar_stem"] else "standard"}
     weights = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     try:
         if fmt == "torchvision":

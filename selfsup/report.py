@@ -6,12 +6,21 @@ features coloured by class, and a grid of test queries with their nearest traini
 (cosine, as the kNN monitor ranks them). The PNGs are written beside the page *and* embedded
 in it as base64, so the HTML file alone can be mailed or archived. Figures use matplotlib
 (``pip install 'selfsup[report]'``) with its Agg backend: no display needed.
+
+Odd input files do not stop the report: a line of ``metrics.jsonl`` that is not a JSON object
+(cut short by a kill, say) with a whole-number ``epoch`` and a numeric ``loss``, is left out,
+and so is a value there that is not a number, and an ``eval_*.json`` that is not an object with
+a numeric ``top1``; each is named (file and line) in a note on stderr and on the page.
+Non-finite values (NaN, inf) are shown as they are, with a note. A ``metrics.jsonl`` with no
+usable line, and an ``--out`` that is a folder or cannot be written, are one-line errors.
 """
 from __future__ import annotations
 
 import base64
 import html
 import json
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +41,76 @@ def _pyplot():
     return plt
 
 
-def read_metrics(run: Path) -> list[dict]:
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_metrics(run: Path, notes: list[str] | None = None) -> list[dict]:
+    """The usable rows of ``run/metrics.jsonl``; what was left out is described in ``notes``."""
+    notes = [] if notes is None else notes
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise CheckpointError(f"'{run}' has no metrics.jsonl; pass a run folder written by selfsup pretrain")
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise CheckpointError(f"cannot read '{path}': {e.strerror or e}") from None
     rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a last line cut short by a kill: the run's resume drops it too
+    for n, raw in enumerate(lines, 1):
+        where = f"{path} line {n}"
+        if not raw.strip():
             continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except ValueError as e:  # e.g. a last line cut short by a kill: the run's resume drops it too
+            notes.append(f"{where} is not valid JSON ({str(e)[:80]}); left out")
+            continue
+        if not isinstance(row, dict):
+            notes.append(f"{where} is a JSON {type(row).__name__}, not an object; left out")
+            continue
+        epoch, loss = row.get("epoch"), row.get("loss")
+        if not (_number(epoch) and math.isfinite(epoch) and epoch == int(epoch) and epoch >= 0):
+            notes.append(f"{where}: 'epoch' must be a whole number >= 0, got {epoch!r}; left out")
+            continue
+        if not _number(loss):
+            notes.append(f"{where}: 'loss' must be a number, got {loss!r}; left out")
+            continue
+        odd = [k for k, v in row.items() if not _number(v)]
+        if odd:
+            notes.append(f"{where}: {', '.join(f'{k}={row[k]!r}' for k in odd)} not a number; that value left out")
+        bad = [k for k, v in row.items() if _number(v) and not math.isfinite(v)]
+        if bad:
+            notes.append(f"{where}: {', '.join(f'{k}={row[k]}' for k in bad)} (not finite)")
+        rows.append({k: v for k, v in row.items() if k not in odd} | {"epoch": int(epoch)})
     if not rows:
-        raise CheckpointError(f"'{path}' has no complete epoch yet; report after the first epoch")
+        raise CheckpointError(f"'{path}' has no complete epoch yet; report after the first epoch"
+                              + (f" ({notes[-1]})" if notes else ""))
     return rows
+
+
+def _read_eval(path: Path, notes: list[str]) -> dict | None:
+    """An ``eval_*.json`` result, or None (with a note) when it is not one."""
+    try:
+        e = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:
+        notes.append(f"{path} is not readable JSON ({getattr(err, 'strerror', None) or str(err)[:80]}); left out")
+        return None
+    if not isinstance(e, dict) or not _number(e.get("top1")):
+        what = f"top1={e.get('top1')!r}" if isinstance(e, dict) else f"a JSON {type(e).__name__}"
+        notes.append(f"{path} is not an evaluation result (an object with a numeric top1; got {what}); left out")
+        return None
+    if not math.isfinite(e["top1"]):
+        notes.append(f"{path}: top1={e['top1']} (not finite)")
+    return e
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot become the page before any work is done."""
+    if out.is_dir():
+        raise ConfigError(f"--out '{out}' is a folder; pass the HTML file to write, e.g. {out / 'index.html'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out '{out}' lies under '{parent}', which is a file, not a folder")
 
 
 def _curves(plt, rows: list[dict], path: Path) -> None:
@@ -61,8 +127,7 @@ def _curves(plt, rows: list[dict], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _savefig(plt, fig, path)
 
 
 def _tsne(plt, features: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, seed: int) -> None:
@@ -81,8 +146,7 @@ def _tsne(plt, features: np.ndarray, labels: np.ndarray, classes: list[str], pat
     ax.set_yticks([])
     ax.legend(markerscale=3, fontsize=8, loc="best", ncols=2 if len(classes) > 10 else 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _savefig(plt, fig, path)
 
 
 def _neighbour_grid(plt, queries: np.ndarray, q_labels: np.ndarray, neighbours: np.ndarray,
@@ -103,8 +167,16 @@ def _neighbour_grid(plt, queries: np.ndarray, q_labels: np.ndarray, neighbours: 
                 side.set_linewidth(2.5 if tag is None else 1)
             ax.set_title(f"{tag + ': ' if tag else ''}{classes[label]}", fontsize=7, color=colour)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _savefig(plt, fig, path)
+
+
+def _savefig(plt, fig, path: Path) -> None:
+    try:
+        fig.savefig(path, dpi=90)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the report's figure '{path}': {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
 
 
 def _embed(path: Path, alt: str) -> str:
@@ -135,10 +207,15 @@ def write_report(run: str | Path, *, out: str | Path | None = None, data: str | 
     run = Path(run)
     if not run.is_dir():
         raise CheckpointError(f"run folder '{run}' does not exist")
-    rows = read_metrics(run)
+    notes: list[str] = []
+    rows = read_metrics(run, notes)
     out = Path(out) if out else run / "report" / "index.html"
+    _check_out(out)
     figures = out.parent
-    figures.mkdir(parents=True, exist_ok=True)
+    try:
+        figures.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the report's folder '{figures}': {e.strerror or e}") from None
     _curves(plt, rows, figures / "curves.png")
     sections = [_embed(figures / "curves.png", "loss, learning rate and kNN top-1 per epoch")]
 
@@ -172,14 +249,14 @@ def write_report(run: str | Path, *, out: str | Path | None = None, data: str | 
 
     evals = []
     for path in sorted(run.glob("eval_*.json")):
-        try:
-            e = json.loads(path.read_text())
-        except ValueError:
+        if (e := _read_eval(path, notes)) is None:
             continue
         details = ", ".join(f"{key}={e[key]}" for key in ("linear_protocol", "features", "k", "t", "epochs", "lr")
                             if key in e)
         evals.append([path.name, e.get("protocol", "?"), e.get("top1", float("nan")), details,
                       "yes" if e.get("random_init") else "no"])
+    notes_html = ("<h2>Notes on the input files</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+                  + "</ul>") if notes else ""
     last = rows[-1]
     if "knn_top1" in last:
         evals.append(["metrics.jsonl (last epoch)", "knn (monitor)", last["knn_top1"],
@@ -202,7 +279,13 @@ img{{max-width:100%}}figure{{margin:1.5em 0}}figcaption{{color:#555;font-size:90
 <h2>Evaluations</h2>{_table(["source", "protocol", "top-1 (%)", "settings", "random init"], evals)
                      if evals else "<p>none yet: run selfsup eval knn|linear --checkpoint RUN</p>"}
 <h2>Figures</h2>{"".join(sections)}
+{notes_html}
 </body></html>
 """
-    out.write_text(page)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    try:
+        out.write_text(page)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the report '{out}': {e.strerror or e}") from None
     return out

@@ -13,6 +13,13 @@ The order is the in-memory loader's: each epoch is a seeded permutation of the w
 batch, and the DataLoader hands each batch to one worker, so every image is decoded exactly
 once per epoch across workers and ranks (the last partial global batch is dropped). The crops
 of a batch are a pure function of (seed, epoch, the batch's images), whichever worker decodes it.
+
+A folder is listed by :func:`selfsup.data.scan_image_folder`, so the in-memory path's rules
+hold: links are followed only inside the folder and never from train/ into another split, and
+only regular files are read (a named pipe named ``x.png`` is refused, never opened). An image
+that cannot be decoded stops the run with one error naming it; with ``skip_corrupt``
+(``--skip-corrupt``, ``data.skip_corrupt``) it is replaced, for that step, by the next image of
+the index that decodes, and counted (:attr:`StreamLoader.skipped`), with a warning per file.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import io
 import math
 import os
 import tarfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,11 +39,15 @@ from PIL import Image
 from torch import Tensor
 
 from .augment import Augment, ViewConfig, sample_crop_boxes
-from .data import DataError, _hidden, _is_image, _to_rgb
+from .data import DataError, is_hidden_name, is_image_name, open_regular, scan_image_folder, to_rgb
 from .loader import epoch_permutation
 
 #: Normalisation for streamed data (there is no decoded array to measure): ImageNet's.
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+#: With skip_corrupt, how many further images of the index are tried in place of a corrupt one.
+SUBSTITUTE_TRIES = 16
+#: Warnings named one corrupt file each; after these, only the count grows.
+_NAMED_WARNINGS = 20
 
 
 class ImageStream:
@@ -43,10 +55,11 @@ class ImageStream:
     ``.tar`` shards (a .tar file, a glob such as ``shards/train-*.tar``, or a folder of them).
 
     A folder with a ``train/`` subfolder streams ``train/``; otherwise every image under it.
-    Labels are not read: streaming is for pre-training.
+    Labels are not read: streaming is for pre-training. ``skip_corrupt``: replace an image that
+    cannot be decoded and count it (see the module docstring) instead of stopping.
     """
 
-    def __init__(self, source: str | os.PathLike):
+    def __init__(self, source: str | os.PathLike, *, skip_corrupt: bool = False):
         spec = str(source)
         path = Path(spec)
         shards = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else []
@@ -55,15 +68,16 @@ class ImageStream:
         if not shards and path.is_file():
             shards = [spec]
         self.shards: list[str] = shards
+        self.skip_corrupt = bool(skip_corrupt)
         self.files: list[str] = []
         self.members = np.zeros((0, 3), dtype=np.int64)  # (N, 3): shard, data offset, size
         if shards:
             self.members = self._index_shards(shards)
         elif path.is_dir():
-            root = path / "train" if (path / "train").is_dir() else path
-            self.files = sorted(str(Path(d) / f) for d, dirs, names in os.walk(root, followlinks=True)
-                                for f in names if _is_image(f) and not _hidden(f)
-                                if not any(_hidden(p) for p in Path(d).relative_to(root).parts))
+            # With train/, the other splits are listed too, so that no link leads into them.
+            _, found = scan_image_folder(path) if (path / "train").is_dir() else scan_image_folder(path, ("",))
+            self.files = sorted(str(path / rel) for rel, _, _ in found if is_image_name(rel)
+                                and (rel.startswith("train/") or not (path / "train").is_dir()))
         else:
             raise DataError(f"data.stream: '{spec}' is neither an image folder nor .tar shards "
                             f"(a .tar file, a folder of them, or a glob like 'shards/train-*.tar')")
@@ -77,8 +91,8 @@ class ImageStream:
         for s, shard in enumerate(shards):
             try:
                 with tarfile.open(shard, mode="r:") as tf:  # uncompressed only: members are read by seeking
-                    rows += [(s, m.offset_data, m.size) for m in tf if m.isfile() and _is_image(m.name)
-                             and not any(_hidden(p) for p in m.name.split("/"))]
+                    rows += [(s, m.offset_data, m.size) for m in tf if m.isfile() and is_image_name(m.name)
+                             and not any(is_hidden_name(p) for p in m.name.split("/"))]
             except tarfile.ReadError as e:
                 raise DataError(f"data.stream: '{shard}' is not an uncompressed .tar ({e}); streaming "
                                 f"seeks to each image, so decompress the shards first (gunzip)") from None
@@ -87,16 +101,24 @@ class ImageStream:
     def __len__(self) -> int:
         return len(self.files) or len(self.members)
 
-    def read(self, i: int) -> bytes | str:
-        """Image ``i``: a file path, or the member's bytes read from its shard."""
+    def read(self, i: int) -> bytes:
+        """The encoded bytes of image ``i``, from its file (regular files only) or its shard."""
         if self.files:
-            return self.files[i]
+            with open_regular(self.files[i]) as f:
+                return f.read()
         shard, offset, size = (int(v) for v in self.members[i])
         f = self._open.get(shard)
         if f is None:
             f = self._open[shard] = open(self.shards[shard], "rb")
         f.seek(offset)
         return f.read(size)
+
+    def name(self, i: int) -> str:
+        """Image ``i`` as a user can find it: its path, or its shard and member offset."""
+        if self.files:
+            return self.files[i]
+        shard, offset, _ = (int(v) for v in self.members[i])
+        return f"the member at byte {offset} of {self.shards[shard]}"
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}}  # file handles stay in the process that opened them
@@ -111,7 +133,10 @@ def decode_crops(src: bytes | str, views: list[ViewConfig], generator: torch.Gen
     decoded at the coarsest scale at which every box still has at least its output side in
     pixels. -> V uint8 arrays (S_v, S_v, 3).
     """
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+    if isinstance(src, str):
+        with open_regular(src) as f:  # never a named pipe
+            src = f.read()
+    with Image.open(io.BytesIO(src)) as im:
         width, height = im.size
         if boxes is None:
             boxes = [sample_crop_boxes(1, height, width, v.scale, v.ratio, generator)[0].tolist() for v in views]
@@ -123,7 +148,7 @@ def _crop(im: Image.Image, views: list[ViewConfig], boxes: list[list[float]]) ->
     shrink = min(min(w, h) / v.size for (_, _, w, h), v in zip(boxes, views))
     if shrink >= 2:
         im.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
-    rgb = _to_rgb(im)
+    rgb = to_rgb(im)
     sx, sy = rgb.size[0] / width, rgb.size[1] / height
     return [np.asarray(rgb.resize((v.size, v.size), Image.Resampling.BILINEAR,
                                   box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy)))
@@ -134,6 +159,20 @@ def device_view(view: ViewConfig) -> ViewConfig:
     """The part of ``view`` left for the device once the crop was taken at decode time: the
     whole (already output-sized) image, flipped, coloured, blurred, ... as before."""
     return dataclasses.replace(view, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+
+
+@dataclasses.dataclass
+class _Batch:
+    """What a worker hands back for one batch: each image's view crops, the images it skipped
+    (skip_corrupt), or the one-line error that stops the run (raised in the main process, so
+    it is not wrapped in a worker traceback)."""
+    crops: list[list[np.ndarray]]
+    skipped: list[tuple[str, str]]  # (image, why)
+    error: str | None = None
+
+
+class _Corrupt(Exception):
+    """Image i of the index cannot be read or decoded (message: why)."""
 
 
 class _Crops(torch.utils.data.Dataset):
@@ -147,43 +186,64 @@ class _Crops(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.stream)
 
-    def __getitem__(self, key: tuple[int, int]) -> list[np.ndarray]:
-        return self.__getitems__([key])[0]
+    def __getitem__(self, key: tuple[int, int]) -> _Batch:
+        return self.__getitems__([key])
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[list[np.ndarray]]:
+    def __getitems__(self, keys: list[tuple[int, int]]) -> _Batch:
         epoch, indices = keys[0][0], [i for _, i in keys]
         g = torch.Generator().manual_seed(hash((self.seed, epoch, *indices)) & (2**63 - 1))
-        images = [self._open(i) for i in indices]
+        crops: list[list[np.ndarray] | None] = [None] * len(indices)
+        skipped: list[tuple[str, str]] = []
+        todo, tries = list(range(len(indices))), 0  # batch positions still to fill; substitutes tried
+        while todo:
+            failed = self._fill(crops, todo, indices, g)
+            for k, (i, why) in failed.items():
+                if not self.stream.skip_corrupt:
+                    return _Batch([], skipped, f"data.stream: cannot decode {self.stream.name(i)} ({why}); fix "
+                                               f"or delete it, or pass --skip-corrupt (data.skip_corrupt) to skip it")
+                skipped.append((self.stream.name(i), why))
+                indices[k] = (i + 1) % len(self.stream)  # its place goes to the next image of the index
+            tries += bool(failed)
+            if failed and tries > SUBSTITUTE_TRIES:
+                return _Batch([], skipped, f"data.stream: {len(skipped)} images in a row could not be decoded, "
+                                           f"e.g. {skipped[0][0]} ({skipped[0][1]}); is the source readable?")
+            todo = list(failed)
+        return _Batch(crops, skipped)  # type: ignore[arg-type]
+
+    def _fill(self, crops: list, todo: list[int], indices: list[int], g: torch.Generator) -> dict[int, tuple]:
+        """Decode the images at batch positions ``todo`` into ``crops``; -> {position: (index, why)}."""
+        failed: dict[int, tuple[int, str]] = {}
+        images: dict[int, Image.Image] = {}
+        for k in todo:
+            try:
+                images[k] = self._open(indices[k])
+            except _Corrupt as e:
+                failed[k] = (indices[k], str(e))
         try:
             by_size: dict[tuple[int, int], list[int]] = {}
-            for k, im in enumerate(images):
+            for k, im in images.items():
                 by_size.setdefault(im.size, []).append(k)
-            boxes: list[list[list[float]]] = [[] for _ in images]  # per image, per view
+            boxes: dict[int, list[list[float]]] = {k: [] for k in images}  # per image, per view
             for (width, height), members in by_size.items():
                 for v in self.views:  # one draw per size and view: no per-image torch overhead
                     drawn = sample_crop_boxes(len(members), height, width, v.scale, v.ratio, g).tolist()
                     for k, box in zip(members, drawn):
                         boxes[k].append(box)
-            return [self._decode(indices[k], im, boxes[k]) for k, im in enumerate(images)]
+            for k, im in images.items():
+                try:
+                    crops[k] = _crop(im, self.views, boxes[k])
+                except (OSError, ValueError, SyntaxError) as e:  # truncated data shows only when decoded
+                    failed[k] = (indices[k], f"{type(e).__name__}: {e}")
         finally:
-            for im in images:
+            for im in images.values():
                 im.close()
+        return failed
 
     def _open(self, i: int) -> Image.Image:
-        src = self.stream.read(i)
         try:
-            return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
-        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-            raise DataError(f"data.stream: cannot read image {i} ({self._name(i)}): {e}") from None
-
-    def _decode(self, i: int, im: Image.Image, boxes: list[list[float]]) -> list[np.ndarray]:
-        try:
-            return _crop(im, self.views, boxes)
-        except (OSError, ValueError) as e:
-            raise DataError(f"data.stream: cannot decode image {i} ({self._name(i)}): {e}") from None
-
-    def _name(self, i: int) -> str:
-        return self.stream.files[i] if self.stream.files else f"member {i} of the shards"
+            return Image.open(io.BytesIO(self.stream.read(i)))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise _Corrupt(f"{type(e).__name__}: {e}") from None
 
 
 class _RankBatches(torch.utils.data.Sampler):
@@ -204,8 +264,11 @@ class _RankBatches(torch.utils.data.Sampler):
             yield [(self.epoch, i) for i in perm[lo:lo + self.local_batch]]
 
 
-def _collate(items: list[list[np.ndarray]]) -> list[Tensor]:
-    return [torch.from_numpy(np.stack(view)) for view in zip(*items)]  # V x (B, S_v, S_v, 3) uint8
+def _collate(batch: _Batch) -> tuple[list[Tensor], list[tuple[str, str]], str | None]:
+    if batch.error is not None:
+        return [], batch.skipped, batch.error
+    views = [torch.from_numpy(np.stack(view)) for view in zip(*batch.crops)]  # V x (B, S_v, S_v, 3) uint8
+    return views, batch.skipped, None
 
 
 class StreamLoader:
@@ -224,6 +287,7 @@ class StreamLoader:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             workers = max(1, min(8, cores // world_size))
         self.n, self.global_batch, self.device = len(stream), global_batch, device
+        self.corrupt: set[str] = set()  # the corrupt images skipped so far (skip_corrupt)
         self.sampler = _RankBatches(self.n, global_batch, seed, rank, world_size)
         self.loader = torch.utils.data.DataLoader(
             _Crops(stream, views, seed), batch_sampler=self.sampler, num_workers=workers,
@@ -233,9 +297,25 @@ class StreamLoader:
     def __len__(self) -> int:
         return self.n // self.global_batch
 
+    @property
+    def skipped(self) -> int:
+        """How many distinct corrupt images were skipped so far (skip_corrupt)."""
+        return len(self.corrupt)
+
     def batches(self, epoch: int, start: int = 0) -> Iterator[list[Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start
-        for views in self.loader:
+        for views, skipped, error in self.loader:
+            for name, why in skipped:
+                if name in self.corrupt:
+                    continue
+                self.corrupt.add(name)
+                if len(self.corrupt) <= _NAMED_WARNINGS:
+                    last = len(self.corrupt) == _NAMED_WARNINGS
+                    warnings.warn(f"skipped corrupt image {name} ({why}) because skip_corrupt is set (the next image "
+                                  f"of the index took its place); {len(self.corrupt)} skipped so far"
+                                  + ("; later ones are only counted" if last else ""), stacklevel=2)
+            if error is not None:
+                raise DataError(error)
             yield [v.to(self.device, non_blocking=True) for v in views]
 
 

@@ -149,3 +149,15 @@ def build_faults(root: Path) -> dict[str, Path]:
     os.mkfifo(root / "fifo.yaml")
     p["fifo_yaml"] = root / "fifo.yaml"
     return p
+
+
+def build_stream_faults(root: Path) -> dict[str, Path]:
+    """Stream-mode inputs: a truncated JPEG among good ones, and a folder of large images."""
+    p: dict[str, Path] = {}
+    corrupt = folder(root / "stream_corrupt", per_class=4, size=(16, 16), splits=("train",))
+    buf = io.BytesIO()
+    _img(7, (64, 64)).save(buf, "JPEG", quality=90)
+    (corrupt / "train" / "a" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    p["stream_corrupt"] = corrupt
+    p["twelve"] = folder(root / "twelve", per_class=6, splits=("train",))
+    return p

@@ -4,8 +4,11 @@ or a documented recovery. The files are built by tests/bad_inputs.py.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +16,12 @@ import pytest
 import torch
 
 from selfsup import checkpoint as ckpt
+from selfsup.augment import simclr_view
 from selfsup.backbones import build_backbone
 from selfsup.cli import main
 from selfsup.config import ConfigError, resolve
 from selfsup.data import DataError, load_data
+from selfsup.stream import ImageStream, StreamLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bad_inputs  # noqa: E402
@@ -347,3 +352,164 @@ def test_non_utf8_label_file(pretrained, tmp_path, capsys):
     rc = main(["finetune", "--checkpoint", str(pretrained), "--data", "digits", "--labels", str(tmp_path / "labels.txt"),
                "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "ft")])
     _one_line_error(capsys, rc, "labels.txt is not UTF-8 text (byte 0xfc at offset 7)")
+
+
+# Stream mode, exports, report inputs and memory estimates (issue 17, second part).
+STREAM = ["--set", "data.stream=true", "data.workers=0", "aug.size=8"]
+STREAM_CASES = {k: v for k, v in FAULT_CASES.items() if not v[0].startswith(("dup_", "bomb_"))}  # the folders
+
+
+@pytest.mark.parametrize("name,message,more", STREAM_CASES.values(), ids=STREAM_CASES.keys())
+def test_stream_mode_scans_folders_by_the_same_rules(name, message, more, faults, tmp_path, capsys, no_hang):
+    rc = main(["pretrain", "--out", str(tmp_path / "out"), "--data", str(faults[name]), "--batch-size", "4",
+               *FAST, *STREAM])
+    _one_line_error(capsys, rc, message)
+
+
+@pytest.fixture(scope="module")
+def stream_files(tmp_path_factory) -> dict[str, Path]:
+    return bad_inputs.build_stream_faults(tmp_path_factory.mktemp("stream"))
+
+
+def test_a_corrupt_image_in_stream_mode_is_named_in_one_line(stream_files, tmp_path, capsys):
+    rc = main(["pretrain", "--out", str(tmp_path / "out"), "--data", str(stream_files["stream_corrupt"]),
+               "--batch-size", "9", *FAST, *STREAM, "data.workers=1"])  # a real worker process decodes
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "worker" not in err, err
+    (line,) = [x for x in err.splitlines() if x.startswith("selfsup")]
+    assert "train/a/cut.jpg" in line and "--skip-corrupt" in line
+
+
+def _stream_loader(folder: Path, *, skip_corrupt: bool, workers: int, batch: int = 9) -> StreamLoader:
+    views = [simclr_view(8), simclr_view(8)]
+    return StreamLoader(ImageStream(folder, skip_corrupt=skip_corrupt), views, batch, torch.device("cpu"),
+                        workers=workers)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stream_skip_corrupt_replaces_and_counts_the_bad_image(stream_files, workers):
+    loader = _stream_loader(stream_files["stream_corrupt"], skip_corrupt=True, workers=workers)  # 9 images
+    with pytest.warns(UserWarning, match=r"skipped corrupt image .*train/a/cut\.jpg .*1 skipped so far"):
+        batches = [b for epoch in range(2) for b in loader.batches(epoch)]
+    assert len(batches) == 2 and all(v.shape == (9, 8, 8, 3) for b in batches for v in b)  # full batches
+    assert loader.skipped == 1  # met once per epoch, counted once
+
+
+def test_stream_refuses_a_pipe_that_replaced_an_image_after_the_scan(stream_files, tmp_path, no_hang):
+    import shutil
+
+    folder = shutil.copytree(stream_files["twelve"], tmp_path / "d")
+    loader = _stream_loader(folder, skip_corrupt=False, workers=0, batch=12)
+    victim = folder / "train" / "b" / "2.png"
+    victim.unlink()
+    os.mkfifo(victim)
+    with pytest.raises(DataError, match=r"cannot decode .*train/b/2\.png .*not a regular file \(a named pipe\)"):
+        next(loader.batches(0))
+
+
+def test_exports_of_a_binary_backbone(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt.save_atomic(build_backbone("binary-resnet18", width=0.125, cifar_stem=True).state_dict(), run / "backbone.pt")
+    meta = {"backbone": "binary-resnet18", "width": 0.125, "cifar_stem": True, "image_size": 8,
+            "data_image_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "method": "simclr", "data": "digits"}
+    (run / "backbone.json").write_text(json.dumps(meta))
+    rc = main(["export", str(run), "--format", "torchvision"])
+    _one_line_error(capsys, rc, "is a binary-resnet18, which has no torchvision counterpart")
+    assert not (run / "backbone-torchvision.pt").exists()
+    pytest.importorskip("safetensors")
+    from selfsup.export import load_safetensors
+
+    assert main(["export", str(run), "--format", "safetensors"]) == 0
+    _, described = load_safetensors(run / "backbone.safetensors")
+    assert described["layout"] == "selfsup" and described["backbone"] == "binary-resnet18"
+
+
+def _report_run(files, tmp_path: Path, metrics: str, evals: dict[str, str] | None = None) -> Path:
+    import shutil
+
+    run = shutil.copytree(files["run"], tmp_path / "run")
+    (run / "metrics.jsonl").write_text(metrics)
+    for name, text in (evals or {}).items():
+        (run / name).write_text(text)
+    return run
+
+
+REPORT_ARGS = ["--device", "cpu", "--points", "20", "--queries", "2", "--k", "2"]
+GOOD_ROW = '{"epoch": 1, "step": 11, "loss": 4.5, "lr": 0.1}\n'
+
+
+def test_report_out_that_is_a_folder_or_under_a_file(files, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = _report_run(files, tmp_path, GOOD_ROW)
+    rc = main(["report", str(run), "--out", str(tmp_path), *REPORT_ARGS])
+    _one_line_error(capsys, rc, f"--out '{tmp_path}' is a folder; pass the HTML file to write")
+    (tmp_path / "afile").write_text("x")
+    rc = main(["report", str(run), "--out", str(tmp_path / "afile" / "r.html"), *REPORT_ARGS])
+    _one_line_error(capsys, rc, "which is a file, not a folder")
+
+
+def test_report_leaves_out_odd_metrics_lines_and_eval_files_with_a_note(files, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    metrics = (GOOD_ROW + '[1, 2]\n{"epoch": "two", "loss": 1.0}\n{"epoch": 3, "loss": NaN, "lr": "fast"}\n'
+               '{"epoch": 4, "loss": 2.0, "l')  # a last line cut short
+    evals = {"eval_knn.json": '"just a string"', "eval_linear.json": '{"protocol": "linear", "top1": "high"}',
+             "eval_cut.json": '{"top1": 5'}
+    run = _report_run(files, tmp_path, metrics, evals)
+    assert main(["report", str(run), *REPORT_ARGS]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for where in ("metrics.jsonl line 2 is a JSON list", "metrics.jsonl line 3: 'epoch' must be a whole number",
+                  "metrics.jsonl line 4: lr='fast' not a number", "metrics.jsonl line 4: loss=nan (not finite)",
+                  "metrics.jsonl line 5 is not valid JSON", "eval_knn.json is not an evaluation result",
+                  "eval_linear.json is not an evaluation result", "eval_cut.json is not readable JSON"):
+        assert where in err, where
+    page = (run / "report" / "index.html").read_text()
+    assert "Notes on the input files" in page and "line 2 is a JSON list" in page
+
+
+def test_report_of_a_metrics_file_with_no_usable_line(files, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = _report_run(files, tmp_path, '{"epoch": true, "loss": 1}\n')
+    rc = main(["report", str(run), *REPORT_ARGS])
+    _one_line_error(capsys, rc, "has no complete epoch yet; report after the first epoch (")
+    rc = main(["report", str(run), *REPORT_ARGS])
+    assert "metrics.jsonl line 1: 'epoch' must be a whole number >= 0, got True" in capsys.readouterr().err
+
+
+def _capped(code: str, limit_gb: float) -> subprocess.CompletedProcess:
+    """Run ``code`` in a child Python whose address space is capped, so work that does not fit fails
+    there (MemoryError) instead of swapping this machine; the child reports its peak RSS."""
+    prelude = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({int(limit_gb * 2**30)},) * 2)\n"
+               "import atexit; atexit.register(lambda: print('PEAK_MB', resource.getrusage("
+               "resource.RUSAGE_SELF).ru_maxrss // 1024))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_digits_at_4096_pixels_is_refused_with_the_estimate_before_allocating():
+    t0 = time.perf_counter()
+    r = _capped("from selfsup.data import load_data\nload_data('digits', image_size=4096)", limit_gb=8)
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 1 and "MemoryError" not in r.stderr, r.stderr
+    assert "DataError: digits at data.image_size=4096: 1797 images of 4096x4096 need about 196.5 GiB" in r.stderr
+    assert "lower data.image_size" in r.stderr
+    peak_mb = int(r.stdout.split("PEAK_MB")[1])
+    assert peak_mb < 1024 and seconds < 60, (peak_mb, seconds)  # nothing near the 84 GiB of pixels
+
+
+def test_pretrain_on_digits_at_4096_pixels_is_one_line(tmp_path, capsys):
+    rc = main(["pretrain", "--out", str(tmp_path / "out"), "--data", "digits", *FAST,
+               "--set", "data.image_size=4096"])
+    _one_line_error(capsys, rc, "of memory to decode")
+
+
+def test_a_folder_that_does_not_fit_under_a_memory_limit_is_refused(stream_files, tmp_path):
+    code = (f"from selfsup.data import load_data\n"
+            f"load_data({str(stream_files['twelve'])!r}, image_size=4096, cache_dir={str(tmp_path)!r})")
+    r = _capped(code, limit_gb=1)  # 12 images of 4096^2 need 1.1 GiB: the ulimit is the limit that counts
+    assert r.returncode == 1 and "MemoryError" not in r.stderr, r.stderr
+    assert "twelve at image_size=4096: 12 images of 4096x4096 need about 1.1 GiB" in r.stderr
+    assert int(r.stdout.split("PEAK_MB")[1]) < 700
