@@ -350,7 +350,7 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
     torch.manual_seed(cfg.train.seed)
 
     if cfg.data.stream:  # too big for memory: decoded every epoch by worker processes, no kNN monitor
-        splits, images = None, ImageStream(cfg.data.source)
+        splits, images = None, ImageStream(cfg.data.source, skip_corrupt=cfg.data.skip_corrupt)
         size, (mean, std) = cfg.aug.size or cfg.data.image_size, IMAGENET_MEAN_STD
     else:
         splits = load_data(cfg.data.source, image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,

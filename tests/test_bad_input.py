@@ -380,6 +380,14 @@ def test_a_corrupt_image_in_stream_mode_is_named_in_one_line(stream_files, tmp_p
     assert "train/a/cut.jpg" in line and "--skip-corrupt" in line
 
 
+def test_skip_corrupt_reaches_stream_mode_from_the_cli(stream_files, tmp_path, capfd):
+    with pytest.warns(UserWarning, match=r"skipped corrupt image .*train/a/cut\.jpg"):
+        rc = main(["pretrain", "--out", str(tmp_path / "out"), "--data", str(stream_files["stream_corrupt"]),
+                   "--batch-size", "9", "--skip-corrupt", *FAST, *STREAM, "data.workers=1"])
+    err = capfd.readouterr().err
+    assert rc == 0 and "Traceback" not in err, err
+
+
 def _stream_loader(folder: Path, *, skip_corrupt: bool, workers: int, batch: int = 9) -> StreamLoader:
     views = [simclr_view(8), simclr_view(8)]
     return StreamLoader(ImageStream(folder, skip_corrupt=skip_corrupt), views, batch, torch.device("cpu"),
