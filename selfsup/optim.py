@@ -8,14 +8,22 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, exclude_bias_and_norm: bool = True) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, *, exclude_bias_and_norm: bool = True,
+                 plain: Iterable[nn.Parameter] = ()) -> list[dict]:
     """Split trainable parameters into a decayed group and a bias/norm group.
 
     Biases and normalisation parameters (every tensor with ndim <= 1) get no weight decay and,
     under LARS, no trust-ratio adaptation, as in SimCLR and BYOL. SwAV and SimSiam's linear
     eval decay everything: ``exclude_bias_and_norm=False`` gives one group.
+
+    ``plain``: parameters that LARS trains by plain momentum SGD (no trust ratio), SimCLRv2's
+    new supervised head (tf2/model.py and lars_optimizer.py exclude ``head_supervised``; the
+    head's kernel keeps an L2 term of ``weight_decay``, its bias none): groups with
+    ``"lars_exclude": True``, weight decay ``weight_decay`` on tensors with ndim > 1, 0 on the rest.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    plain_ids = {id(p) for p in plain}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in plain_ids]
+    head = [p for p in model.parameters() if p.requires_grad and id(p) in plain_ids]
     if not exclude_bias_and_norm:
         groups = [{"params": params, "weight_decay": weight_decay, "lars_exclude": False}]
     else:
@@ -24,6 +32,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, exclude_bias_and_norm
              "lars_exclude": False},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True},
         ]
+    groups += [{"params": [p for p in head if p.ndim > 1], "weight_decay": weight_decay, "lars_exclude": True},
+               {"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True}]
     return [g for g in groups if g["params"]]
 
 
