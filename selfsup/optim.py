@@ -118,6 +118,29 @@ def build_optimizer(name: str, groups: list[dict], *, lr: float, momentum: float
     raise ValueError(f"unknown optimizer {name!r}; choose from lars, sgd, adamw")
 
 
+CLIP_MODES = ("global", "per_param")
+
+
+def clip_gradients(params: Iterable[torch.Tensor], max_norm: float, mode: str = "global") -> None:
+    """Scale gradients in place so that their norm is at most ``max_norm``.
+
+    ``global``: one norm over every gradient (``nn.utils.clip_grad_norm_``). ``per_param``: each
+    parameter's gradient by its own norm, g *= min(1, max_norm / (||g|| + 1e-6)), as DINO's
+    ``utils.clip_gradients``. Neither reads a value back to the host.
+    """
+    if mode not in CLIP_MODES:
+        raise ValueError(f"unknown gradient clipping mode {mode!r}; choose from {', '.join(CLIP_MODES)}")
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    if mode == "global":
+        nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        grads = [p.grad for p in params]
+        norms = torch.stack(torch._foreach_norm(grads))  # (P,)
+        torch._foreach_mul_(grads, list((max_norm / (norms + 1e-6)).clamp(max=1.0).unbind()))
+
+
 def scale_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:
     """SimCLR's learning-rate scaling (App. B.1): linear base*B/256, sqrt base*sqrt(B), or none."""
     if rule == "linear":

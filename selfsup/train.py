@@ -27,7 +27,7 @@ from .data import ImageDataset, load_data
 from .evaluate import autocast, extract_features, knn_accuracy, load_backbone
 from .loader import DeviceLoader
 from .methods import METHODS, Method
-from .optim import build_optimizer, scale_lr, set_lr, warmup_cosine
+from .optim import build_optimizer, clip_gradients, scale_lr, set_lr, warmup_cosine
 from .runguard import EXIT_CODES, Interrupted, RunLock, StopSignals
 from .stream import IMAGENET_MEAN_STD, ImageStream, StreamLoader, device_augmentations
 
@@ -182,9 +182,11 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations: list,
                batch: torch.Tensor, generator: torch.Generator,
-               dtype: torch.dtype | None, clip_grad: float = 0.0) -> dict[str, torch.Tensor]:
-    """Augment the uint8 batch into views, forward, backward, (clip the global gradient norm to
-    ``clip_grad`` if > 0,) step. Returns detached outputs.
+               dtype: torch.dtype | None, clip_grad: float = 0.0,
+               clip_mode: str = "global") -> dict[str, torch.Tensor]:
+    """Augment the uint8 batch into views, forward, backward, (clip the gradient norm to
+    ``clip_grad`` if > 0, globally or per parameter: :func:`optim.clip_gradients`,) step.
+    Returns detached outputs.
 
     ``batch``: uint8 (B, H, W, 3), or one per view (B, S_v, S_v, 3) already cropped (streamed).
     Nothing here reads a tensor back to the host: the step is queued, never waited for."""
@@ -196,7 +198,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations
     optimizer.zero_grad(set_to_none=True)
     output["loss"].backward()
     if clip_grad > 0:
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+        clip_gradients([p for g in optimizer.param_groups for p in g["params"]], clip_grad, clip_mode)
     optimizer.step()
     return {k: v.detach() for k, v in output.items()}
 
@@ -349,7 +351,8 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
             set_lr(optimizer, lr)
             method.on_step_start(step, total_steps)
-            output = train_step(model, optimizer, augmentations, batch, generator, dtype, cfg.optim.clip_grad)
+            output = train_step(model, optimizer, augmentations, batch, generator, dtype, cfg.optim.clip_grad,
+                                cfg.optim.clip_grad_mode or method.clip_grad_mode_default)
             method.on_step_end(step, total_steps)
             loss = output["loss"]
             loss_sum += loss
