@@ -8,6 +8,9 @@ encoder ends at the global average pool.
 ``width`` multiplies *every* channel count, the stem included, as in SimCLR's ResNet-50 (2×)
 and (4×). torchvision's ``wide_resnet50_2`` is a different network: it widens only the inner
 3×3 conv of each Bottleneck, so its weights do not fit ``resnet50`` at ``width=2``.
+
+Every conv is a :class:`conv.Conv2d`: a strided conv on a map one or two pixels wide runs in
+fp32 under CPU bf16 autocast, where oneDNN's kernel returns wrong weight gradients.
 """
 from __future__ import annotations
 
@@ -17,14 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from .binary import binary_resnet18
+from .conv import Conv2d
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+    return Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
 
 
 def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+    return Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -87,9 +91,9 @@ class ResNet(nn.Module):
         widths = [max(1, int(base * width)) for base in (64, 128, 256, 512)]
         self.in_ch = widths[0]
         if cifar_stem:
-            self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+            self.conv1 = Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
+            self.conv1 = Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         # downsampling 32x32 images 4x in the stem leaves too little resolution for the trunk

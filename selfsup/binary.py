@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .conv import Conv2d
+
 
 def sign(x: Tensor) -> Tensor:
     """±1 everywhere (torch.sign maps 0 to 0, which is not a binary value)."""
@@ -82,7 +84,7 @@ class RPReLU(nn.Module):
         return self.prelu(x - self.shift_in) + self.shift_out
 
 
-class BinaryConv2d(nn.Conv2d):
+class BinaryConv2d(Conv2d):
     """A 3×3 convolution whose weights are binarised (``binary_weights``) or real; its input
     is expected to be ±1 already (an RSign in front)."""
 
@@ -109,7 +111,7 @@ class BinaryUnit(nn.Module):
         self.downsample: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:  # real-valued: the information the signs would lose
             pool = nn.AvgPool2d(2, stride=2) if stride != 1 else nn.Identity()
-            self.downsample = nn.Sequential(pool, nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+            self.downsample = nn.Sequential(pool, Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
         self.act = RPReLU(out_ch)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H/s, W/s)
@@ -137,9 +139,9 @@ class BinaryResNet(nn.Module):
         super().__init__()
         widths = [max(1, int(base * width)) for base in (64, 128, 256, 512)]
         if cifar_stem:
-            self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+            self.conv1 = Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
+            self.conv1 = Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         # no ReLU after the stem: the first RSign needs values on both sides of its threshold
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, stride=2, padding=1)

@@ -65,7 +65,9 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     final_lr: float = 0.0           # end of the cosine decay, as a fraction of the peak lr
     exclude_bias_and_norm: bool = True  # no weight decay / LARS adaptation on biases and norms
-    clip_grad: float = 0.0          # clip the global gradient norm to this before each step (DINO: 3.0); 0 = off
+    clip_grad: float = 0.0          # clip the gradient norm to this before each step (DINO: 3.0); 0 = off
+    clip_grad_mode: str | None = None  # global (one norm) | per_param (each parameter's, DINO's clip_gradients);
+                                    # None: the method's (per_param for DINO, global otherwise)
 
 
 @dataclass
@@ -500,7 +502,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "teacher EMA 0.9995 -> 1 on a cosine (solo-learn's for batch 256), the optimiser of "
                   "DINO's ResNet-50 command (SGD lr 0.03 x B/256, momentum 0.9, wd 1e-4; solo-learn's "
                   "LARS uses a trust coefficient of 0.02, not this LARS's 0.001), 10 warm-up epochs, gradient "
-                  "norm clipped at 3.0, multi-crop 2 x 32 (scale 0.14-1) + 8 x 16 (0.05-0.14) as the ResNet-50 "
+                  "norm of each parameter clipped at 3.0 (DINO's clip_gradients), multi-crop 2 x 32 (scale 0.14-1) + 8 x 16 (0.05-0.14) as the ResNet-50 "
                   "command's scales, BYOL/DINO's jitter (0.4, 0.4, 0.2, 0.1) without blur at 32x32, "
                   "1000 epochs. The weight-decay schedule (0.04 -> 0.4 for ViTs) is constant here.",
         "method": "dino",
@@ -509,7 +511,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "proj_hidden": 2048},
         "aug": {"blur": False, "scale_min": 0.14},
         "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9, "weight_decay": 1e-4,
-                  "warmup_epochs": 10, "exclude_bias_and_norm": True, "clip_grad": 3.0},
+                  "warmup_epochs": 10, "exclude_bias_and_norm": True, "clip_grad": 3.0,
+                  "clip_grad_mode": "per_param"},
         "train": {"epochs": 1000, "batch_size": 256, "checkpoint_every": 10},
         "eval": {"knn_every": 10},
         "multicrop": {"global_crops": 2, "local_crops": 8, "local_size": 16,
@@ -815,6 +818,8 @@ def validate(cfg: Config) -> None:
         (cfg.model.binary_weights or cfg.model.backbone.startswith("binary-"),
          f"model.binary_weights=false applies to binary backbones (binary-resnet18), not {cfg.model.backbone}"),
         (cfg.optim.clip_grad >= 0, "optim.clip_grad must be >= 0 (0: no clipping)"),
+        (cfg.optim.clip_grad_mode in (None, "global", "per_param"),  # optim.CLIP_MODES
+         f"optim.clip_grad_mode '{cfg.optim.clip_grad_mode}' unknown; choose global or per_param"),
         (cfg.dino.out_dim >= 1 and cfg.dino.bottleneck_dim >= 1,
          "dino.out_dim and dino.bottleneck_dim must be at least 1"),
         (0 <= cfg.dino.momentum <= 1, "dino.momentum must be in [0, 1]"),

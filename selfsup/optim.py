@@ -8,14 +8,22 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, exclude_bias_and_norm: bool = True) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, *, exclude_bias_and_norm: bool = True,
+                 plain: Iterable[nn.Parameter] = ()) -> list[dict]:
     """Split trainable parameters into a decayed group and a bias/norm group.
 
     Biases and normalisation parameters (every tensor with ndim <= 1) get no weight decay and,
     under LARS, no trust-ratio adaptation, as in SimCLR and BYOL. SwAV and SimSiam's linear
     eval decay everything: ``exclude_bias_and_norm=False`` gives one group.
+
+    ``plain``: parameters that LARS trains by plain momentum SGD (no trust ratio), SimCLRv2's
+    new supervised head (tf2/model.py and lars_optimizer.py exclude ``head_supervised``; the
+    head's kernel keeps an L2 term of ``weight_decay``, its bias none): groups with
+    ``"lars_exclude": True``, weight decay ``weight_decay`` on tensors with ndim > 1, 0 on the rest.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    plain_ids = {id(p) for p in plain}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in plain_ids]
+    head = [p for p in model.parameters() if p.requires_grad and id(p) in plain_ids]
     if not exclude_bias_and_norm:
         groups = [{"params": params, "weight_decay": weight_decay, "lars_exclude": False}]
     else:
@@ -24,6 +32,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, exclude_bias_and_norm
              "lars_exclude": False},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True},
         ]
+    groups += [{"params": [p for p in head if p.ndim > 1], "weight_decay": weight_decay, "lars_exclude": True},
+               {"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True}]
     return [g for g in groups if g["params"]]
 
 
@@ -106,6 +116,29 @@ def build_optimizer(name: str, groups: list[dict], *, lr: float, momentum: float
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay,
                                  fused=fused or None, foreach=None if fused else True)
     raise ValueError(f"unknown optimizer {name!r}; choose from lars, sgd, adamw")
+
+
+CLIP_MODES = ("global", "per_param")
+
+
+def clip_gradients(params: Iterable[torch.Tensor], max_norm: float, mode: str = "global") -> None:
+    """Scale gradients in place so that their norm is at most ``max_norm``.
+
+    ``global``: one norm over every gradient (``nn.utils.clip_grad_norm_``). ``per_param``: each
+    parameter's gradient by its own norm, g *= min(1, max_norm / (||g|| + 1e-6)), as DINO's
+    ``utils.clip_gradients``. Neither reads a value back to the host.
+    """
+    if mode not in CLIP_MODES:
+        raise ValueError(f"unknown gradient clipping mode {mode!r}; choose from {', '.join(CLIP_MODES)}")
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    if mode == "global":
+        nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        grads = [p.grad for p in params]
+        norms = torch.stack(torch._foreach_norm(grads))  # (P,)
+        torch._foreach_mul_(grads, list((max_norm / (norms + 1e-6)).clamp(max=1.0).unbind()))
 
 
 def scale_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:

@@ -3,7 +3,8 @@
 2. **Fine-tune** on a labelled subset from the middle of the projection head: the encoder f
    plus the first ``head_layers`` layers of g (SimCLRv2's ``ft_proj_selector``; 1 = the first
    Linear + BN + ReLU) and a new zero-initialised linear classifier, trained end to end with
-   crop + flip only, LARS and no weight decay.
+   crop + flip only, LARS and no weight decay. As in SimCLRv2's code the classifier is trained
+   by plain momentum SGD at the LARS lr (no trust ratio; L2 decay on its weight only).
 3. **Distil** the fine-tuned network (the teacher, frozen) into a student on every training
    image, labelled or not: L = α·L_distill + (1 − α)·CE(labelled), where L_distill is
    :func:`losses.distill` at temperature τ (§2 eq. 2; α = 1 in the paper's main results).
@@ -157,6 +158,11 @@ class Classifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.head(self.backbone(x)))  # (B, 3, S, S) -> (B, C)
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimiser groups: f and g as in pre-training; the new classifier without LARS
+        adaptation, as SimCLRv2's ``head_supervised`` (L2 decay on its weight, none on its bias)."""
+        return param_groups(self, weight_decay, plain=self.fc.parameters())
+
 
 def build_classifier(meta: dict, method: nn.Module | None = None) -> Classifier:
     """The classifier ``meta`` describes; ``method``: the pre-training network to take f and g
@@ -237,7 +243,7 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
     total = cfg.epochs * steps_per_epoch
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
     peak_lr = scale_lr(cfg.lr, batch, cfg.lr_scaling)
-    optimizer = build_optimizer(cfg.optimizer, param_groups(model, cfg.weight_decay), lr=peak_lr,
+    optimizer = build_optimizer(cfg.optimizer, model.param_groups(cfg.weight_decay), lr=peak_lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1)
     print(f"{n} training images, {steps_per_epoch} steps/epoch of {batch}, {cfg.epochs} epochs, "

@@ -29,7 +29,7 @@ from .evaluate import OnlineLinear, apply_head, autocast, extract_features, knn_
 from .loader import DeviceLoader
 from .methods import METHODS, Method
 from .monitor import CHANCE_TOLERANCE, collapse_warning, effective_rank, feature_std
-from .optim import build_optimizer, scale_lr, set_lr, warmup_cosine
+from .optim import build_optimizer, clip_gradients, scale_lr, set_lr, warmup_cosine
 from .runguard import EXIT_CODES, Interrupted, RunLock, StopSignals
 from .stream import IMAGENET_MEAN_STD, ImageStream, StreamLoader, device_augmentations
 
@@ -282,9 +282,11 @@ def accumulate_scalars(sums: dict[str, torch.Tensor], output: dict[str, torch.Te
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations: list,
                batch: torch.Tensor, generator: torch.Generator,
-               dtype: torch.dtype | None, clip_grad: float = 0.0) -> dict[str, torch.Tensor]:
-    """Augment the uint8 batch into views, forward, backward, (clip the global gradient norm to
-    ``clip_grad`` if > 0,) step. Returns detached outputs.
+               dtype: torch.dtype | None, clip_grad: float = 0.0,
+               clip_mode: str = "global") -> dict[str, torch.Tensor]:
+    """Augment the uint8 batch into views, forward, backward, (clip the gradient norm to
+    ``clip_grad`` if > 0, globally or per parameter: :func:`optim.clip_gradients`,) step.
+    Returns detached outputs.
 
     ``batch``: uint8 (B, H, W, 3), or one per view (B, S_v, S_v, 3) already cropped (streamed).
     Nothing here reads a tensor back to the host: the step is queued, never waited for."""
@@ -296,7 +298,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations
     optimizer.zero_grad(set_to_none=True)
     output["loss"].backward()
     if clip_grad > 0:
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+        clip_gradients([p for g in optimizer.param_groups for p in g["params"]], clip_grad, clip_mode)
     optimizer.step()
     return {k: v.detach() for k, v in output.items()}
 
@@ -459,7 +461,8 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
             set_lr(optimizer, lr)
             method.on_step_start(step, total_steps)
-            output = train_step(model, optimizer, augmentations, batch, generator, dtype, cfg.optim.clip_grad)
+            output = train_step(model, optimizer, augmentations, batch, generator, dtype, cfg.optim.clip_grad,
+                                cfg.optim.clip_grad_mode or method.clip_grad_mode_default)
             method.on_step_end(step, total_steps)
             if probe is not None:  # its own backward on detached features, after the method's step
                 probe.step(idx, lr / peak_lr)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from gloo import run_ranks
 
 from selfsup import checkpoint as ckpt
+from selfsup import train as T
 from selfsup.cli import main
 from selfsup.config import Config
 from selfsup.losses import dino
@@ -128,13 +129,16 @@ def test_last_layer_is_frozen_for_the_first_epoch_and_gradients_are_clipped():
     torch.testing.assert_close(method.last_layer(x), x @ w.T)
 
 
-def test_dino_runs_through_the_cli_and_logs_the_collapse_monitor(tmp_path):
+def test_dino_runs_through_the_cli_and_logs_the_collapse_monitor(tmp_path, monkeypatch):
     out = tmp_path / "dino"
+    modes = []  # DINO clips each parameter's gradient norm (utils.clip_gradients), not the global one
+    monkeypatch.setattr(T, "clip_gradients", lambda params, norm, mode: modes.append((norm, mode)))
     assert main(["pretrain", "--method", "dino", "--out", str(out), "--data", "digits", "--batch-size", "64",
                  "--device", "cpu", "--no-progress", "--epochs", "1",
                  "--set", "data.image_size=16", "model.width=0.125", "model.proj_hidden=32", "dino.out_dim=64",
                  "dino.bottleneck_dim=16", "multicrop.local_crops=2", "multicrop.local_size=8",
                  "optim.clip_grad=3.0", "eval.knn_k=20", "optim.warmup_epochs=0", "dino.head_bn=true"]) == 0
+    assert modes and set(modes) == {(3.0, "per_param")}
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["effective_rank"] > 2 and torch.isfinite(torch.tensor(metrics["loss"]))
     state = ckpt.load(out / "checkpoint.pt")["model"]

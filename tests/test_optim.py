@@ -1,9 +1,11 @@
 """LARS against a per-parameter reference, parameter groups, schedules."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from selfsup.optim import LARS, build_optimizer, param_groups, scale_lr, set_lr, warmup_cosine
+from selfsup.optim import LARS, build_optimizer, clip_gradients, param_groups, scale_lr, set_lr, warmup_cosine
 
 
 def _reference_lars(params, grads_per_step, lr, momentum, wd, eta, nesterov, exclude):
@@ -137,3 +139,51 @@ def test_lars_trust_ratio_is_scale_invariant():
         opt.step()
         sizes.append(((w.detach() - w0 * k).norm() / (w0 * k).norm()).item())
     assert sizes == pytest.approx([1e-3, 1e-3], rel=1e-4)
+
+
+def _dino_clip_gradients(model: nn.Module, clip: float) -> None:
+    """DINO's utils.clip_gradients, one parameter at a time."""
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.norm(2).item()
+            coef = clip / (norm + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+
+
+@pytest.mark.parametrize("mode", ["per_param", "global"])
+def test_clip_gradients_against_hand_written_references(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model[0].bias.requires_grad_(False)  # no gradient: skipped
+    grads = [torch.randn(5, 6) * 10, torch.randn(3, 5) * 0.01, torch.randn(3) * 3]  # above, below, above
+    reference = copy.deepcopy(model)
+    for m in (model, reference):
+        for p, g in zip([m[0].weight, m[2].weight, m[2].bias], grads):
+            p.grad = g.clone()
+    clip_gradients(model.parameters(), 1.0, mode)
+    if mode == "per_param":
+        _dino_clip_gradients(reference, 1.0)
+        assert torch.equal(model[2].weight.grad, grads[1])  # a small gradient is left alone
+        norms = [p.grad.norm() for p in (model[0].weight, model[2].bias)]
+        assert all(torch.isclose(n, torch.tensor(1.0), atol=1e-5) for n in norms)
+    else:  # one norm over all gradients
+        total = torch.cat([g.flatten() for g in grads]).norm()
+        for p in reference.parameters():
+            if p.grad is not None:
+                p.grad.mul_(1.0 / (total + 1e-6))
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="clipping mode 'layer'"):
+        clip_gradients(model.parameters(), 1.0, "layer")
+
+
+def test_dino_clips_per_parameter_by_default():
+    from selfsup.config import resolve
+    from selfsup.train import build_method
+
+    assert build_method(resolve(sets=["method=dino", "model.width=0.125"])).clip_grad_mode_default == "per_param"
+    assert build_method(resolve(sets=["model.width=0.125"])).clip_grad_mode_default == "global"
+    assert resolve(preset_name="cifar10-dino").optim.clip_grad_mode == "per_param"

@@ -12,6 +12,7 @@ from selfsup.cli import main
 from selfsup.config import resolve
 from selfsup.data import DataError, load_data
 from selfsup.evaluate import extract_features
+from selfsup.optim import build_optimizer
 from selfsup.train import build_method
 
 TINY_PRE = ["--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progress", "--epochs", "2",
@@ -94,6 +95,43 @@ def test_classifier_from_head_layer_1_holds_exactly_that_layer_and_a_zero_classi
     model.eval()
     assert torch.count_nonzero(model(torch.randn(4, 3, 8, 8))) == 0  # every class equally likely
     assert len(S.build_classifier({"head_layers": 0, "num_classes": 3}, method).head) == 0
+
+
+def test_new_classifier_is_outside_lars_adaptation_and_weight_decay():
+    method = build_method(resolve(sets=["model.width=0.125", "model.proj_layers=3"]))
+    model = S.build_classifier({"head_layers": 1, "num_classes": 10}, method)
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    groups = model.param_groups(0.0)  # fine-tuning's weight decay
+    (fc_group,) = [g for g in groups if id(model.fc.weight) in ids(g["params"])]
+    (bias_group,) = [g for g in groups if id(model.fc.bias) in ids(g["params"])]
+    assert fc_group["lars_exclude"] and fc_group["weight_decay"] == 0.0
+    assert bias_group["lars_exclude"] and bias_group["weight_decay"] == 0.0
+    adapted = [g for g in groups if not g["lars_exclude"]]
+    assert adapted and not ids(model.fc.parameters()) & ids(p for g in adapted for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # with weight decay (distillation's student): L2 on the classifier's weight, none on its bias
+    groups = model.param_groups(1e-4)
+    assert [g["weight_decay"] for g in groups if id(model.fc.weight) in ids(g["params"])] == [1e-4]
+    assert [g["weight_decay"] for g in groups if id(model.fc.bias) in ids(g["params"])] == [0.0]
+
+
+def test_classifier_steps_are_plain_momentum_sgd_at_the_lars_lr():
+    torch.manual_seed(0)
+    method = build_method(resolve(sets=["model.width=0.125", "model.proj_layers=3"]))
+    model = S.build_classifier({"head_layers": 1, "num_classes": 10}, method)
+    lr, m, wd = 0.3, 0.9, 1e-2
+    opt = build_optimizer("lars", model.param_groups(wd), lr=lr, momentum=m, weight_decay=wd)
+    g1, g2 = torch.randn_like(model.fc.weight), torch.randn_like(model.fc.weight)
+    b1, b2 = torch.randn_like(model.fc.bias), torch.randn_like(model.fc.bias)
+    for g, b in ((g1, b1), (g2, b2)):
+        opt.zero_grad(set_to_none=True)
+        model.fc.weight.grad, model.fc.bias.grad = g.clone(), b.clone()
+        opt.step()
+    # from W0 = 0: v1 = lr*g1, W1 = -lr*g1; v2 = m*v1 + lr*(g2 + wd*W1), W2 = W1 - v2
+    w1 = -lr * g1
+    w2 = w1 - (m * lr * g1 + lr * (g2 + wd * w1))
+    assert torch.allclose(model.fc.weight, w2, atol=1e-6)
+    assert torch.allclose(model.fc.bias, -lr * b1 - (m * lr * b1 + lr * b2), atol=1e-6)  # no decay
 
 
 def test_finetune_cli_trains_evaluates_and_its_run_evaluates_with_eval(pretrained, tmp_path, capsys):

@@ -19,6 +19,8 @@ class Method(nn.Module):
 
     #: Methods whose papers synchronise BN across devices default to global BN.
     sync_bn_default: bool = True
+    #: ``optim.clip_grad_mode`` when unset: one global norm (DINO clips each parameter's).
+    clip_grad_mode_default: str = "global"
     #: DDP must look for parameters without a gradient (SwAV's frozen prototypes drop theirs).
     find_unused_parameters: bool = False
 

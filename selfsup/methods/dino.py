@@ -11,7 +11,8 @@ weight-normalised last layer of K outputs whose norms are fixed at 1; the teache
 global crops and same-view pairs are skipped; the centre c is a buffer updated *after* the loss,
 c <- m c + (1 - m) mean(teacher outputs) with m 0.9 over the global batch; τ_t warms up linearly;
 the last layer gets no gradient during the first ``dino.freeze_last_layer_epochs``; gradients
-are clipped (``optim.clip_grad``). The EMA covers parameters only; the teacher's BN keeps its
+are clipped per parameter (``optim.clip_grad``, ``clip_grad_mode`` per_param as DINO's
+``utils.clip_gradients``). The EMA covers parameters only; the teacher's BN keeps its
 own statistics in train mode, as the momentum teachers of BYOL.
 
 ``dino.head_bn`` adds BN after the head's hidden layers (DINO's ``--use_bn_in_head``). Without
@@ -78,6 +79,8 @@ class WeightNormLinear(nn.Module):
 
 
 class DINO(Method):
+    clip_grad_mode_default = "per_param"  # main_dino.py: utils.clip_gradients(student, 3.0)
+
     def __init__(self, cfg: Config, backbone: nn.Module):
         super().__init__(cfg, backbone)
         m, c = cfg.model, cfg.dino
