@@ -276,8 +276,8 @@ def upgrade(data: dict[str, Any], method: str) -> dict[str, Any]:
         return data
     data = dict(data)
     temperature = data.pop("temperature")
-    if method in LEGACY_TEMPERATURE:
-        section = LEGACY_TEMPERATURE[method]
+    section = LEGACY_TEMPERATURE.get(method)
+    if section and isinstance(data.get(section) or {}, dict):  # else _apply names the bad section
         data[section] = {"temperature": temperature, **(data.get(section) or {})}
     if isinstance(data.get("byol"), dict):
         data["byol"] = {"per_view_bn": False, **data["byol"]}
