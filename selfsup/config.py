@@ -1,7 +1,8 @@
 """Typed run configuration, presets, YAML files and ``--set key=value`` overrides.
 
-A run is described by one :class:`Config`. It is resolved in this order: defaults, then a
-preset, then a YAML file, then ``--set`` overrides, then the explicit CLI flags; the result is
+A run is described by one :class:`Config`. It is resolved in this order: defaults, then the
+method's own recipe (:data:`METHOD_DEFAULTS`, so ``--method moco`` alone trains like MoCo), then
+a preset, then a YAML file, then ``--set`` overrides, then the explicit CLI flags; the result is
 written to ``<out>/config.yaml`` so every run can be repeated exactly.
 """
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .losses import memory_collapse_size
 
 
 class ConfigError(ValueError):
@@ -99,7 +102,14 @@ class EvalConfig:
 
 
 @dataclass
+class SimCLRConfig:
+    temperature: float = 0.5        # τ of the contrastive loss: SimCLR's CIFAR-10 command and App. B.9 (its
+                                    # ImageNet flag: 0.1); also distill's contrastive term (S2-BNN ablation)
+
+
+@dataclass
 class MoCoConfig:
+    temperature: float = 0.2        # τ of InfoNCE: v2 0.2 (v1: 0.07, CIFAR demo: 0.1)
     queue_size: int = 65536         # K negatives; a multiple of the keys added per step (global batch, x2 if symmetric)
     momentum: float = 0.999         # key encoder EMA m (CIFAR demo: 0.99)
     momentum_cosine: bool = False   # m rises from `momentum` to 1 over training on a cosine (BYOL's schedule)
@@ -113,7 +123,8 @@ class MoCoConfig:
 @dataclass
 class MemoryConfig:
     size: int = 0                   # SimCLRv2's memory of momentum-encoder negatives (paper: 65536); 0 = off
-    momentum: float = 0.999         # EMA of the memory encoder; use a low temperature (paper: 0.1) with a memory
+    momentum: float = 0.999         # EMA of the memory encoder; use a low simclr.temperature (paper: 0.1) with a
+                                    # memory: a large memory at a high one collapses (validate refuses it)
 
 
 @dataclass
@@ -127,9 +138,11 @@ class MultiCropConfig:
 
 @dataclass
 class BYOLConfig:
-    momentum: float = 0.996         # target EMA τ_base, raised to 1 on a cosine over all steps (BYOL: 0.996
-                                    # for 1000 epochs, 0.99 for 100-300); the projector is model.proj_hidden/proj_dim
+    momentum: float = 0.99          # target EMA τ_base, raised to 1 on a cosine over all steps (BYOL: 0.99
+                                    # for 100-300 epochs, 0.996 for 1000); the projector is model.proj_hidden/proj_dim
     pred_hidden: int | None = None  # predictor hidden width (None: model.proj_hidden, BYOL's 4096)
+    per_view_bn: bool = True        # the networks run once per view, so BN normalises each view alone
+                                    # (BYOL's code); false: one pass over all views of a size
 
 
 @dataclass
@@ -140,10 +153,12 @@ class SimSiamConfig:
 
 @dataclass
 class SwAVConfig:
+    temperature: float = 0.1        # τ of the swapped prediction (SwAV's code)
     prototypes: int = 3000          # K; the embedding is model.proj_dim (128), the head hidden model.proj_hidden
     epsilon: float = 0.05           # Sinkhorn's entropy ε; lower it (0.03) if the loss sticks at ln K
     sinkhorn_iterations: int = 3
-    freeze_prototypes_steps: int = 0  # prototype gradients dropped for this many steps (SwAV: ~1 epoch)
+    freeze_prototypes_epochs: float = 1.0  # prototype gradients dropped this long (SwAV: 313 steps at batch 4096)
+    freeze_prototypes_steps: int | None = None  # exact step count instead (freeze_prototypes_niters); wins if set
     queue_length: int = 0           # past global-crop embeddings joined to Sinkhorn's input; 0 = off;
                                     # a multiple of the global batch (SwAV: 3840 at batch 256)
     queue_start_epoch: int = 15     # the queue starts filling at this epoch; used once full
@@ -177,8 +192,8 @@ class DistillConfig:
 @dataclass
 class Config:
     method: str = "simclr"
-    loss: str = "nt_xent"           # nt_xent | dcl | dclw (MoCo: info_nce = nt_xent, its InfoNCE)
-    temperature: float = 0.5
+    loss: str = "nt_xent"           # nt_xent | dcl | dclw (MoCo: info_nce = nt_xent, its InfoNCE); the temperature
+                                    # is the method's own: simclr.temperature, moco.temperature, swav.temperature
     dclw_sigma: float = 0.5         # DCLW's weighting temperature σ (loss=dclw)
     out: str | None = None
     preset: str | None = None
@@ -188,6 +203,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
@@ -199,6 +215,76 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each method's own recipe, applied between the defaults and a preset: ``--method M`` alone trains
+# with M's official settings. The defaults themselves are SimCLR's (LARS lr 1.0 x B/256, the CIFAR
+# command's; wd 1e-6, the TF2 flags') at CIFAR scale (CIFAR stem, no blur, as SimCLR B.9, SimSiam
+# App. D and MoCo's CIFAR demo), which every recipe keeps; a recipe sets only what its method's code
+# does differently. Method-only keys (moco.*, swav.*, ...) default to the official values in their
+# own sections; a preset or a file overrides any of it.
+
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "simclr": {  # tf2/resnet.py: init_zero=True on the last BN of every block
+        "model": {"zero_init_residual": True},
+    },
+    "moco": {  # main_moco.py v2 (--mlp --aug-plus --cos): SGD lr 0.03 x B/256, wd 1e-4 on everything
+        "aug": {"strength": 0.5, "scale_min": 0.2},
+        "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9, "weight_decay": 1e-4,
+                  "warmup_epochs": 0, "exclude_bias_and_norm": False},
+    },
+    "byol": {  # configs/byol.py at 100 epochs (the default train.epochs): lr 0.45 x B/256, wd 1e-6, τ 0.99
+        "model": {"proj_hidden": 4096, "proj_dim": 256},
+        "optim": {"name": "lars", "lr": 0.45, "lr_scaling": "linear", "weight_decay": 1e-6,
+                  "warmup_epochs": 10, "exclude_bias_and_norm": True},
+    },
+    "simsiam": {  # main_simsiam.py: SGD lr 0.05 x B/256 at 512, wd 1e-4 on everything, 3-layer 2048-d head
+        "model": {"proj_layers": 3, "proj_dim": 2048, "zero_init_residual": True},
+        "aug": {"strength": 0.5, "scale_min": 0.2},
+        "optim": {"name": "sgd", "lr": 0.05, "lr_scaling": "linear", "momentum": 0.9, "weight_decay": 1e-4,
+                  "warmup_epochs": 0, "exclude_bias_and_norm": False},
+    },
+    "swav": {  # the batch-256 scripts: LARC lr 0.6 without exclusions, wd 1e-6, cosine to 0.0006, 2 + 6 crops
+        "model": {"proj_hidden": 2048, "proj_dim": 128},
+        "aug": {"strength": 1.0, "scale_min": 0.14},
+        "optim": {"name": "lars", "lr": 0.6, "lr_scaling": "linear", "weight_decay": 1e-6, "warmup_epochs": 0,
+                  "final_lr": 0.001, "exclude_bias_and_norm": False},
+        "multicrop": {"global_crops": 2, "local_crops": 6, "local_scale_min": 0.05, "local_scale_max": 0.14},
+    },
+    "dino": {  # the ResNet-50 command: SGD lr 0.03 x B/256, wd 1e-4, 10 warm-up epochs, clip 3, 2 + 8 crops
+        "model": {"proj_layers": 3, "proj_hidden": 2048},
+        "aug": {"scale_min": 0.14},
+        "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9, "weight_decay": 1e-4,
+                  "warmup_epochs": 10, "exclude_bias_and_norm": True, "clip_grad": 3.0},
+        "multicrop": {"global_crops": 2, "local_crops": 8, "local_scale_min": 0.05, "local_scale_max": 0.14},
+    },
+}
+
+#: Where a config written before the per-method temperatures keeps its top-level ``temperature``:
+#: the key of the method that read it (distill's contrastive term is SimCLR's NT-Xent).
+LEGACY_TEMPERATURE = {"simclr": "simclr", "distill": "simclr", "moco": "moco", "swav": "swav"}
+
+
+def upgrade(data: dict[str, Any], method: str) -> dict[str, Any]:
+    """A config mapping written before the per-method settings, in today's keys, unchanged otherwise.
+
+    The rule, for a mapping with a top-level ``temperature`` (every config.yaml before then had
+    one; ``--set temperature=T`` too): the value becomes the temperature of ``method``, the method
+    that read it (see :data:`LEGACY_TEMPERATURE`; BYOL, SimSiam and DINO never read it and it is
+    dropped). A whole saved config (it also has a ``byol`` section) without ``byol.per_view_bn``
+    gets false, the joint pass those runs trained with. Every other key kept its name and meaning.
+    """
+    if "temperature" not in data:
+        return data
+    data = dict(data)
+    temperature = data.pop("temperature")
+    section = LEGACY_TEMPERATURE.get(method)
+    if section and isinstance(data.get(section) or {}, dict):  # else _apply names the bad section
+        data[section] = {"temperature": temperature, **(data.get(section) or {})}
+    if isinstance(data.get("byol"), dict):
+        data["byol"] = {"per_view_bn": False, **data["byol"]}
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,9 +305,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits-simclr": {
         "_about": "The default main job: SimCLR on the bundled 8x8 digits resized to 16x16, a "
                   "narrow CIFAR-stem ResNet-18, a few CPU minutes. Not a paper recipe.",
-        "method": "simclr", "temperature": 0.5,
+        "method": "simclr", "simclr": {"temperature": 0.5},
         "data": {"source": "digits", "image_size": 16},
-        "model": {"backbone": "resnet18", "width": 0.25, "cifar_stem": True},
+        "model": {"backbone": "resnet18", "width": 0.25, "cifar_stem": True, "zero_init_residual": False},
         "aug": {"strength": 0.5, "blur": False, "scale_min": 0.2},
         "optim": {"name": "lars", "lr": 1.0, "weight_decay": 1e-6, "warmup_epochs": 5},
         "train": {"epochs": 60, "batch_size": 128, "checkpoint_every": 10},
@@ -231,7 +317,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "_about": "SimCLR's official CIFAR-10 README command: ResNet-18 CIFAR stem, batch 512, "
                   "LARS lr 1.0 x B/256, wd 1e-4, temperature 0.5, colour strength 0.5, no blur, "
                   "10 warm-up epochs then cosine, 1000 epochs (REFERENCE.md section 1).",
-        "method": "simclr", "temperature": 0.5,
+        "method": "simclr", "simclr": {"temperature": 0.5},
         "data": {"source": "cifar10"},
         "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_layers": 2},
         "aug": {"strength": 0.5, "blur": False},
@@ -255,7 +341,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "_about": "cifar10-simclr with the DCL loss (positive removed from the denominator) at the "
                   "reference implementations' temperature 0.1, 200 epochs as in lightly's CIFAR-10 "
                   "benchmark, where DCL reaches about SimCLR's kNN (REFERENCE.md section 7).",
-        "loss": "dcl", "temperature": 0.1,
+        "loss": "dcl", "simclr": {"temperature": 0.1},
         "train": {"epochs": 200},
     },
     "cifar10-simclr-dclw": {
@@ -271,7 +357,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "(REFERENCE.md section 2); the paper's 64K memory is sized for ImageNet, here 4096 "
                   "keys (MoCo's CIFAR-10 K). With the memory, SimCLR's CIFAR T 0.5 collapsed the "
                   "embedding in short CPU runs. The public SimCLR code has no memory.",
-        "temperature": 0.1,
+        "simclr": {"temperature": 0.1},
         "model": {"proj_layers": 3},
         "memory": {"size": 4096, "momentum": 0.999},
     },
@@ -279,7 +365,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "_base": "cifar10-simclr-small",
         "_about": "cifar10-simclr-v2 shrunk for a CPU like cifar10-simclr-small: width 0.25, batch 256, "
                   "15 epochs; memory 4096, EMA 0.999, T 0.1.",
-        "temperature": 0.1,
+        "simclr": {"temperature": 0.1},
         "model": {"proj_layers": 3},
         "train": {"epochs": 15},
         "eval": {"knn_every": 5},
@@ -293,7 +379,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "(moco.symmetric=true for the demo's symmetric variant), jitter (0.4, 0.4, 0.4, 0.1) "
                   "p=0.8, grayscale 0.2, no blur, 200 epochs, kNN k=200 T=0.1. The demo reports kNN "
                   "82.6% at 200 epochs (symmetric 85.3%).",
-        "method": "moco", "loss": "info_nce", "temperature": 0.1,
+        "method": "moco", "loss": "info_nce",
         "data": {"source": "cifar10"},
         "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_dim": 128},
         "aug": {"strength": 0.5, "blur": False, "scale_min": 0.08},
@@ -301,14 +387,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "weight_decay": 5e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
         "train": {"epochs": 200, "batch_size": 512, "checkpoint_every": 10},
         "eval": {"knn_every": 10, "knn_k": 200, "knn_t": 0.1},
-        "moco": {"queue_size": 4096, "momentum": 0.99, "momentum_cosine": False, "symmetric": False,
+        "moco": {"temperature": 0.1, "queue_size": 4096, "momentum": 0.99, "momentum_cosine": False, "symmetric": False,
                  "shuffle_bn_groups": 8, "mlp": False, "aug_plus": True},
     },
     "cifar10-moco-v2-small": {
         "_about": "cifar10-moco-v2 shrunk for a CPU: a width-0.25 (16-channel) ResNet-18, batch 256 "
                   "(lr 0.03 x B/256), 15 epochs; otherwise the demo's recipe (K 4096, m 0.99, T 0.1, "
                   "split BN in 8 groups).",
-        "method": "moco", "loss": "info_nce", "temperature": 0.1,
+        "method": "moco", "loss": "info_nce",
         "data": {"source": "cifar10"},
         "model": {"backbone": "resnet18", "width": 0.25, "cifar_stem": True, "proj_dim": 128},
         "aug": {"strength": 0.5, "blur": False, "scale_min": 0.08},
@@ -316,7 +402,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "weight_decay": 5e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
         "train": {"epochs": 15, "batch_size": 256, "checkpoint_every": 1},
         "eval": {"knn_every": 5, "knn_k": 200, "knn_t": 0.1},
-        "moco": {"queue_size": 4096, "momentum": 0.99, "symmetric": False, "shuffle_bn_groups": 8,
+        "moco": {"temperature": 0.1, "queue_size": 4096, "momentum": 0.99, "symmetric": False, "shuffle_bn_groups": 8,
                  "mlp": False, "aug_plus": True},
     },
     "imagenet-simclr": {
@@ -324,7 +410,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "batch 4096, LARS lr 0.3 x B/256 = 4.8, wd 1e-6, 10 warm-up epochs then cosine, "
                   "100 epochs, T 0.1, 2-layer head -> 128, colour strength 1.0 with blur, global BN. "
                   "Needs --data PATH (an ImageNet image folder or archive).",
-        "method": "simclr", "loss": "nt_xent", "temperature": 0.1,
+        "method": "simclr", "loss": "nt_xent", "simclr": {"temperature": 0.1},
         "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_layers": 2},
         "aug": {"strength": 1.0, "blur": True, "scale_min": 0.08, "size": 224},
         "optim": {"name": "lars", "lr": 0.3, "lr_scaling": "linear", "weight_decay": 1e-6,
@@ -338,7 +424,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "epochs, global BN, memory of 65536 momentum-encoder keys with EMA 0.999, SimCLR's "
                   "augmentation. lr, warm-up, wd and T are marked unverified in REFERENCE.md. Needs "
                   "--data PATH.",
-        "method": "simclr", "loss": "nt_xent", "temperature": 0.1,
+        "method": "simclr", "loss": "nt_xent", "simclr": {"temperature": 0.1},
         "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_layers": 3},
         "aug": {"strength": 1.0, "blur": True, "scale_min": 0.08, "size": 224},
         "optim": {"name": "lars", "lr": 0.1, "lr_scaling": "sqrt", "weight_decay": 1e-4,
@@ -353,7 +439,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "optimiser from SimCLR's README for small batches: LARS lr 0.075 x sqrt(B) = 1.2, "
                   "wd 1e-6, 10 warm-up epochs (the DCL paper's own optimiser settings are not in "
                   "REFERENCE.md). ResNet-50, SimCLR's augmentation with blur. Needs --data PATH.",
-        "method": "simclr", "loss": "dcl", "temperature": 0.1,
+        "method": "simclr", "loss": "dcl", "simclr": {"temperature": 0.1},
         "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_layers": 2},
         "aug": {"strength": 1.0, "blur": True, "scale_min": 0.08, "size": 224},
         "optim": {"name": "lars", "lr": 0.075, "lr_scaling": "sqrt", "weight_decay": 1e-6,
@@ -368,14 +454,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "image, no blur), Shuffle BN (8 groups on one process, across ranks otherwise). The "
                   "original decays the lr x0.1 at epochs 120 and 160; the trainer's schedule is cosine. "
                   "Needs --data PATH.",
-        "method": "moco", "loss": "info_nce", "temperature": 0.07,
+        "method": "moco", "loss": "info_nce",
         "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_dim": 128},
         "aug": {"strength": 0.5, "blur": False, "scale_min": 0.2, "size": 224},
         "optim": {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "momentum": 0.9,
                   "weight_decay": 1e-4, "warmup_epochs": 0, "exclude_bias_and_norm": False},
         "train": {"epochs": 200, "batch_size": 256, "checkpoint_every": 5},
         "eval": _IMAGENET_EVAL,
-        "moco": {"queue_size": 65536, "momentum": 0.999, "symmetric": False, "shuffle_bn_groups": 8,
+        "moco": {"temperature": 0.07, "queue_size": 65536, "momentum": 0.999, "symmetric": False, "shuffle_bn_groups": 8,
                  "mlp": False, "aug_plus": False},
     },
     "imagenet-moco-v2": {
@@ -383,9 +469,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "_about": "MoCo v2 (REFERENCE.md section 3): imagenet-moco-v1 with the MLP head (2048-2048-128, "
                   "no BN), T 0.2, aug+ (jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, blur p=0.5) "
                   "and the cosine lr, 200 epochs (67.5% linear). Needs --data PATH.",
-        "temperature": 0.2,
         "aug": {"blur": True},
-        "moco": {"mlp": True, "aug_plus": True},
+        "moco": {"temperature": 0.2, "mlp": True, "aug_plus": True},
     },
     "cifar10-byol": {
         "_about": "BYOL on CIFAR-10. The paper has no CIFAR recipe; this follows solo-learn's "
@@ -430,7 +515,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "frozen for 2 epochs (390 steps at batch 256), T 0.1, eps 0.05, 3 Sinkhorn "
                   "iterations, queue 3840 from epoch 50, LARS lr 0.6 x B/256 without exclusions, "
                   "wd 1e-6, cosine to 0.1% of the peak, colour strength 1.0 without blur.",
-        "method": "swav", "temperature": 0.1,
+        "method": "swav",
         "data": {"source": "cifar10"},
         "model": {"backbone": "resnet18", "width": 1.0, "cifar_stem": True, "proj_hidden": 2048,
                   "proj_dim": 128},
@@ -441,8 +526,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"knn_every": 10},
         "multicrop": {"global_crops": 2, "local_crops": 6, "local_size": 16,
                       "local_scale_min": 0.05, "local_scale_max": 0.14},
-        "swav": {"prototypes": 3000, "epsilon": 0.05, "sinkhorn_iterations": 3,
-                 "freeze_prototypes_steps": 390, "queue_length": 3840, "queue_start_epoch": 50},
+        "swav": {"temperature": 0.1, "prototypes": 3000, "epsilon": 0.05, "sinkhorn_iterations": 3,
+                 "freeze_prototypes_epochs": 2, "queue_length": 3840, "queue_start_epoch": 50},
     },
     "imagenet-byol": {
         "_about": "BYOL's ImageNet recipe (REFERENCE.md section 5, configs/byol.py at 1000 epochs; "
@@ -482,7 +567,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "multi-crop 2 x 224 (scale 0.14-1) + 6 x 96 (0.05-0.14), colour strength 1.0 with "
                   "blur, LARS lr 0.6 without exclusions (the original is LARC, trust 0.001, no "
                   "clipping), wd 1e-6, no warm-up, cosine to 0.0006, global BN. Needs --data PATH.",
-        "method": "swav", "temperature": 0.1,
+        "method": "swav",
         "data": _IMAGENET_DATA, "model": {**_IMAGENET_MODEL, "proj_hidden": 2048, "proj_dim": 128},
         "aug": {"strength": 1.0, "blur": True, "scale_min": 0.14, "size": 224},
         "optim": {"name": "lars", "lr": 0.6, "lr_scaling": "linear", "weight_decay": 1e-6,
@@ -491,7 +576,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": _IMAGENET_EVAL,
         "multicrop": {"global_crops": 2, "local_crops": 6, "local_size": 96,
                       "local_scale_min": 0.05, "local_scale_max": 0.14},
-        "swav": {"prototypes": 3000, "epsilon": 0.05, "sinkhorn_iterations": 3,
+        "swav": {"temperature": 0.1, "prototypes": 3000, "epsilon": 0.05, "sinkhorn_iterations": 3,
                  "freeze_prototypes_steps": 5005, "queue_length": 3840, "queue_start_epoch": 15},
     },
     "cifar10-dino": {
@@ -720,24 +805,36 @@ def preset(name: str) -> dict[str, Any]:
     return _merge(preset(recipe["_base"]), recipe) if "_base" in recipe else recipe
 
 
+def _with_method_defaults(layers: list[dict[str, Any]]) -> Config:
+    """Defaults, then the recipe of the method the last layer naming one chooses, then the layers,
+    each in today's keys (:func:`upgrade`)."""
+    method = next((layer["method"] for layer in reversed(layers) if isinstance(layer.get("method"), str)),
+                  Config.method)
+    cfg = Config()
+    _apply(cfg, METHOD_DEFAULTS.get(method, {}))
+    for layer in layers:
+        _apply(cfg, upgrade(layer, method))
+    return cfg
+
+
 def resolve(*, preset_name: str | None = None, file: str | Path | None = None,
             sets: list[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults <- preset <- YAML file <- ``--set`` items <- explicit overrides (nested dict)."""
-    cfg = Config()
+    """Defaults <- the method's recipe <- preset <- YAML file <- ``--set`` items <- explicit
+    overrides (nested dict)."""
+    layers: list[dict[str, Any]] = []
     if file is not None:
         data = load_yaml(file)
         preset_name = preset_name or data.get("preset")
     if preset_name is not None and not isinstance(preset_name, str):
         raise ConfigError(f"preset: expected a preset name, got {preset_name!r}")
     if preset_name:
-        _apply(cfg, preset(preset_name))
-        cfg.preset = preset_name
+        layers.append({**preset(preset_name), "preset": preset_name})
     if file is not None:
-        _apply(cfg, data)
-    for item in sets or []:
-        _apply(cfg, parse_set(item))
+        layers.append(data)
+    layers += [parse_set(item) for item in sets or []]
     if overrides:
-        _apply(cfg, overrides)
+        layers.append(overrides)
+    cfg = _with_method_defaults(layers)
     validate(cfg)
     return cfg
 
@@ -747,12 +844,11 @@ RETIRED_KEYS = {"eval": ("linear_epochs", "linear_lr", "linear_batch_size")}
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """The config of a saved run (``Config.to_dict()``), ignoring :data:`RETIRED_KEYS`."""
+    """A saved run's config (its config.yaml or checkpoint), old keys mapped by :func:`upgrade`
+    and :data:`RETIRED_KEYS` ignored."""
     data = {k: ({n: x for n, x in v.items() if n not in RETIRED_KEYS.get(k, ())} if isinstance(v, dict) else v)
             for k, v in data.items()}
-    cfg = Config()
-    _apply(cfg, data)
-    return cfg
+    return _with_method_defaults([data])
 
 
 def validate(cfg: Config) -> None:
@@ -770,7 +866,8 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.train.batch_size >= 2, "train.batch_size must be at least 2 (contrastive losses need negatives)"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
-        (cfg.temperature > 0, "temperature must be positive"),
+        (min(cfg.simclr.temperature, cfg.moco.temperature, cfg.swav.temperature) > 0,
+         "simclr.temperature, moco.temperature and swav.temperature must be positive"),
         (cfg.optim.lr > 0, "optim.lr must be positive"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
@@ -812,7 +909,9 @@ def validate(cfg: Config) -> None:
         (cfg.swav.prototypes >= 1, "swav.prototypes must be at least 1"),
         (cfg.swav.epsilon > 0, "swav.epsilon must be positive"),
         (cfg.swav.sinkhorn_iterations >= 1, "swav.sinkhorn_iterations must be at least 1"),
-        (cfg.swav.freeze_prototypes_steps >= 0, "swav.freeze_prototypes_steps must be >= 0"),
+        (cfg.swav.freeze_prototypes_epochs >= 0, "swav.freeze_prototypes_epochs must be >= 0"),
+        (cfg.swav.freeze_prototypes_steps is None or cfg.swav.freeze_prototypes_steps >= 0,
+         "swav.freeze_prototypes_steps must be >= 0 (null: swav.freeze_prototypes_epochs)"),
         (cfg.swav.queue_length >= 0, "swav.queue_length must be >= 0 (0: no queue)"),
         (cfg.swav.queue_start_epoch >= 0, "swav.queue_start_epoch must be >= 0"),
         (cfg.model.binary_weights or cfg.model.backbone.startswith("binary-"),
@@ -879,6 +978,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"memory.size {cfg.memory.size} must be a multiple of the keys queued per step, "
                           f"{2 * batch} (2 views x the global batch); e.g. memory.size="
                           f"{max(1, cfg.memory.size // (2 * batch)) * 2 * batch}")
+    collapse = memory_collapse_size(batch, cfg.simclr.temperature)
+    if cfg.method == "simclr" and cfg.memory.size and cfg.memory.size >= collapse:
+        raise ConfigError(f"memory.size {cfg.memory.size} with simclr.temperature {cfg.simclr.temperature:g} at "
+                          f"train.batch_size {batch} collapses: above {collapse:.0f} keys a collapsed embedding "
+                          f"has the lower loss (stale memory negatives; see selfsup.methods.simclr). Lower "
+                          f"simclr.temperature (SimCLRv2: 0.1) or memory.size")
 
 
 def dump(cfg: Config, path: str | Path) -> None:

@@ -65,7 +65,7 @@ PRETRAIN_CASES = {
     # wrong types
     "int given text": (["--set", "train.batch_size=abc"], "train.batch_size: expected int, got 'abc'"),
     "int given a bool": (["--set", "train.epochs=true"], "train.epochs: expected an integer, got True"),
-    "required value null": (["--set", "temperature=null"], "temperature: must not be empty"),
+    "required value null": (["--set", "moco.temperature=null"], "moco.temperature: must not be empty"),
     "section given a scalar": (["--set", "optim=3"], "optim: expected a mapping of"),
     "flag not an int": (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
     # negative or zero sizes and out-of-range values

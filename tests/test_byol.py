@@ -74,7 +74,8 @@ def test_byol_steps_the_target_after_the_optimiser_and_reaches_tau_one():
     views = [torch.randn(B, 3, SIZE, SIZE, generator=g) for _ in range(2)]
     target_bn_steps = method.target[0].bn1.num_batches_tracked.item()
     out = method(views)
-    assert method.target[0].bn1.num_batches_tracked.item() == target_bn_steps + 1  # target BN in train mode
+    passes = 2 if method.cfg.byol.per_view_bn else 1  # the target runs once per view, or once for both
+    assert method.target[0].bn1.num_batches_tracked.item() == target_bn_steps + passes  # BN in train mode
     optimizer.zero_grad()
     out["loss"].backward()
     assert all(p.grad is None for p in method.target.parameters())
@@ -90,17 +91,27 @@ def test_byol_steps_the_target_after_the_optimiser_and_reaches_tau_one():
     assert method.target.momentum == 1.0  # the last step
 
 
-def test_symmetric_loss_and_asymmetric_views():
+@pytest.mark.parametrize("per_view_bn", [True, False])
+def test_symmetric_loss_and_asymmetric_views(per_view_bn):
     torch.manual_seed(0)
-    method = build_method(_cfg())
+    cfg = _cfg()
+    cfg.byol.per_view_bn = per_view_bn
+    method = build_method(cfg)
     g = torch.Generator().manual_seed(1)
     x1, x2 = (torch.randn(B, 3, SIZE, SIZE, generator=g) for _ in range(2))
     out = method([x1, x2])
     with torch.no_grad():
-        z = method.projector(method.backbone(torch.cat([x1, x2])))
-        p1, p2 = method.predictor(z).chunk(2)
-        t1, t2 = method.target(torch.cat([x1, x2])).chunk(2)
+        if per_view_bn:  # BYOL's code: each view through the networks alone, BN statistics per view
+            (p1, t1), (p2, t2) = ((method.predictor(method.projector(method.backbone(x))), method.target(x))
+                                  for x in (x1, x2))
+        else:  # one pass: BN normalises both views together
+            z = method.projector(method.backbone(torch.cat([x1, x2])))
+            p1, p2 = method.predictor(z).chunk(2)
+            t1, t2 = method.target(torch.cat([x1, x2])).chunk(2)
     assert out["loss"].item() == pytest.approx((byol(p1, t2) + byol(p2, t1)).item(), rel=1e-5)
+    # per view, view 1's embedding does not depend on view 2 (its BN statistics are its own)
+    other = method([x1, torch.randn(B, 3, SIZE, SIZE, generator=g)])["embedding"][:B]
+    assert torch.allclose(other, out["embedding"][:B], atol=1e-6) == per_view_bn
     v1, v2 = (a.cfg for a in method.augmentations(SIZE, (0.5,) * 3, (0.5,) * 3))
     method.cfg.aug.blur = True
     b1, b2 = (a.cfg for a in method.augmentations(SIZE, (0.5,) * 3, (0.5,) * 3))

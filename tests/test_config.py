@@ -6,12 +6,12 @@ from selfsup.config import IMAGENET_PLACEHOLDER, PRESETS, ConfigError, parse_set
 def test_defaults_and_preset_and_overrides_in_order(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("optim:\n  lr: 0.3\ntrain:\n  epochs: 7\n")
-    cfg = resolve(preset_name="cifar10-simclr", file=f, sets=["train.epochs=9", "temperature=0.2"],
+    cfg = resolve(preset_name="cifar10-simclr", file=f, sets=["train.epochs=9", "simclr.temperature=0.2"],
                   overrides={"train": {"batch_size": 64}})
     assert cfg.preset == "cifar10-simclr"
     assert cfg.aug.strength == 0.5 and cfg.aug.blur is False          # from the preset
     assert cfg.optim.lr == 0.3                                         # file over preset
-    assert cfg.train.epochs == 9 and cfg.temperature == 0.2            # --set over file
+    assert cfg.train.epochs == 9 and cfg.simclr.temperature == 0.2            # --set over file
     assert cfg.train.batch_size == 64                                  # explicit flags last
 
 
@@ -26,7 +26,7 @@ def test_parse_set_types():
     (["nonsense=1"], "unknown config key 'nonsense'"),
     (["train.epochs=abc"], "train.epochs: expected int"),
     (["train.batch_size=1"], "batch_size must be at least 2"),
-    (["temperature=-1"], "temperature must be positive"),
+    (["swav.temperature=-1"], "swav.temperature must be positive"),
     (["optim=3"], "optim: expected a mapping"),
     (["train.epochs"], "--set expects key=value"),
     (["method=nope"], "unknown method 'nope'"),
@@ -77,5 +77,13 @@ def test_bad_yaml_file(tmp_path):
 def test_a_preset_with_a_base_changes_only_what_it_names():
     dcl, dclw = resolve(preset_name="cifar10-simclr-dcl"), resolve(preset_name="cifar10-simclr-dclw")
     assert (dclw.loss, dclw.dclw_sigma) == ("dclw", 0.5)
-    assert dclw.temperature == dcl.temperature and dclw.optim == dcl.optim and dclw.train == dcl.train
+    assert dclw.simclr.temperature == dcl.simclr.temperature and dclw.optim == dcl.optim and dclw.train == dcl.train
     assert PRESETS["cifar10-simclr-dcl"]["loss"] == "dcl"  # the base itself is untouched
+
+
+def test_simclrv2_memory_in_its_collapse_region_is_refused():
+    with pytest.raises(ConfigError, match=r"memory.size 4096 with simclr.temperature 0.5 at train.batch_size 256 "
+                                          r"collapses: above 1386 keys"):
+        resolve(sets=["train.batch_size=256", "memory.size=4096", "simclr.temperature=0.5"])
+    resolve(sets=["train.batch_size=256", "memory.size=512", "simclr.temperature=0.5"])  # 2 batches: below
+    resolve(preset_name="cifar10-simclr-v2-small")  # memory 16 batches at the paper's T 0.1

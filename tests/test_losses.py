@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup.losses import nt_xent
+from selfsup.losses import memory_collapse_size, nt_xent
 
 
 def naive_nt_xent(z1, z2, t):
@@ -272,3 +272,22 @@ def test_swav_matches_naive():
     torch.manual_seed(2)
     scores, codes = torch.randn(5, 8), F.softmax(torch.randn(5, 8), 1)
     assert swav(scores, codes, 0.1).item() == pytest.approx(_naive_soft_ce(scores / 0.1, codes), rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.3, 0.2])
+def test_memory_collapse_size_is_where_a_collapsed_embedding_starts_to_win(temperature):
+    """SimCLRv2's memory: online positives, stale memory negatives. Below memory_collapse_size a
+    spread embedding (positives at cosine 0.5) has the lower NT-Xent, above it a collapsed one."""
+    g = torch.Generator().manual_seed(0)
+    n, d, a = 64, 128, 0.5
+    z1 = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    noise = torch.randn(n, d, generator=g)
+    noise = F.normalize(noise - (noise * z1).sum(1, keepdim=True) * z1, dim=1)
+    z2 = a * z1 + (1 - a * a) ** 0.5 * noise  # unit, cosine a with z1
+    u = F.normalize(torch.randn(1, d, generator=g), dim=1).expand(n, d)  # every image the same
+    size = memory_collapse_size(n, temperature, a)
+    for factor, collapse_wins in [(0.5, False), (2.0, True)]:
+        memory = F.normalize(torch.randn(round(factor * size), d, generator=g), dim=1)
+        gap = nt_xent(u, u, temperature, negatives=memory) - nt_xent(z1, z2, temperature, negatives=memory)
+        assert (gap.item() < 0) == collapse_wins, (factor, gap.item())
+    assert memory_collapse_size(n, 0.1) > 50 * memory_collapse_size(n, 0.5)  # the paper's T is far from it

@@ -28,7 +28,8 @@ BATCH, SIZE, DIM = 8, 16, 8
 
 
 def _cfg(method="moco", **sections) -> Config:
-    cfg = Config(method=method, loss="info_nce" if method == "moco" else "nt_xent", temperature=0.2)
+    cfg = Config(method=method, loss="info_nce" if method == "moco" else "nt_xent")
+    cfg.moco.temperature = cfg.simclr.temperature = 0.2
     cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim = 0.125, 16, DIM
     cfg.train.batch_size = BATCH
     cfg.moco.queue_size, cfg.moco.momentum, cfg.moco.shuffle_bn_groups = 24, 0.9, 4
@@ -310,12 +311,12 @@ def test_moco_augmentations_v1_and_v2():
 
 def test_presets_build_the_papers_heads():
     demo = resolve(preset_name="cifar10-moco-v2")
-    assert (demo.moco.queue_size, demo.moco.momentum, demo.temperature, demo.moco.shuffle_bn_groups) == (4096, 0.99, 0.1, 8)
+    assert (demo.moco.queue_size, demo.moco.momentum, demo.moco.temperature, demo.moco.shuffle_bn_groups) == (4096, 0.99, 0.1, 8)
     assert demo.optim.name == "sgd" and demo.optim.weight_decay == 5e-4 and not demo.optim.exclude_bias_and_norm
     demo.model.width = 0.125
     assert len(build_method(demo).projector.layers) == 1  # the demo's fc -> 128
     v2 = resolve(preset_name="imagenet-moco-v2", sets=["data.source=/data/in1k"])
-    assert v2.moco.mlp and v2.temperature == 0.2 and v2.aug.blur and not v2.model.cifar_stem
+    assert v2.moco.mlp and v2.moco.temperature == 0.2 and v2.aug.blur and not v2.model.cifar_stem
     v2.model.width = 0.125
     head = build_method(v2).projector.layers
     assert len(head) == 2 and not any(isinstance(m, nn.BatchNorm1d) for m in head.modules())  # no BN in v2's MLP
@@ -327,7 +328,7 @@ def test_presets_build_the_papers_heads():
 TINY = ["--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progress", "--method", "moco",
         "--set", "data.image_size=8", "model.width=0.125", "eval.knn_every=0", "eval.knn_k=20",
         "train.checkpoint_every=1", "optim.warmup_epochs=0", "optim.name=sgd", "optim.lr=0.06",
-        "moco.queue_size=256", "moco.momentum_cosine=true", "temperature=0.2"]
+        "moco.queue_size=256", "moco.momentum_cosine=true", "moco.temperature=0.2"]
 
 
 def test_moco_trains_through_the_cli_and_resumes_exactly(tmp_path):

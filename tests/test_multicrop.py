@@ -38,9 +38,12 @@ def test_encode_by_resolution_runs_each_size_once_and_keeps_the_view_order():
     torch.testing.assert_close(out, torch.cat([encoder(v) for v in views]))
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol", "simsiam", "swav"])
-def test_each_resolution_goes_through_the_backbone_once(method):
-    cfg = Config(method=method, temperature=0.1)
+@pytest.mark.parametrize("method,per_view", [("simclr", False), ("byol", False), ("byol", True), ("simsiam", False),
+                                             ("swav", False)])
+def test_each_resolution_goes_through_the_backbone_once(method, per_view):
+    """One pass per resolution; BYOL's per_view_bn (the default, as its code) one pass per view."""
+    cfg = Config(method=method)
+    cfg.simclr.temperature, cfg.byol.per_view_bn = 0.1, per_view
     cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim = 0.125, 16, 8
     cfg.train.batch_size, cfg.swav.prototypes = B, 10
     cfg.multicrop.global_crops, cfg.multicrop.local_crops, cfg.multicrop.local_size = 2, 3, 8
@@ -53,7 +56,10 @@ def test_each_resolution_goes_through_the_backbone_once(method):
     seen = []
     m.backbone.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
     out = m(views)
-    assert sorted(seen) == [(2 * B, 3, 16, 16), (3 * B, 3, 8, 8)]
+    if per_view:
+        assert sorted(seen) == [(B, 3, 8, 8)] * 3 + [(B, 3, 16, 16)] * 2
+    else:
+        assert sorted(seen) == [(2 * B, 3, 16, 16), (3 * B, 3, 8, 8)]
     assert torch.isfinite(out["loss"]) and out["embedding"].shape == (2 * B, 8)  # global crops' embedding
     out["loss"].backward()
 
@@ -86,6 +92,6 @@ def test_simclr_multicrop_averages_the_loss_over_pairs_with_a_global_crop():
     out = m(views)
     z = [m.projector(m.backbone(v)) for v in views]
     pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3)]  # (global, global), then each global with each local
-    expected = sum(nt_xent(z[i], z[j], cfg.temperature) for i, j in pairs) / len(pairs)
+    expected = sum(nt_xent(z[i], z[j], cfg.simclr.temperature) for i, j in pairs) / len(pairs)
     torch.testing.assert_close(out["loss"], expected)
     assert out["embedding"].shape == (2 * B, 8)

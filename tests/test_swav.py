@@ -84,12 +84,12 @@ def test_swav_loss_is_cross_entropy_of_the_codes_and_codes_get_no_gradient():
 # The method
 
 def _cfg(**swav) -> Config:
-    cfg = Config(method="swav", temperature=0.1)
+    cfg = Config(method="swav")
     cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim = 0.125, 16, 8
     cfg.train.batch_size, cfg.train.epochs = B, 2
     cfg.multicrop.local_crops, cfg.multicrop.local_size = 2, 8
     cfg.swav.prototypes = K
-    for key, value in swav.items():
+    for key, value in {"freeze_prototypes_epochs": 0.0, **swav}.items():
         setattr(cfg.swav, key, value)
     return cfg
 
@@ -126,6 +126,22 @@ def test_prototypes_are_unit_after_every_step_and_frozen_steps_leave_them_unchan
     _step(method, optimizer, 2)
     assert c.grad is not None and not torch.allclose(c, start)
     torch.testing.assert_close(c.norm(dim=1), torch.ones(K))
+
+
+@pytest.mark.parametrize("swav,frozen", [({"freeze_prototypes_epochs": 1.0}, 4), ({"freeze_prototypes_epochs": 0.5}, 2),
+                                         ({"freeze_prototypes_epochs": 1.0, "freeze_prototypes_steps": 3}, 3),
+                                         ({"freeze_prototypes_epochs": 0.0}, 0)])
+def test_prototypes_freeze_for_epochs_of_the_runs_own_steps(swav, frozen):
+    """SwAV's freeze_prototypes_niters (313 at batch 4096: one ImageNet epoch) as epochs, counted in
+    the steps per epoch the loop hands over (8 steps, 2 epochs: 4 a epoch), or exact steps."""
+    assert Config().swav.freeze_prototypes_epochs == 1.0  # the default: about one epoch, as SwAV's
+    torch.manual_seed(0)
+    method = build_method(_cfg(**swav))
+    optimizer = build_optimizer("sgd", method.param_groups(), lr=0.5)
+    assert method.find_unused_parameters == (frozen > 0)
+    for step in range(frozen + 1):
+        _step(method, optimizer, step)
+        assert (method.prototypes.weight.grad is None) == (step < frozen), step
 
 
 def test_loss_swaps_codes_of_global_crops_over_every_other_crop():
@@ -195,7 +211,7 @@ def test_swav_trains_through_the_cli_and_resumes_exactly(tmp_path):
     from selfsup import checkpoint as ckpt
 
     tiny = ["--epochs", "2", "--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progress",
-            "--set", "data.image_size=8", "model.width=0.125", "model.proj_hidden=32", "temperature=0.1",
+            "--set", "data.image_size=8", "model.width=0.125", "model.proj_hidden=32", "swav.temperature=0.1",
             "swav.prototypes=20", "swav.freeze_prototypes_steps=5", "swav.queue_length=128",
             "swav.queue_start_epoch=1", "multicrop.local_crops=2", "multicrop.local_size=6",
             "eval.knn_k=20", "eval.knn_every=0", "optim.warmup_epochs=0"]

@@ -6,6 +6,9 @@ moving average of the online one; no negatives (BYOL §3.1).
 target runs in train mode (its BN uses batch statistics) and never receives gradients. The loss
 is symmetric: both views are predicted and both are targets (BYOL eq. 2-4).
 
+As the official code, each view goes through the networks alone (``byol.per_view_bn``), so BN
+normalises every view with its own batch statistics; false: one pass over all views of a size.
+
 With ``multicrop.local_crops`` > 0 the target encodes the global crops only and every other
 crop predicts each of them, as SwAV's swapped prediction.
 """
@@ -40,10 +43,16 @@ class BYOL(Method):
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
         n_global, b = self.cfg.multicrop.global_crops, len(views[0])
-        z = self.projector(encode_by_resolution(self.backbone, views))  # (V*B, D) online projections
-        p = self.predictor(z).split(b)  # V x (B, D)
-        with torch.no_grad():
-            z_target = self.target(torch.cat(views[:n_global])).split(b)  # G x (B, D)
+        if self.cfg.byol.per_view_bn:  # BYOL's code: the networks once per view, BN statistics per view
+            z = torch.cat([self.projector(self.backbone(v)) for v in views])  # (V*B, D) online projections
+            p = [self.predictor(z_v) for z_v in z.split(b)]  # V x (B, D)
+            with torch.no_grad():
+                z_target = [self.target(v) for v in views[:n_global]]  # G x (B, D)
+        else:
+            z = self.projector(encode_by_resolution(self.backbone, views))  # (V*B, D) online projections
+            p = self.predictor(z).split(b)  # V x (B, D)
+            with torch.no_grad():
+                z_target = self.target(torch.cat(views[:n_global])).split(b)  # G x (B, D)
         # each target view is predicted from every other view; two views give BYOL's
         # loss(p1, z'2) + loss(p2, z'1)
         loss = 0.0

@@ -119,5 +119,5 @@ class Distill(Method):
             self.queue.push(D.gather(t))  # (M, D) after the loss, as MoCo's enqueue
         if c.contrastive_weight > 0:
             z1, z2 = z.chunk(2)  # (B, D) each
-            loss = loss + c.contrastive_weight * nt_xent(z1, z2, self.cfg.temperature)
+            loss = loss + c.contrastive_weight * nt_xent(z1, z2, self.cfg.simclr.temperature)
         return {"loss": loss, "embedding": z}

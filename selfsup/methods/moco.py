@@ -84,7 +84,7 @@ class MoCo(Method):
         for x_q, x_k in pairs:
             q = self.projector(self.backbone(x_q))  # (N, D)
             k = self.keys(x_k, shuffle)  # (N, D), normalised, no gradient
-            loss = loss + info_nce(q, k, queue, self.cfg.temperature, **self.loss_options)
+            loss = loss + info_nce(q, k, queue, self.cfg.moco.temperature, **self.loss_options)
             queries.append(q)
             keys.append(D.gather(k))  # (M, D) in rank order
         self.queue.push(torch.cat(keys))  # after the logits

@@ -2,10 +2,18 @@
 
 With ``model.proj_layers=3`` this is SimCLRv2's deeper head (fine-tuned from its first layer);
 ``memory.size`` > 0 adds SimCLRv2's memory (§2 of the v2 paper): a momentum copy of f and g
-whose keys of the last steps join every anchor's negatives. Only the negatives come from the
-memory, so nothing ties the online embedding to the keys' space: in short CIFAR-10 runs at T 0.5
-(with EMA 0.99 or 0.999) the embedding collapsed (kNN below random initialisation), while the
-paper's T 0.1 with EMA 0.999 learned. ``loss`` may be nt_xent, dcl or dclw.
+whose keys of the last steps join every anchor's negatives. ``loss`` may be nt_xent, dcl or dclw.
+
+Why the memory collapses at a high temperature: the positive is online, the M memory negatives
+are stale keys of the momentum network, and only negatives come from the memory, so nothing ties
+the online embedding to the keys' space. If every online embedding collapses to one unit vector
+u, the positive and the 2N-2 in-batch negatives all score 1/T, but the spread memory keys score
+u·k ≈ 0: L = log(2N - 1 + M e^{-1/T}). A spread embedding with positives at cosine a pays
+log(1 + (2N - 2 + M) e^{-a/T}). Once M exceeds (2N - 2)(1 - e^{-a/T}) / (e^{-a/T} - e^{-1/T})
+(:func:`selfsup.losses.memory_collapse_size`; a = 0.5: 5.4 N at T 0.5, 300 N at the paper's 0.1)
+collapse lowers the loss, and the optimiser finds it: in short CIFAR-10 runs at T 0.5 with a
+memory of 16 batches (EMA 0.99 or 0.999) kNN fell below random initialisation, while T 0.1 with
+EMA 0.999 learned. The config refuses that region.
 
 With multi-crop (``multicrop.local_crops`` > 0, SwAV §3.2 and its Table 4 on SimCLR) the loss is
 the mean of the contrastive loss over every pair of crops that holds a global crop: (g1, g2),
@@ -56,13 +64,13 @@ class SimCLR(Method):
         z = self.projector(self.backbone(x))          # (2N, D)
         z1, z2 = z.chunk(2)                           # (N, D) each
         if not self.cfg.memory.size:
-            return {"loss": self.criterion(z1, z2, self.cfg.temperature), "embedding": z}
+            return {"loss": self.criterion(z1, z2, self.cfg.simclr.temperature), "embedding": z}
         # memory: as MoCo, update the momentum network, take its keys, use the memory as it was
         # before this step, then enqueue the keys of both views of the global batch
         with torch.no_grad():
             ema_update(self.encoder_k, (self.backbone, self.projector), self.cfg.memory.momentum)
             k = F.normalize(self.encoder_k(x), dim=1)  # (2N, D)
-        loss = self.criterion(z1, z2, self.cfg.temperature, negatives=self.memory.snapshot())
+        loss = self.criterion(z1, z2, self.cfg.simclr.temperature, negatives=self.memory.snapshot())
         self.memory.push(D.gather(k))                 # (2M, D)
         return {"loss": loss, "embedding": z}
 
@@ -70,5 +78,5 @@ class SimCLR(Method):
         n_global, b = self.cfg.multicrop.global_crops, len(views[0])
         z = self.projector(encode_by_resolution(self.backbone, views)).split(b)  # V x (N, D)
         pairs = [(g, v) for g in range(n_global) for v in range(g + 1, len(views))]
-        loss = sum(self.criterion(z[g], z[v], self.cfg.temperature) for g, v in pairs) / len(pairs)
+        loss = sum(self.criterion(z[g], z[v], self.cfg.simclr.temperature) for g, v in pairs) / len(pairs)
         return {"loss": loss, "embedding": torch.cat(z[:n_global])}

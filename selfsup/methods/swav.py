@@ -8,7 +8,9 @@ among the prototypes) and are predicted from every other crop's scores:
 
 As the official code: the prototypes are renormalised after every optimiser step (so every
 forward sees unit prototypes), codes come from the global crops only and without gradient, the
-prototypes get no gradient during the first ``swav.freeze_prototypes_steps`` steps, and an
+prototypes get no gradient during the first ``swav.freeze_prototypes_epochs`` (1: SwAV's
+``freeze_prototypes_niters``, 313 steps of batch 4096 or 5005 of 256 on ImageNet; or exactly
+``swav.freeze_prototypes_steps``), and an
 optional queue of past global-crop embeddings (re-scored with the current prototypes) joins
 Sinkhorn's input from ``swav.queue_start_epoch`` on, once it is full; only the codes of the
 current batch are kept.
@@ -47,7 +49,9 @@ class SwAV(Method):
         self.projector = mlp(backbone.num_features, m.proj_hidden or backbone.num_features, m.proj_dim)
         self.prototypes = nn.Linear(m.proj_dim, c.prototypes, bias=False)  # C: (K, D)
         self.normalize_prototypes()
-        self.find_unused_parameters = c.freeze_prototypes_steps > 0  # frozen: no gradient at all
+        self.find_unused_parameters = bool(c.freeze_prototypes_epochs if c.freeze_prototypes_steps is None
+                                           else c.freeze_prototypes_steps)  # frozen: no gradient at all
+        self.prototypes_frozen = False
         if c.queue_length:  # (G, L, D): per global crop, the embeddings of the last L / B global batches
             self.register_buffer("queue", torch.zeros(cfg.multicrop.global_crops, c.queue_length, m.proj_dim))
         self.step, self.steps_per_epoch = 0, None
@@ -62,9 +66,17 @@ class SwAV(Method):
         w = self.prototypes.weight  # (K, D)
         w.copy_(F.normalize(w, dim=1))
 
+    def freeze_steps(self, steps_per_epoch: int) -> int:
+        """Steps whose prototype gradients are dropped: ``swav.freeze_prototypes_steps`` if set,
+        else ``swav.freeze_prototypes_epochs`` of ``steps_per_epoch``."""
+        c = self.cfg.swav
+        return c.freeze_prototypes_steps if c.freeze_prototypes_steps is not None else \
+            round(c.freeze_prototypes_epochs * steps_per_epoch)
+
     @torch.no_grad()
     def on_step_start(self, step: int, total_steps: int) -> None:
         self.step, self.steps_per_epoch = step, max(1, total_steps // self.cfg.train.epochs)
+        self.prototypes_frozen = step < self.freeze_steps(self.steps_per_epoch)
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
@@ -75,7 +87,7 @@ class SwAV(Method):
         n_global, n_crops = self.cfg.multicrop.global_crops, len(views)
         z = F.normalize(self.projector(encode_by_resolution(self.backbone, views)), dim=1)  # (V*B, D)
         C = self.prototypes.weight  # (K, D)
-        if self.step < c.freeze_prototypes_steps:
+        if self.prototypes_frozen:
             C = C.detach()  # frozen: the optimiser skips a parameter without a gradient
         scores = (z @ C.T).split(b)  # V x (B, K)
         filling, full = self._queue_state()
@@ -90,13 +102,13 @@ class SwAV(Method):
                     self.queue[s] = torch.cat([batch, self.queue[s, :-len(batch)]])
                 q = sinkhorn(out, c.epsilon, c.sinkhorn_iterations)[-b:]  # (B, K) this batch's codes
                 entropy = entropy + code_entropy(q)
-            predicted = [swav(scores[t], q, self.cfg.temperature) for t in range(n_crops) if t != s]
+            predicted = [swav(scores[t], q, c.temperature) for t in range(n_crops) if t != s]
             loss = loss + sum(predicted) / (n_crops - 1)  # swapped: crop t predicts the codes of s
         return {"loss": loss / n_global, "embedding": z[: n_global * b], "code_entropy": entropy / n_global}
 
     chance_advice = ("SwAV's collapse to uniform codes (SwAV README), not a slow start: lower swav.epsilon "
                      "(e.g. 0.03), start the queue later (swav.queue_start_epoch) or freeze the prototypes "
-                     "longer (swav.freeze_prototypes_steps)")
+                     "longer (swav.freeze_prototypes_epochs)")
 
     def chance_loss(self) -> float:
         """ln K: uniform codes predicted by uniform scores."""
