@@ -109,14 +109,20 @@ class Peer(nn.Module):
                                         sinkhorn_iterations=s["sinkhorn_iterations"], sinkhorn_epsilon=s["epsilon"])
         elif method == "dino":
             d = cfg["dino"]
-            self.head = H.DINOProjectionHead(feat, hidden, d["bottleneck_dim"], d["out_dim"], batch_norm=d["head_bn"],
-                                             freeze_last_layer=int(round(d["freeze_last_layer_epochs"])),
-                                             norm_last_layer=d["norm_last_layer"])
+            head = lambda: H.DINOProjectionHead(feat, hidden, d["bottleneck_dim"], d["out_dim"],  # noqa: E731
+                                                batch_norm=d["head_bn"], norm_last_layer=d["norm_last_layer"],
+                                                freeze_last_layer=int(round(d["freeze_last_layer_epochs"])))
+            self.head = head()
             self.criterion = L.DINOLoss(output_dim=d["out_dim"], warmup_teacher_temp=d["warmup_teacher_temp"],
                                         teacher_temp=d["teacher_temp"],
                                         warmup_teacher_temp_epochs=int(round(d["warmup_teacher_temp_epochs"])),
                                         student_temp=d["student_temp"], center_momentum=d["center_momentum"])
-            self._momentum_copies("backbone", "head")
+            self._momentum_copies("backbone")
+            # weight_norm's head cannot be deep-copied: a second instance, given the student's weights (as DINO)
+            self.head_momentum = head()
+            self.head_momentum.load_state_dict(self.head.state_dict())
+            U.deactivate_requires_grad(self.head_momentum)
+            self.momentum_pairs.append((self.head, self.head_momentum))
         else:
             raise SystemExit(f"lightly_side: no lightly recipe for method {method!r}")
 
@@ -287,7 +293,7 @@ def main(spec_path: str) -> None:
             for grp in opt.param_groups:
                 if grp.get("fixed_lr"):
                     grp["lr"] = peak_lr
-            total_loss += loss.detach().float()
+            total_loss += loss.detach().float().sum()  # SwaVLoss returns shape (1,)
             step += 1
         losses.append(total_loss.item() / spe)
         print(f"lightly {method} epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}", flush=True)

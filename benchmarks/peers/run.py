@@ -264,12 +264,19 @@ def table(records: list[dict], steps: int, width: float, batch: int, device: str
     rows = ["| method | steps | selfsup kNN % | lightly kNN % | Δ (pp) | selfsup img/s | lightly img/s | speed ratio "
             "| seeds | load (1-min avg) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for method in TABLE:
-        rs = [r for r in records if r["method"] == method and config_of(r) == (steps, width, batch, device)
-              and r["rc"] == 0 and r.get("knn") is not None]
+        last = {}  # a rerun of a (method, seed, side) replaces the earlier record
+        for r in records:
+            if r["method"] == method and config_of(r) == (steps, width, batch, device) and r["rc"] == 0 \
+                    and r.get("knn") is not None:
+                last[r["seed"], r["side"]] = r
+        rs = list(last.values())
         ours = [r for r in rs if r["side"] == "selfsup"]
         peer = [r for r in rs if r["side"] == "lightly"]
         if not ours or not peer:
-            rows.append(f"| {NAMES[method]} | {steps} | not run yet | not run yet | | | | | | |")
+            tried = {r["side"] for r in records if r["method"] == method and config_of(r) == (steps, width, batch, device)}
+            cell = lambda got, side: (mean_sd([r["knn"] for r in got]) if got  # noqa: E731
+                                      else "failed (see runs.jsonl)" if side in tried else "not run yet")
+            rows.append(f"| {NAMES[method]} | {steps} | {cell(ours, 'selfsup')} | {cell(peer, 'lightly')} | | | | | | |")
             continue
         ko, kp = [r["knn"] for r in ours], [r["knn"] for r in peer]
         so, sp = statistics.mean(r["images_per_s"] for r in ours), statistics.mean(r["images_per_s"] for r in peer)
