@@ -141,8 +141,9 @@ class BYOLConfig:
     momentum: float = 0.99          # target EMA τ_base, raised to 1 on a cosine over all steps (BYOL: 0.99
                                     # for 100-300 epochs, 0.996 for 1000); the projector is model.proj_hidden/proj_dim
     pred_hidden: int | None = None  # predictor hidden width (None: model.proj_hidden, BYOL's 4096)
-    per_view_bn: bool = True        # the networks run once per view, so BN normalises each view alone
-                                    # (BYOL's code); false: one pass over all views of a size
+    per_view_bn: bool = False       # true: the networks run once per view, BN normalising each view alone
+                                    # (BYOL's code); false: one pass over all views of a size, which did
+                                    # better in the measured CIFAR-10 run (docs/results.md, issue 13)
 
 
 @dataclass

@@ -41,7 +41,7 @@ def test_encode_by_resolution_runs_each_size_once_and_keeps_the_view_order():
 @pytest.mark.parametrize("method,per_view", [("simclr", False), ("byol", False), ("byol", True), ("simsiam", False),
                                              ("swav", False)])
 def test_each_resolution_goes_through_the_backbone_once(method, per_view):
-    """One pass per resolution; BYOL's per_view_bn (the default, as its code) one pass per view."""
+    """One pass per resolution; BYOL's per_view_bn (as its code) one pass per view."""
     cfg = Config(method=method)
     cfg.simclr.temperature, cfg.byol.per_view_bn = 0.1, per_view
     cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim = 0.125, 16, 8

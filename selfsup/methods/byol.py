@@ -6,8 +6,10 @@ moving average of the online one; no negatives (BYOL §3.1).
 target runs in train mode (its BN uses batch statistics) and never receives gradients. The loss
 is symmetric: both views are predicted and both are targets (BYOL eq. 2-4).
 
-As the official code, each view goes through the networks alone (``byol.per_view_bn``), so BN
-normalises every view with its own batch statistics; false: one pass over all views of a size.
+``byol.per_view_bn=true`` sends each view through the networks alone, as the official code, so BN
+normalises every view with its own batch statistics; the default (false) makes one pass over all
+views of a size, which did 1.4 points better in the one CIFAR-10 comparison measured
+(docs/results.md, issue 13).
 
 With ``multicrop.local_crops`` > 0 the target encodes the global crops only and every other
 crop predicts each of them, as SwAV's swapped prediction.
