@@ -128,7 +128,6 @@ class Knn:
     temperature: float
     batch_size: int
     bank: torch.Tensor | None = None  # the last call's training-set features, reused by the collapse monitor
-
     head: nn.Module | None = None  # the method's projection head (eval.knn_features=head), else None
 
     def __call__(self, backbone: nn.Module, size, mean, std, device, dtype,
