@@ -18,6 +18,9 @@ Sections (``--only``):
            torchvision transforms + DataLoader workers where torchvision imports.
   stream   decoded + cropped images/s per CPU core of the streaming loader (selfsup.stream)
            on the CIFAR-10 JPEGs (--cifar) and on generated 500x375 JPEGs.
+  settings (not in the default list) the full step of each method in fp32 and bf16, channels_last
+           on and off, at 1 thread and at all of them, interleaved: what precision=auto and
+           train.channels_last should choose on this CPU (issue 14 §3).
   losses   time and peak memory of nt_xent, dcl and info_nce (forward + backward), dense and
            chunked, from batch 256 upwards.
 Headline timings never synchronise inside a round; peak memory is CUDA's max_memory_allocated,
@@ -49,10 +52,11 @@ from selfsup.methods import METHODS  # noqa: E402
 from selfsup.perf import (PeakMemory, backbone_calls, bare_backbone, build_rig, interleaved,  # noqa: E402
                           phases, synchronize, view_shapes)
 from selfsup.stream import ImageStream, _Crops  # noqa: E402
+from selfsup.train import autocast_dtype  # noqa: E402
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 PRESETS = {"simclr": "cifar10-simclr", "moco": "cifar10-moco-v2", "byol": "cifar10-byol",
-           "simsiam": "cifar10-simsiam", "swav": "cifar10-swav"}
+           "simsiam": "cifar10-simsiam", "swav": "cifar10-swav", "dino": "cifar10-dino"}
 
 
 def mib(n: float) -> str:
@@ -323,6 +327,43 @@ def bench_losses(a, device) -> None:
           f"{losses.DENSE_LOGITS_MAX} entries per chunk (the automatic path above that size).\n")
 
 
+# ------------------------------------------------------------------------------------ settings
+
+def bench_settings(a, device) -> None:
+    """Issue 14 §3: the full training step of each method under every CPU setting that
+    precision=auto and train.channels_last choose between, and at each thread count,
+    interleaved in one process (the machine's noise hits every setting alike)."""
+    threads = sorted({1, torch.get_num_threads()})
+    combos = [(prec, cl) for prec in ("fp32", "bf16") for cl in (True, False)]
+    print(f"## settings: batch {a.batch} at {a.size}x{a.size}, {a.backbone} width {a.width}; img/s of the "
+          f"full step, {a.rounds} interleaved rounds x {a.iters} steps, median; threads {threads}; "
+          f"precision=auto picks {autocast_dtype('auto', device) or 'fp32'} here")
+    print(f"{'method':<8}{'threads':>8}" + "".join(f"{p + (' cl' if cl else ' nchw'):>12}" for p, cl in combos)
+          + f"{'best':>14}")
+    for name in a.methods:
+        preset = PRESETS.get(name)
+        rigs = {}
+        for prec, cl in combos:
+            overrides = {"model": {"backbone": a.backbone, "width": a.width},
+                         "train": {"batch_size": a.batch, "precision": prec, "channels_last": cl}}
+            if name == "moco":
+                overrides["moco"] = {"queue_size": max(4096 // a.batch, 1) * a.batch}
+            if name == "swav":
+                overrides["swav"] = {"queue_length": 0}
+            cfg = resolve(preset_name=preset, overrides=overrides) if preset else resolve(
+                overrides={"method": name, **overrides})
+            rigs[prec, cl] = build_rig(cfg, device, a.size)
+        for n in threads:
+            torch.set_num_threads(n)
+            t = interleaved({k: rig for k, rig in rigs.items()}, device, iters=a.iters, rounds=a.rounds)
+            best = min(t, key=t.get)
+            print(f"{name:<8}{n:>8}" + "".join(f"{a.batch / t[k]:>12.1f}" for k in combos)
+                  + f"{best[0] + (' cl' if best[1] else ' nchw'):>14}", flush=True)
+        torch.set_num_threads(threads[-1])
+    print("cl: channels_last memory format (train.channels_last=true); nchw: contiguous. bf16 on a CPU "
+          "runs under autocast; its strided convolutions on inputs of 2 px or less run in fp32 (selfsup.conv).\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="steps,augment,stream,losses")
@@ -353,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"# selfsup benchmarks | torch {torch.__version__} | Python {platform.python_version()} | {device} "
           f"({name}) | {torch.get_num_threads()} threads | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-    sections = {"steps": bench_steps, "augment": bench_augment, "stream": bench_stream, "losses": bench_losses}
+    sections = {"steps": bench_steps, "augment": bench_augment, "stream": bench_stream, "losses": bench_losses,
+                "settings": bench_settings}
     for s in a.only.split(","):
         if s not in sections:
             sys.exit(f"--only: unknown section '{s}'; choose from {', '.join(sections)}")
