@@ -51,7 +51,7 @@ from selfsup.config import resolve  # noqa: E402
 from selfsup.methods import METHODS  # noqa: E402
 from selfsup.perf import (PeakMemory, backbone_calls, bare_backbone, build_rig, interleaved,  # noqa: E402
                           phases, synchronize, view_shapes)
-from selfsup.stream import ImageStream, _Crops  # noqa: E402
+from selfsup.stream import Crops, ImageStream  # noqa: E402
 from selfsup.train import autocast_dtype  # noqa: E402
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -266,7 +266,7 @@ def bench_stream(a, device) -> None:
                     continue
                 views = [simclr_view(s, scale=(0.08, 1.0) if s >= 128 or "CIFAR" in label else (0.05, 0.14))
                          for s in out]
-                crops, n = _Crops(stream, views, seed=0), len(stream)
+                crops, n = Crops(stream, views, seed=0), len(stream)
                 batches = [[(0, i) for i in range(lo, min(n, lo + 64))] for lo in range(0, n, 64)]
                 times = []
                 for _ in range(3):

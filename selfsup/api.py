@@ -1,8 +1,9 @@
 """The Python API for notebooks and scripts: pre-train, load a backbone, extract features.
 
-``import selfsup`` stays light; these functions import torch and the rest on first use. They
-wrap the library's single implementations (``train.pretrain``, ``evaluate.load_backbone``,
-``evaluate.extract_features``) and add only the conversions a user needs at the boundary.
+``import selfsup`` stays light: it imports this module, and with it torch and the rest, on the
+first use of one of these names. They wrap the library's single implementations
+(``train.pretrain``, ``evaluate.load_backbone``, ``evaluate.extract_features``) and add only the
+conversions a user needs at the boundary.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import Config
+from . import evaluate, train
+from .config import Config, resolve
+from .data import DataError, decode_image, is_image_name
 
 
 def pretrain(config: Config | dict[str, Any] | None = None, *, resume: bool = False) -> dict:
@@ -23,13 +26,10 @@ def pretrain(config: Config | dict[str, Any] | None = None, *, resume: bool = Fa
 
         selfsup.pretrain({"preset": "digits-simclr", "out": "runs/nb", "train": {"epochs": 2}})
     """
-    from .config import resolve
-    from .train import pretrain as run
-
     if config is None or isinstance(config, dict):
         overrides = dict(config or {})
         config = resolve(preset_name=overrides.pop("preset", None), overrides=overrides)
-    return run(config, resume=resume)
+    return train.pretrain(config, resume=resume)
 
 
 class Backbone(nn.Module):
@@ -48,16 +48,12 @@ class Backbone(nn.Module):
 
 def load_backbone(path: str | Path, *, device: str | torch.device = "cpu") -> Backbone:
     """A run folder, ``checkpoint.pt``, ``backbone.pt`` or an export -> an eval-mode backbone."""
-    from .evaluate import load_backbone as load
-
-    encoder, meta = load(path)
+    encoder, meta = evaluate.load_backbone(path)
     return Backbone(encoder, meta).to(device).eval()
 
 
 def _as_uint8_images(images: Any, size: int) -> np.ndarray:
     """uint8 (N, H, W, 3) from an array/tensor (HWC or CHW, one image or many) or an image folder."""
-    from .data import DataError
-
     if isinstance(images, (str, Path)):
         return _read_folder(Path(images), size)
     x = torch.as_tensor(images) if isinstance(images, Tensor) else torch.from_numpy(np.asarray(images))
@@ -75,23 +71,19 @@ def _as_uint8_images(images: Any, size: int) -> np.ndarray:
 
 
 def _read_folder(folder: Path, size: int) -> np.ndarray:
-    from .data import DataError, _decode_image
-
     if not folder.is_dir():
         raise DataError(f"'{folder}' is not a folder of images")
     files = image_files(folder)
     if not files:
         raise DataError(f"no images in '{folder}' (searched recursively; e.g. .png, .jpg)")
     try:
-        return np.stack([_decode_image(str(p), size) for p in files])  # converted to RGB, resized
+        return np.stack([decode_image(str(p), size) for p in files])  # converted to RGB, resized
     except OSError as e:
         raise DataError(f"could not decode an image in '{folder}': {e}") from None
 
 
 def image_files(folder: str | Path) -> list[Path]:
     """The images :func:`extract_features` reads from ``folder``, in the order of its rows."""
-    from .data import is_image_name
-
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image_name(p.name))
 
 
@@ -100,10 +92,8 @@ def extract_features(backbone: Backbone, images: Any, *, batch_size: int = 256) 
     (N, 3, H, W) (floats are read as pixels in [0, 1]), or a folder path (every image in it,
     recursively, in :func:`image_files` order; converted to RGB and resized to the training
     size). Uses the run's own input size and normalisation, as the kNN monitor does."""
-    from .evaluate import extract_features as extract
-
     meta = backbone.meta
     x = _as_uint8_images(images, meta.get("data_image_size") or meta["image_size"])
     device = next(backbone.parameters()).device
-    return extract(backbone.encoder, x, size=meta["image_size"], mean=meta["mean"], std=meta["std"],
-                   device=device, batch_size=batch_size)
+    return evaluate.extract_features(backbone.encoder, x, size=meta["image_size"], mean=meta["mean"],
+                                     std=meta["std"], device=device, batch_size=batch_size)

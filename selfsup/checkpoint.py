@@ -1,19 +1,21 @@
 """Checkpoints that are never half-written and never execute code when loaded.
 
 Saving writes to a temporary file in the same folder, fsyncs it, renames it over the target
-and fsyncs the folder, so a crash at any moment leaves either the old or the new file.
+and fsyncs the folder (:func:`selfsup.files.write_atomic`), so a crash at any moment leaves
+either the old or the new file.
 Loading uses ``torch.load(weights_only=True)``: tensors and plain containers only.
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import torch
 
+# The writer lives in files.py; write_bytes_atomic, write_text_atomic and remove_temporaries
+# stay importable from here, where the run's code has always found them.
+from .files import remove_temporaries, write_atomic, write_bytes_atomic, write_text_atomic  # noqa: F401
 
 FORMAT = "selfsup-checkpoint"  # the "format" entry of every run checkpoint (pre-training, fine-tuning, ...)
 
@@ -27,50 +29,9 @@ def is_run_state(state: Any) -> bool:
     return isinstance(state, dict) and state.get("format") == FORMAT
 
 
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """temp file in the same folder -> write -> fsync -> rename over ``path`` -> fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut only once the folder is synced
-    finally:
-        os.close(dir_fd)
-
-
-def remove_temporaries(folder: str | Path) -> list[str]:
-    """Delete the temporary files of writes cut short by a kill (call only while holding the
-    folder's run lock, when no write can be in flight); returns their names."""
-    removed = []
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp.name)
-    return removed
-
-
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` that leaves either the old or the new file, never a partial one."""
-    _write_atomic(Path(path), lambda f: torch.save(obj, f))
-
-
-def write_bytes_atomic(data: bytes, path: str | Path) -> None:
-    _write_atomic(Path(path), lambda f: f.write(data))
-
-
-def write_text_atomic(text: str, path: str | Path) -> None:
-    write_bytes_atomic(text.encode(), path)
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str | Path) -> Any:

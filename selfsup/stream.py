@@ -175,7 +175,7 @@ class _Corrupt(Exception):
     """Image i of the index cannot be read or decoded (message: why)."""
 
 
-class _Crops(torch.utils.data.Dataset):
+class Crops(torch.utils.data.Dataset):
     """A batch of (epoch, index) -> each image's view crops. The boxes of a batch are drawn
     together, per image size and view, from a generator seeded by (seed, epoch, the batch's
     indices): the same whichever worker decodes the batch."""
@@ -290,7 +290,7 @@ class StreamLoader:
         self.corrupt: set[str] = set()  # the corrupt images skipped so far (skip_corrupt)
         self.sampler = _RankBatches(self.n, global_batch, seed, rank, world_size)
         self.loader = torch.utils.data.DataLoader(
-            _Crops(stream, views, seed), batch_sampler=self.sampler, num_workers=workers,
+            Crops(stream, views, seed), batch_sampler=self.sampler, num_workers=workers,
             collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None)
 

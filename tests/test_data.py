@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfsup import data
 from selfsup.data import DataError, DataSplits, ImageDataset, default_cache_dir, load_data
+from selfsup.data import decode as data_decode
+from selfsup.data import download as data_download
+from selfsup.data import load as data_load
 
 CLASSES = ["cat", "dog", "owl"]
 
@@ -326,11 +328,11 @@ def test_process_pool_decode_matches_serial(tmp_path, monkeypatch):
     _make_folder(root)
     monkeypatch.setenv("SELFSUP_DECODE_WORKERS", "1")
     serial = load_data(root, cache_dir=tmp_path / "c1")
-    monkeypatch.setattr(data, "_CHUNK", 2)  # several chunks, so the worker pool starts
+    monkeypatch.setattr(data_decode, "CHUNK", 2)  # several chunks, so the worker pool starts
     monkeypatch.setenv("SELFSUP_DECODE_WORKERS", "2")
     started = []
-    real = data.cf.ProcessPoolExecutor
-    monkeypatch.setattr(data.cf, "ProcessPoolExecutor", lambda *a, **k: started.append(1) or real(*a, **k))
+    real = data_decode.cf.ProcessPoolExecutor
+    monkeypatch.setattr(data_decode.cf, "ProcessPoolExecutor", lambda *a, **k: started.append(1) or real(*a, **k))
     pooled = load_data(_tar(root, tmp_path / "pets.tar.gz"), cache_dir=tmp_path / "c2")
     assert started
     _assert_same(serial, pooled)
@@ -356,7 +358,7 @@ def test_cache_reused_then_invalidated(tmp_path, monkeypatch, caplog):
     def no_decoding(*a, **k):
         raise AssertionError("decoded again although the cache is valid")
 
-    monkeypatch.setattr(data, "_decode_source", no_decoding)
+    monkeypatch.setattr(data_load, "decode_source", no_decoding)
     caplog.clear()
     second = load_data(root, cache_dir=cache)
     assert "using cached" in caplog.text
@@ -375,7 +377,7 @@ def test_cache_reused_then_invalidated(tmp_path, monkeypatch, caplog):
     # A half-written entry (no meta.json) is never used.
     meta = next(d for d in cache.iterdir() if d.is_dir()) / "meta.json"
     meta.unlink()
-    monkeypatch.setattr(data, "_decode_source", no_decoding)
+    monkeypatch.setattr(data_load, "decode_source", no_decoding)
     with pytest.raises(AssertionError, match="decoded again"):
         load_data(root, cache_dir=cache)
 
@@ -386,8 +388,8 @@ def test_cache_touch_invalidates_archive(tmp_path, monkeypatch):
     arc = _tar(root, tmp_path / "pets.tar.gz")
     load_data(arc, cache_dir=tmp_path / "cache")
     calls = []
-    real = data._decode_source
-    monkeypatch.setattr(data, "_decode_source", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = data_load.decode_source
+    monkeypatch.setattr(data_load, "decode_source", lambda *a, **k: calls.append(1) or real(*a, **k))
     load_data(arc, cache_dir=tmp_path / "cache")
     assert calls == []
     st = arc.stat()
@@ -466,21 +468,21 @@ def test_cifar10_download(tmp_path, monkeypatch):
     def offline(url, timeout=None):
         raise urllib.error.URLError("no route to host")
 
-    monkeypatch.setattr(data, "_urlopen", offline)
+    monkeypatch.setattr(data_download, "urlopen", offline)
     with pytest.raises(DataError, match=r"could not download https://.*no route to host.*pass --data"):
         load_data("cifar10", cache_dir=cache)
     assert not list((cache / "downloads").glob("*"))  # no partial file left behind
 
     train_x, _, _, _ = _make_cifar10(tmp_path / "src")
     payload = _tar(tmp_path / "src" / "cifar-10-batches-py", tmp_path / "fake.tar.gz").read_bytes()
-    monkeypatch.setattr(data, "_urlopen", lambda url, timeout=None: _fake_response(payload))
+    monkeypatch.setattr(data_download, "urlopen", lambda url, timeout=None: _fake_response(payload))
     with pytest.raises(DataError, match="md5"):  # the fake is not the real archive
         load_data("cifar10", cache_dir=cache)
-    monkeypatch.setitem(data._REMOTES, "cifar10",
-                        data._Remote(data._REMOTES["cifar10"].url, hashlib.md5(payload).hexdigest()))
+    monkeypatch.setitem(data_download.REMOTES, "cifar10",
+                        data_download.Remote(data_download.REMOTES["cifar10"].url, hashlib.md5(payload).hexdigest()))
     s = load_data("cifar10", cache_dir=cache)
     np.testing.assert_array_equal(s.train.images, train_x)
-    monkeypatch.setattr(data, "_urlopen", offline)
+    monkeypatch.setattr(data_download, "urlopen", offline)
     _assert_same(s, load_data("cifar10", cache_dir=cache, download=False))  # present and verified: no network
 
 
