@@ -334,7 +334,7 @@ def bench_settings(a, device) -> None:
     precision=auto and train.channels_last choose between, and at each thread count,
     interleaved in one process (the machine's noise hits every setting alike)."""
     threads = sorted({1, torch.get_num_threads()})
-    combos = [(prec, cl) for prec in ("fp32", "bf16") for cl in (True, False)]
+    combos = [(prec, cl) for prec in a.precisions.split(",") for cl in (True, False)]
     print(f"## settings: batch {a.batch} at {a.size}x{a.size}, {a.backbone} width {a.width}; img/s of the "
           f"full step, {a.rounds} interleaved rounds x {a.iters} steps, median; threads {threads}; "
           f"precision=auto picks {autocast_dtype('auto', device) or 'fp32'} here")
@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--precisions", default="fp32,bf16", help="the settings section's precisions (bf16 without "
+                   "AMX or avx512_bf16 can be 5x slower than fp32: leave it out there to save time)")
     p.add_argument("--iters", type=int, default=2, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     p.add_argument("--compile", action="store_true", help="torch.compile the method in the steps section")

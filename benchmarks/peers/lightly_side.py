@@ -102,9 +102,11 @@ class Peer(nn.Module):
             self.criterion = L.NegativeCosineSimilarity()
         elif method == "swav":
             s = cfg["swav"]
+            frozen_steps = (s["freeze_prototypes_steps"] if s["freeze_prototypes_steps"] is not None  # as selfsup's
+                            else round(s["freeze_prototypes_epochs"] * steps_per_epoch))
             self.head = H.SwaVProjectionHead(feat, hidden, m["proj_dim"])
             self.prototypes = H.SwaVPrototypes(m["proj_dim"], s["prototypes"],
-                                               n_steps_frozen_prototypes=s["freeze_prototypes_steps"])
+                                               n_steps_frozen_prototypes=frozen_steps)
             self.criterion = L.SwaVLoss(temperature=hp(cfg, "swav.temperature", "temperature"),
                                         sinkhorn_iterations=s["sinkhorn_iterations"], sinkhorn_epsilon=s["epsilon"])
         elif method == "dino":

@@ -41,8 +41,11 @@ TABLE: dict[str, tuple[str, list[str]]] = {
     "moco": ("cifar10-moco-v2", ["moco.mlp=true"]),  # MoCo v2's MLP head (the preset's default is the demo's fc)
     "byol": ("cifar10-byol", []),
     "simsiam": ("cifar10-simsiam", []),
-    "swav": ("cifar10-swav", []),
-    "dino": ("cifar10-dino", []),
+    # SwAV freezes its prototypes and DINO its last layer for the first epoch of a long run; a peer run
+    # is one short epoch, so that would freeze them throughout: a tenth of it (lightly's DINO head
+    # freezes whole epochs only, so DINO's is off on both sides)
+    "swav": ("cifar10-swav", ["swav.freeze_prototypes_epochs=0.1"]),
+    "dino": ("cifar10-dino", ["dino.freeze_last_layer_epochs=0"]),
     "dcl": ("cifar10-simclr-dcl", []),
     "dclw": ("cifar10-simclr-dclw", []),
 }
