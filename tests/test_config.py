@@ -65,8 +65,8 @@ def test_every_preset_resolves_and_says_what_it_follows():
             check_config(resolve(preset_name=name, overrides=teacher))
         else:
             check_config(resolve(preset_name=name))
-        about = read_preset(name)
-        assert about.get("about") and about.get("source"), f"preset {name} must state its recipe and its source"
+        file = read_preset(name)
+        assert file.get("about") and file.get("source"), f"preset {name} must state its recipe and its source"
 
 
 def test_the_placeholders_are_the_presets_own():
