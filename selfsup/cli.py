@@ -173,6 +173,7 @@ def _semisup(a: argparse.Namespace) -> int:
     import time
 
     from .config import ConfigError, resolve
+    from .methods import check_config
     from .semisup import StudentConfig, FinetuneConfig, semisup, step_config
 
     sets: dict[str, list[str]] = {"pretrain": [], "finetune": [], "distill": []}
@@ -191,7 +192,7 @@ def _semisup(a: argparse.Namespace) -> int:
             overrides["train"]["device"] = a.device
         if a.no_progress:
             overrides["train"]["progress"] = False
-        pre = resolve(preset_name=a.preset, sets=pre_sets, overrides=overrides)
+        pre = check_config(resolve(preset_name=a.preset, sets=pre_sets, overrides=overrides))
     ft = step_config(FinetuneConfig, sets["finetune"], labels=a.labels, head_layers=a.head_layers, **common)
     ds = step_config(StudentConfig, sets["distill"], student=a.student, **common)
     out = a.out or f"runs/semisup-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -202,12 +203,13 @@ def _semisup(a: argparse.Namespace) -> int:
 
 def _pretrain(a: argparse.Namespace) -> int:
     from . import distributed as D
-    from .config import PRESETS, ConfigError, resolve
+    from .config import ConfigError, resolve
+    from .presets import preset_names, read_preset
     from .train import pretrain
 
     if a.list_presets:
-        for name, recipe in sorted(PRESETS.items()):
-            print(f"{name}: {recipe.get('_about', '')}")
+        for name in preset_names():
+            print(f"{name}: {read_preset(name)['about']}")
         return 0
     overrides: dict = {"data": {}, "model": {}, "train": {}, "distill": {}}
     for value, section, key in [(a.data, "data", "source"), (a.backbone, "model", "backbone"),

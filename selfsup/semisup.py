@@ -35,7 +35,7 @@ from . import labels as L
 from .augment import Augment, crop_flip_view, eval_view
 from .backbones import build_backbone
 from .config import Config, ConfigError, from_dict
-from .config import _apply as apply_settings  # the typed --set machinery of run configs
+from .config import apply_updates as apply_settings  # the typed --set machinery of run configs
 from .data import ImageDataset, load_data
 from .evaluate import autocast, extract_features
 from .heads import ProjectionHead

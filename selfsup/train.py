@@ -27,7 +27,7 @@ from .config import Config, ConfigError, dump, from_dict
 from .data import ImageDataset, load_data
 from .evaluate import OnlineLinear, apply_head, autocast, extract_features, knn_accuracy, load_backbone
 from .loader import DeviceLoader
-from .methods import METHODS, Method
+from .methods import METHODS, Method, check_config
 from .monitor import CHANCE_TOLERANCE, collapse_warning, effective_rank, feature_std
 from .optim import build_optimizer, clip_gradients, scale_lr, set_lr, warmup_cosine
 from .runguard import EXIT_CODES, Interrupted, RunLock, StopSignals
@@ -309,6 +309,7 @@ def pretrain(cfg: Config, *, resume: bool = False, expect: dict | None = None) -
     the current step, checkpoint and raise :class:`Interrupted`. ``expect`` (resume): settings
     such as ``{"method": "moco"}`` that the saved run must have.
     """
+    check_config(cfg)  # the method's own rules too (resolve checks each field only)
     # Not under torchrun: it also sends SIGTERM to tear down a group after a rank died, when the
     # survivors sit in a collective that never returns, so only the default action ends them.
     with StopSignals(enabled=not D.launched_by_torchrun()) as stop, ExitStack() as held:

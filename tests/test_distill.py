@@ -10,6 +10,7 @@ from selfsup import checkpoint as ckpt
 from selfsup.cli import main
 from selfsup.config import ConfigError, resolve
 from selfsup.losses import distill, seed
+from selfsup.methods import check_config
 from selfsup.methods.distill import load_teacher
 from selfsup.optim import build_optimizer
 from selfsup.train import build_method, train_step
@@ -110,7 +111,7 @@ def test_seed_queue_takes_the_teacher_embeddings(teacher_run):
 
 def test_missing_or_unfit_teacher_gives_a_clear_error(teacher_run, tmp_path, capsys):
     with pytest.raises(ConfigError, match="needs a frozen teacher: pass --teacher"):
-        resolve(sets=["method=distill"])
+        check_config(resolve(sets=["method=distill"]))
     assert main(["pretrain", "--method", "distill", "--teacher", str(tmp_path / "nope"), *TINY]) == 2
     err = capsys.readouterr().err
     assert "distill.teacher" in err and "does not exist" in err and len(err.strip().splitlines()) == 1

@@ -18,6 +18,7 @@ from selfsup.backbones import build_backbone
 from selfsup.cli import main
 from selfsup.config import Config, ConfigError, resolve
 from selfsup.losses import dcl, dclw, info_nce
+from selfsup.methods import check_config
 from selfsup.momentum import KeyQueue, ema_update, momentum_at, momentum_copy
 from selfsup.norm import SplitBatchNorm2d, convert_split_batchnorm
 from selfsup.train import build_method
@@ -173,12 +174,12 @@ def test_dcl_and_dclw_are_info_nce_options_of_moco():
 
 def test_queue_size_must_be_a_multiple_of_the_keys_per_step():
     with pytest.raises(ConfigError, match=r"moco.queue_size 20 must be a multiple of the keys queued per step, 8"):
-        resolve(sets=["method=moco", "train.batch_size=8", "moco.queue_size=20"])
+        check_config(resolve(sets=["method=moco", "train.batch_size=8", "moco.queue_size=20"]))
     with pytest.raises(ConfigError, match=r"multiple of the keys queued per step, 16 .*moco.symmetric"):
-        resolve(sets=["method=moco", "train.batch_size=8", "moco.queue_size=24", "moco.symmetric=true"])
+        check_config(resolve(sets=["method=moco", "train.batch_size=8", "moco.queue_size=24", "moco.symmetric=true"]))
     with pytest.raises(ConfigError, match=r"memory.size 40 must be a multiple of the keys queued per step, 16"):
-        resolve(sets=["train.batch_size=8", "memory.size=40"])
-    resolve(sets=["method=moco", "train.batch_size=8", "moco.queue_size=24"])
+        check_config(resolve(sets=["train.batch_size=8", "memory.size=40"]))
+    check_config(resolve(sets=["method=moco", "train.batch_size=8", "moco.queue_size=24"]))
     # the queue itself refuses a batch that does not divide it (e.g. a method used directly)
     moco = _build(_cfg(moco={"shuffle_bn_groups": 1}))
     with pytest.raises(ValueError, match="a queue of 24 keys cannot take batches of 16 keys"):

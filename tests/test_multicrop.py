@@ -4,6 +4,7 @@ import torch
 
 from selfsup.augment import Augment, multi_crop_views, sample_crop_boxes, simclr_view
 from selfsup.config import Config, ConfigError, resolve
+from selfsup.methods import check_config
 from selfsup.methods.base import encode_by_resolution
 from selfsup.train import build_method
 
@@ -66,9 +67,9 @@ def test_each_resolution_goes_through_the_backbone_once(method, per_view):
 
 def test_config_checks_for_multicrop():
     with pytest.raises(ConfigError, match="two views"):
-        resolve(overrides={"method": "moco", "multicrop": {"local_crops": 2}})
+        check_config(resolve(overrides={"method": "moco", "multicrop": {"local_crops": 2}}))
     with pytest.raises(ConfigError, match="memory"):
-        resolve(overrides={"method": "simclr", "memory": {"size": 1024}, "multicrop": {"local_crops": 2}})
+        check_config(resolve(overrides={"method": "simclr", "memory": {"size": 1024}, "multicrop": {"local_crops": 2}}))
     assert resolve(overrides={"method": "simclr", "multicrop": {"local_crops": 2}}).multicrop.local_crops == 2
     with pytest.raises(ConfigError, match="local_scale"):
         resolve(overrides={"method": "swav", "multicrop": {"local_scale_min": 0.5, "local_scale_max": 0.2}})

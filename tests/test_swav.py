@@ -10,6 +10,7 @@ from selfsup import distributed as D
 from selfsup.cli import main
 from selfsup.config import Config, ConfigError, resolve
 from selfsup.losses import sinkhorn, swav
+from selfsup.methods import check_config
 from selfsup.optim import build_optimizer
 from selfsup.train import build_method
 
@@ -201,8 +202,8 @@ def test_queue_fills_from_its_epoch_and_joins_sinkhorn_once_full():
 
 def test_queue_length_must_be_a_multiple_of_the_global_batch():
     with pytest.raises(ConfigError, match="multiple of the global batch"):
-        resolve(overrides={"method": "swav", "train": {"batch_size": 64}, "swav": {"queue_length": 100}})
-    resolve(overrides={"method": "swav", "train": {"batch_size": 64}, "swav": {"queue_length": 128}})
+        check_config(resolve(overrides={"method": "swav", "train": {"batch_size": 64}, "swav": {"queue_length": 100}}))
+    check_config(resolve(overrides={"method": "swav", "train": {"batch_size": 64}, "swav": {"queue_length": 128}}))
 
 
 def test_swav_trains_through_the_cli_and_resumes_exactly(tmp_path):

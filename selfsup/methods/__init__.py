@@ -1,6 +1,7 @@
-"""Self-supervised methods by name."""
+"""Self-supervised methods by name, and the one check of a run's settings (:func:`check_config`)."""
 from __future__ import annotations
 
+from ..config import Config, check_placeholders, validate
 from .base import Method
 from .byol import BYOL
 from .dino import DINO
@@ -20,4 +21,16 @@ METHODS: dict[str, type[Method]] = {
     "distill": Distill,
 }
 
-__all__ = ["BYOL", "DINO", "Distill", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "SwAV"]
+
+def check_config(cfg: Config) -> Config:
+    """``cfg`` if a run can train with it, else a ConfigError naming the keys: every field's check
+    (:func:`selfsup.config.validate`), then the method's own rules (``METHODS[cfg.method].check``),
+    then the presets' placeholders. The trainer's entry calls it; :func:`~selfsup.config.resolve`
+    alone checks the fields only."""
+    validate(cfg)
+    METHODS[cfg.method].check(cfg)
+    check_placeholders(cfg)
+    return cfg
+
+
+__all__ = ["BYOL", "DINO", "Distill", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "SwAV", "check_config"]

@@ -29,6 +29,11 @@ class Method(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
 
+    @staticmethod
+    def check(cfg: Config) -> None:
+        """Refuse, with a ConfigError naming the keys, settings that pass every field check but
+        that this method cannot train with. Called by :func:`selfsup.methods.check_config`."""
+
     def augmentations(self, size: int, mean, std) -> list[Augment]:
         """One augmentation per view, applied to the same uint8 batch."""
         raise NotImplementedError

@@ -89,6 +89,16 @@ class Distill(Method):
         self.register_buffer("teacher_scale", torch.ones(1, 3, 1, 1), persistent=False)
         self.register_buffer("teacher_shift", torch.zeros(1, 3, 1, 1), persistent=False)
 
+    @staticmethod
+    def check(cfg: Config) -> None:
+        c, batch = cfg.distill, cfg.train.batch_size
+        if not c.teacher:
+            raise ConfigError("--method distill needs a frozen teacher: pass --teacher RUN_DIR_OR_CHECKPOINT "
+                              "(distill.teacher), a selfsup pre-training run")
+        if c.mode == "seed" and c.queue_size % batch:
+            raise ConfigError(f"distill.queue_size {c.queue_size} must be a multiple of the global batch "
+                              f"{batch}; e.g. distill.queue_size={max(1, c.queue_size // batch) * batch}")
+
     def train(self, mode: bool = True) -> "Distill":
         super().train(mode)
         self.teacher.eval()  # frozen: its BN uses, and never updates, its running statistics

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import distributed as D
 from ..augment import Augment, simclr_view
-from ..config import Config
+from ..config import Config, ConfigError
 from ..heads import ProjectionHead
 from ..losses import info_nce
 from ..momentum import KeyQueue, ema_update, momentum_at, momentum_copy
@@ -57,6 +57,18 @@ class MoCo(Method):
         self.queue = KeyQueue(c.queue_size, cfg.model.proj_dim)
         self.m = c.momentum
         self.step = 0
+
+    @staticmethod
+    def check(cfg: Config) -> None:
+        # MoCo asserts K % batch == 0 so the queue always holds whole batches of keys
+        per_step = cfg.train.batch_size * (2 if cfg.moco.symmetric else 1)
+        if cfg.moco.queue_size % per_step:
+            raise ConfigError(f"moco.queue_size {cfg.moco.queue_size} must be a multiple of the keys queued per "
+                              f"step, {per_step} (the global batch{' x 2 views, moco.symmetric' if cfg.moco.symmetric else ''}); "
+                              f"e.g. moco.queue_size={max(1, cfg.moco.queue_size // per_step) * per_step}")
+        if cfg.multicrop.global_crops != 2 or cfg.multicrop.local_crops:
+            raise ConfigError("moco takes exactly two views; multicrop.global_crops=2 and "
+                              "multicrop.local_crops=0 (multi-crop is for simclr, byol, simsiam and swav)")
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
         a = self.cfg.aug

@@ -29,9 +29,9 @@ from torch import Tensor, nn
 
 from .. import distributed as D
 from ..augment import Augment, simclr_view
-from ..config import Config
+from ..config import Config, ConfigError
 from ..heads import ProjectionHead
-from ..losses import CONTRASTIVE_LOSSES
+from ..losses import CONTRASTIVE_LOSSES, memory_collapse_size
 from ..momentum import KeyQueue, ema_update, momentum_copy
 from .base import Method, encode_by_resolution
 
@@ -51,6 +51,23 @@ class SimCLR(Method):
         if cfg.memory.size:
             self.encoder_k = momentum_copy(self.backbone, self.projector)  # the memory network
             self.memory = KeyQueue(cfg.memory.size, cfg.model.proj_dim)
+
+    @staticmethod
+    def check(cfg: Config) -> None:
+        mc, memory, batch = cfg.multicrop, cfg.memory.size, cfg.train.batch_size
+        if mc.global_crops < 2 or (memory and (mc.global_crops, mc.local_crops) != (2, 0)):
+            raise ConfigError("simclr needs multicrop.global_crops >= 2, and exactly two views "
+                              "(global_crops=2, local_crops=0) with SimCLRv2's memory (memory.size > 0)")
+        if memory and memory % (2 * batch):
+            raise ConfigError(f"memory.size {memory} must be a multiple of the keys queued per step, "
+                              f"{2 * batch} (2 views x the global batch); e.g. memory.size="
+                              f"{max(1, memory // (2 * batch)) * 2 * batch}")
+        collapse = memory_collapse_size(batch, cfg.simclr.temperature)
+        if memory and memory >= collapse:
+            raise ConfigError(f"memory.size {memory} with simclr.temperature {cfg.simclr.temperature:g} at "
+                              f"train.batch_size {batch} collapses: above {collapse:.0f} keys a collapsed embedding "
+                              f"has the lower loss (stale memory negatives; see selfsup.methods.simclr). Lower "
+                              f"simclr.temperature (SimCLRv2: 0.1) or memory.size")
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
         a = self.cfg.aug

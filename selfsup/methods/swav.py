@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .. import distributed as D
 from ..augment import Augment, simclr_view
-from ..config import Config
+from ..config import Config, ConfigError
 from ..heads import mlp
 from ..losses import sinkhorn, swav
 from ..monitor import CHANCE_TOLERANCE, code_entropy
@@ -55,6 +55,13 @@ class SwAV(Method):
         if c.queue_length:  # (G, L, D): per global crop, the embeddings of the last L / B global batches
             self.register_buffer("queue", torch.zeros(cfg.multicrop.global_crops, c.queue_length, m.proj_dim))
         self.step, self.steps_per_epoch = 0, None
+
+    @staticmethod
+    def check(cfg: Config) -> None:
+        batch = cfg.train.batch_size
+        if cfg.swav.queue_length % batch:
+            raise ConfigError(f"swav.queue_length {cfg.swav.queue_length} must be a multiple of the global batch "
+                              f"{batch}; e.g. swav.queue_length={max(1, cfg.swav.queue_length // batch) * batch}")
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
         a = self.cfg.aug
