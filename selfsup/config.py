@@ -17,11 +17,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError  # noqa: F401 (defined there; imported from here too)
 from .losses import memory_collapse_size
-
-
-class ConfigError(ValueError):
-    """A configuration value, key, preset or file is wrong; the message says which."""
 
 
 @dataclass

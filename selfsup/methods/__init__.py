@@ -1,7 +1,7 @@
 """Self-supervised methods by name."""
 from __future__ import annotations
 
-from .base import Method
+from .base import METHODS, Method
 from .byol import BYOL
 from .dino import DINO
 from .distill import Distill
@@ -10,7 +10,7 @@ from .simclr import SimCLR
 from .simsiam import SimSiam
 from .swav import SwAV
 
-METHODS: dict[str, type[Method]] = {
+METHODS.update({
     "simclr": SimCLR,
     "moco": MoCo,
     "byol": BYOL,
@@ -18,6 +18,6 @@ METHODS: dict[str, type[Method]] = {
     "swav": SwAV,
     "dino": DINO,
     "distill": Distill,
-}
+})
 
 __all__ = ["BYOL", "DINO", "Distill", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "SwAV"]
