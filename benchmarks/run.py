@@ -48,11 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfsup import losses  # noqa: E402
 from selfsup.augment import Augment, blur_kernel_size, simclr_view  # noqa: E402
 from selfsup.config import resolve  # noqa: E402
+from selfsup.device import autocast_dtype  # noqa: E402
 from selfsup.methods import METHODS  # noqa: E402
 from selfsup.perf import (PeakMemory, backbone_calls, bare_backbone, build_rig, interleaved,  # noqa: E402
                           phases, synchronize, view_shapes)
 from selfsup.stream import Crops, ImageStream  # noqa: E402
-from selfsup.train import autocast_dtype  # noqa: E402
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 PRESETS = {"simclr": "cifar10-simclr", "moco": "cifar10-moco-v2", "byol": "cifar10-byol",

@@ -2,7 +2,7 @@
 
 ``import selfsup`` stays light: it imports this module, and with it torch and the rest, on the
 first use of one of these names. They wrap the library's single implementations
-(``train.pretrain``, ``evaluate.load_backbone``, ``evaluate.extract_features``) and add only the
+(``train.pretrain``, ``runs.load_backbone``, ``evaluate.extract_features``) and add only the
 conversions a user needs at the boundary.
 """
 from __future__ import annotations
@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import evaluate, train
+from . import evaluate, runs, train
 from .config import Config, resolve
 from .data import DataError, decode_image, is_image_name
+from .runs import BackboneSpec
 
 
 def pretrain(config: Config | dict[str, Any] | None = None, *, resume: bool = False) -> dict:
@@ -33,13 +34,15 @@ def pretrain(config: Config | dict[str, Any] | None = None, *, resume: bool = Fa
 
 
 class Backbone(nn.Module):
-    """A pre-trained encoder with what feeding it needs: ``meta`` holds the architecture, the
-    input size and the normalisation of its training run."""
+    """A pre-trained encoder with what feeding it needs: ``spec`` holds the architecture, the
+    input size and the normalisation of its training run; ``meta`` is the same as a dict, as
+    ``backbone.json`` holds it."""
 
-    def __init__(self, encoder: nn.Module, meta: dict):
+    def __init__(self, encoder: nn.Module, spec: BackboneSpec):
         super().__init__()
         self.encoder = encoder
-        self.meta = meta
+        self.spec = spec
+        self.meta: dict[str, Any] = spec.to_json()
         self.num_features: int = encoder.num_features
 
     def forward(self, x: Tensor) -> Tensor:
@@ -48,8 +51,8 @@ class Backbone(nn.Module):
 
 def load_backbone(path: str | Path, *, device: str | torch.device = "cpu") -> Backbone:
     """A run folder, ``checkpoint.pt``, ``backbone.pt`` or an export -> an eval-mode backbone."""
-    encoder, meta = evaluate.load_backbone(path)
-    return Backbone(encoder, meta).to(device).eval()
+    encoder, spec = runs.load_backbone(path)
+    return Backbone(encoder, spec).to(device).eval()
 
 
 def _as_uint8_images(images: Any, size: int) -> np.ndarray:
@@ -92,8 +95,8 @@ def extract_features(backbone: Backbone, images: Any, *, batch_size: int = 256) 
     (N, 3, H, W) (floats are read as pixels in [0, 1]), or a folder path (every image in it,
     recursively, in :func:`image_files` order; converted to RGB and resized to the training
     size). Uses the run's own input size and normalisation, as the kNN monitor does."""
-    meta = backbone.meta
-    x = _as_uint8_images(images, meta.get("data_image_size") or meta["image_size"])
+    spec = backbone.spec
+    x = _as_uint8_images(images, spec.data_image_size or spec.image_size)
     device = next(backbone.parameters()).device
-    return evaluate.extract_features(backbone.encoder, x, size=meta["image_size"], mean=meta["mean"],
-                                     std=meta["std"], device=device, batch_size=batch_size)
+    return evaluate.extract_features(backbone.encoder, x, size=spec.image_size, mean=spec.mean,
+                                     std=spec.std, device=device, batch_size=batch_size)

@@ -13,15 +13,12 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError  # noqa: F401 (defined there; imported from here too)
 # The writer lives in files.py; write_bytes_atomic, write_text_atomic and remove_temporaries
 # stay importable from here, where the run's code has always found them.
 from .files import remove_temporaries, write_atomic, write_bytes_atomic, write_text_atomic  # noqa: F401
 
 FORMAT = "selfsup-checkpoint"  # the "format" entry of every run checkpoint (pre-training, fine-tuning, ...)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, untrusted or does not fit the model."""
 
 
 def is_run_state(state: Any) -> bool:

@@ -5,9 +5,9 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from . import __version__
+from .errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,7 +172,7 @@ def _distill(a: argparse.Namespace) -> int:
 def _semisup(a: argparse.Namespace) -> int:
     import time
 
-    from .config import ConfigError, resolve
+    from .config import resolve
     from .methods import check_config
     from .semisup import StudentConfig, FinetuneConfig, semisup, step_config
 
@@ -203,7 +203,7 @@ def _semisup(a: argparse.Namespace) -> int:
 
 def _pretrain(a: argparse.Namespace) -> int:
     from . import distributed as D
-    from .config import ConfigError, resolve
+    from .config import resolve
     from .presets import preset_names, read_preset
     from .train import pretrain
 
@@ -250,25 +250,26 @@ def _eval(a: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .config import ConfigError
-    from .data import DataError, load_data
+    from .data import load_data
+    from .device import resolve_device
     from .evaluate import (LINEAR_PROTOCOLS, apply_head, extract_features, knn_accuracy, linear_eval,
-                           linear_probe, load_backbone, protocol_for)
-    from .train import load_projector, resolve_device
+                           linear_probe, protocol_for)
+    from .runs import eval_file, load_backbone, run_dir
+    from .train import load_projector
 
     for flag, ok in (("--k", a.k >= 1), ("--t", a.t > 0), ("--epochs", a.epochs is None or a.epochs >= 1),
                      ("--lr", a.lr is None or a.lr > 0), ("--batch-size", a.batch_size >= 1)):
         if not ok:
             raise ConfigError(f"{flag} must be positive, got {getattr(a, flag[2:].replace('-', '_'))}")
     torch.manual_seed(a.seed)
-    backbone, meta = load_backbone(a.checkpoint, random_init=a.random_init)
+    backbone, spec = load_backbone(a.checkpoint, random_init=a.random_init)
     device = resolve_device(a.device)
-    splits = load_data(a.data, image_size=meta.get("data_image_size"), skip_corrupt=a.skip_corrupt)
+    splits = load_data(a.data, image_size=spec.data_image_size, skip_corrupt=a.skip_corrupt)
     if splits.test is None:
         raise DataError(f"'{a.data}' has no labelled test split to evaluate on (expected test/ or val/ "
                         f"beside train/)")
     backbone.to(device)
-    kw = dict(size=meta["image_size"], mean=meta["mean"], std=meta["std"], device=device,
+    kw = dict(size=spec.image_size, mean=spec.mean, std=spec.std, device=device,
               batch_size=a.batch_size)
     test_f = extract_features(backbone, splits.test.images, **kw)
     labels = lambda d: torch.tensor(np.asarray(d.labels), dtype=torch.long, device=device)  # noqa: E731
@@ -285,11 +286,11 @@ def _eval(a: argparse.Namespace) -> int:
                             num_classes=n_cls, k=a.k, temperature=a.t)
         result = {"protocol": "knn", "features": a.features, "top1": top1, "k": a.k, "t": a.t}
     else:
-        protocol = LINEAR_PROTOCOLS[a.protocol_name or protocol_for(meta.get("method"))]
+        protocol = LINEAR_PROTOCOLS[a.protocol_name or protocol_for(spec.method)]
         if protocol.augment:
             out = linear_eval(backbone, splits.train.images, labels(splits.train), test_f, labels(splits.test),
-                              num_classes=n_cls, protocol=protocol, size=meta["image_size"], mean=meta["mean"],
-                              std=meta["std"], device=device, epochs=a.epochs, lr=a.lr, seed=a.seed)
+                              num_classes=n_cls, protocol=protocol, size=spec.image_size, mean=spec.mean,
+                              std=spec.std, device=device, epochs=a.epochs, lr=a.lr, seed=a.seed)
         else:
             train_f = extract_features(backbone, splits.train.images, **kw)
             out = linear_probe(train_f, labels(splits.train), test_f, labels(splits.test), num_classes=n_cls,
@@ -298,9 +299,8 @@ def _eval(a: argparse.Namespace) -> int:
                   "epochs": out["settings"]["epochs"], "lr": out["settings"]["lr"], **out}
         name += f"_{protocol.name}"
     result.update(data=a.data, checkpoint=str(a.checkpoint), random_init=a.random_init)
-    where = Path(a.checkpoint)
-    where = where if where.is_dir() else where.parent
-    name = f"eval_{name}{'_random_init' if a.random_init else ''}.json"
+    where = run_dir(a.checkpoint)
+    name = eval_file(f"{name}{'_random_init' if a.random_init else ''}")
     (where / name).write_text(json.dumps(result, indent=1) + "\n")
     what = f"linear ({result['linear_protocol']})" if linear else f"knn ({a.features} features)"
     print(f"{what} top-1{' (random init)' if a.random_init else ''}: {result['top1']:.2f}% "
@@ -326,12 +326,6 @@ def _report(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .runguard import Interrupted
-    from .train import TrainingError
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # data decoding/cache notes
     try:
         args = _parser().parse_args(argv)

@@ -20,11 +20,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError  # noqa: F401 (defined there; imported from here too)
 from .presets import DuplicateKey, UniqueKeyLoader, method_recipes, preset_names, preset_settings
-
-
-class ConfigError(ValueError):
-    """A configuration value, key, preset or file is wrong; the message says which."""
 
 
 @dataclass

@@ -15,10 +15,8 @@ not comparable with published tables). :class:`OnlineLinear` is solo-learn's onl
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,11 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import Augment, crop_flip_view, eval_view
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16 autocast where asked for, a no-op context otherwise."""
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+from .device import autocast
 
 
 @torch.no_grad()
@@ -310,59 +304,3 @@ class OnlineLinear(nn.Module):
         self.classifier.load_state_dict(state["classifier"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-
-def load_backbone(path: str | Path, *, random_init: bool = False) -> tuple[nn.Module, dict]:
-    """A pre-trained backbone and its metadata (architecture, input size, normalisation).
-
-    ``path`` is a run folder, its ``checkpoint.pt`` or its ``backbone.pt`` (whose sibling
-    ``backbone.json`` describes it), or an export (``selfsup export``: a ``.pt`` with its
-    ``.json``, or a ``.safetensors``). ``random_init`` builds the same architecture untrained.
-    """
-    from . import checkpoint as ckpt
-    from .backbones import build_backbone
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "backbone.pt"
-    if not path.exists():
-        raise ckpt.CheckpointError(f"checkpoint '{path}' does not exist (expected a run folder, "
-                                   f"its checkpoint.pt or its backbone.pt)")
-    if path.suffix == ".safetensors":
-        from .export import load_safetensors
-        weights, meta = load_safetensors(path)
-    else:
-        weights, meta = _weights_and_meta(path)
-    missing = [k for k in ("backbone", "width", "cifar_stem", "image_size", "mean", "std") if k not in meta]
-    if missing:
-        raise ckpt.CheckpointError(f"the description of '{path}' lacks {', '.join(missing)}; was it "
-                                   f"written by selfsup?")
-    backbone = build_backbone(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"],
-                              binary_weights=meta.get("binary_weights", True))
-    if not random_init:
-        stem = "CIFAR" if meta["cifar_stem"] else "standard"
-        ckpt.load_weights(backbone, weights, path, f"a {meta['backbone']} (width {meta['width']:g}, "
-                                                   f"{stem} stem) as its metadata says")
-    return backbone, meta
-
-
-def _weights_and_meta(path: Path) -> tuple[dict, dict]:
-    """A training checkpoint carries its description; a bare state_dict has a JSON beside it."""
-    from . import checkpoint as ckpt
-
-    state = ckpt.load(path)
-    if ckpt.is_run_state(state):
-        weights = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
-        return weights, state["meta"]
-    meta_path = path.with_suffix(".json")  # an export's own description, else the run's
-    if not meta_path.exists():
-        meta_path = path.with_name("backbone.json")
-    if not meta_path.exists():
-        raise ckpt.CheckpointError(f"'{path}' has no {meta_path.name} beside it describing the "
-                                   f"architecture; point --checkpoint at the run folder")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as e:
-        raise ckpt.CheckpointError(f"'{meta_path}' is not valid JSON ({e}); it describes {path.name}") from None
-    if not isinstance(meta, dict) or not isinstance(state, dict):
-        raise ckpt.CheckpointError(f"'{path}' with '{meta_path.name}' is not a selfsup backbone")
-    return state, meta

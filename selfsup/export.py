@@ -22,18 +22,18 @@ widths: torchvision's names, other shapes), never ``"torchvision"``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from . import checkpoint as ckpt
 from .backbones import BACKBONES
-from .config import ConfigError
+from .errors import CheckpointError, ConfigError
+from .runs import EXPORTS, META_KEY, load_backbone, require_safetensors, run_dir, save_backbone
 
-FORMATS = ("torchvision", "safetensors")
-META_KEY = "selfsup"  # the safetensors metadata entry holding the backbone description
+FORMATS = tuple(EXPORTS)  # torchvision, safetensors
 
 
 def apply_cifar_stem(net: nn.Module) -> nn.Module:
@@ -45,59 +45,30 @@ def apply_cifar_stem(net: nn.Module) -> nn.Module:
     return net
 
 
-def _safetensors():
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise ConfigError("--format safetensors needs the safetensors package: pip install safetensors "
-                          "(or pip install 'selfsup[export]')") from None
-    return safetensors.torch
-
-
 def export_backbone(run: str | Path, fmt: str = "torchvision", out: str | Path | None = None) -> Path:
     """Write the backbone of ``run`` (a run folder, checkpoint.pt or backbone.pt) as ``fmt``."""
-    from .evaluate import load_backbone
-
     if fmt not in FORMATS:
         raise ConfigError(f"export format '{fmt}' unknown; choose {' or '.join(FORMATS)}")
-    backbone, meta = load_backbone(run)
-    if meta["backbone"] not in BACKBONES:
+    backbone, spec = load_backbone(run)
+    if spec.backbone not in BACKBONES:
         if fmt == "torchvision":
-            raise ConfigError(f"'{run}' is a {meta['backbone']}, which has no torchvision counterpart (its layers "
+            raise ConfigError(f"'{run}' is a {spec.backbone}, which has no torchvision counterpart (its layers "
                               f"and parameter names are selfsup's own); use --format safetensors and "
                               f"selfsup.load_backbone")
-    elif fmt == "torchvision" and meta["width"] != 1:
-        raise ConfigError(f"'{run}' is a {meta['backbone']} at width {meta['width']:g}, which has no "
+    elif fmt == "torchvision" and spec.width != 1:
+        raise ConfigError(f"'{run}' is a {spec.backbone} at width {spec.width:g}, which has no "
                           f"torchvision counterpart (only width 1 fits torchvision.models."
-                          f"{meta['backbone']}); use --format safetensors and selfsup.load_backbone")
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
-    out = Path(out) if out else run_dir / ("backbone-torchvision.pt" if fmt == "torchvision" else "backbone.safetensors")
-    layout = "torchvision" if meta["backbone"] in BACKBONES and meta["width"] == 1 else "selfsup"
-    meta = {**meta, "format": fmt, "layout": layout, "stem": "cifar" if meta["cifar_stem"] else "standard"}
+                          f"{spec.backbone}); use --format safetensors and selfsup.load_backbone")
+    out = Path(out) if out else run_dir(run) / EXPORTS[fmt]
+    layout = "torchvision" if spec.backbone in BACKBONES and spec.width == 1 else "selfsup"
+    spec = dataclasses.replace(spec, format=fmt, layout=layout, stem="cifar" if spec.cifar_stem else "standard")
     weights = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     try:
         if fmt == "torchvision":
-            ckpt.save_atomic(weights, out)
-            ckpt.write_text_atomic(json.dumps(meta, indent=1), out.with_suffix(".json"))
+            save_backbone(out, weights, spec)
         else:
-            ckpt.write_bytes_atomic(_safetensors().save(weights, metadata={META_KEY: json.dumps(meta)}), out)
+            metadata = {META_KEY: json.dumps(spec.to_json())}
+            ckpt.write_bytes_atomic(require_safetensors().save(weights, metadata=metadata), out)
     except OSError as e:
-        raise ckpt.CheckpointError(f"could not write the export '{out}': {e.strerror or e}") from None
+        raise CheckpointError(f"could not write the export '{out}': {e.strerror or e}") from None
     return out
-
-
-def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights and description of a safetensors export (never executes code: plain tensors)."""
-    st = _safetensors()
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
-        weights = st.load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ckpt.CheckpointError(f"'{path}' is not a readable safetensors file: {str(e)[:200]}") from None
-    if not isinstance(meta, dict):
-        raise ckpt.CheckpointError(f"'{path}' has no '{META_KEY}' metadata describing the backbone; "
-                                   f"export it with selfsup export --format safetensors")
-    return weights, meta

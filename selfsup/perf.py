@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config
-from .evaluate import autocast
+from .device import autocast, autocast_dtype
 from .optim import build_optimizer, set_lr
-from .train import autocast_dtype, build_method, train_step
+from .train import build_method, train_step
 
 
 def synchronize(device: torch.device) -> None:

@@ -26,8 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
+from .data import load_data
+from .device import resolve_device
+from .errors import CheckpointError, ConfigError
+from .evaluate import extract_features, nearest_neighbours
+from .runs import EVAL_GLOB, METRICS, load_backbone
 
 
 def _pyplot():
@@ -48,9 +51,9 @@ def _number(v: object) -> bool:
 def read_metrics(run: Path, notes: list[str] | None = None) -> list[dict]:
     """The usable rows of ``run/metrics.jsonl``; what was left out is described in ``notes``."""
     notes = [] if notes is None else notes
-    path = run / "metrics.jsonl"
+    path = run / METRICS
     if not path.is_file():
-        raise CheckpointError(f"'{run}' has no metrics.jsonl; pass a run folder written by selfsup pretrain")
+        raise CheckpointError(f"'{run}' has no {METRICS}; pass a run folder written by selfsup pretrain")
     try:
         lines = path.read_bytes().splitlines()
     except OSError as e:
@@ -196,10 +199,6 @@ def write_report(run: str | Path, *, out: str | Path | None = None, data: str | 
                  points: int = 2000, queries: int = 8, k: int = 8, device: str = "auto",
                  seed: int = 0) -> Path:
     """Write ``<run>/report/index.html`` (or ``out``) with its PNGs beside it; returns the page."""
-    from .data import load_data
-    from .evaluate import extract_features, load_backbone, nearest_neighbours
-    from .train import resolve_device
-
     for name, value, low in (("--points", points, 2), ("--queries", queries, 1), ("--k", k, 1)):
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
@@ -219,16 +218,16 @@ def write_report(run: str | Path, *, out: str | Path | None = None, data: str | 
     _curves(plt, rows, figures / "curves.png")
     sections = [_embed(figures / "curves.png", "loss, learning rate and kNN top-1 per epoch")]
 
-    backbone, meta = load_backbone(run)
-    source = data or meta.get("data")
-    splits = load_data(source, image_size=meta.get("data_image_size"))
+    backbone, spec = load_backbone(run)
+    source = data or spec.data
+    splits = load_data(source, image_size=spec.data_image_size)
     if splits.test is None or len(splits.train.classes) < 2:
         sections.append(f"<p>'{html.escape(str(source))}' has no labelled test split: no embedding map "
                         f"and no neighbour grid.</p>")
     else:
         dev = resolve_device(device)
         backbone.to(dev)
-        kw = dict(size=meta["image_size"], mean=meta["mean"], std=meta["std"], device=dev)
+        kw = dict(size=spec.image_size, mean=spec.mean, std=spec.std, device=dev)
         rng = np.random.default_rng(seed)
         test_idx = np.sort(rng.choice(len(splits.test), min(points, len(splits.test)), replace=False))
         test_images = np.asarray(splits.test.images[test_idx])              # (n, H, W, 3) uint8
@@ -248,7 +247,7 @@ def write_report(run: str | Path, *, out: str | Path | None = None, data: str | 
                                                         f"images (green: same class)")]
 
     evals = []
-    for path in sorted(run.glob("eval_*.json")):
+    for path in sorted(run.glob(EVAL_GLOB)):
         if (e := _read_eval(path, notes)) is None:
             continue
         details = ", ".join(f"{key}={e[key]}" for key in ("linear_protocol", "features", "k", "t", "epochs", "lr")
@@ -259,15 +258,15 @@ def write_report(run: str | Path, *, out: str | Path | None = None, data: str | 
                   + "</ul>") if notes else ""
     last = rows[-1]
     if "knn_top1" in last:
-        evals.append(["metrics.jsonl (last epoch)", "knn (monitor)", last["knn_top1"],
+        evals.append([f"{METRICS} (last epoch)", "knn (monitor)", last["knn_top1"],
                       f"epoch {last['epoch']}, features={last.get('knn_features', 'backbone')}", "no"])
     if "linear_top1" in last:
-        evals.append(["metrics.jsonl (last epoch)", "linear (online probe)", last["linear_top1"],
+        evals.append([f"{METRICS} (last epoch)", "linear (online probe)", last["linear_top1"],
                       f"epoch {last['epoch']}", "no"])
     summary = _table(["epoch", "loss", "kNN top-1", "images/s", "feature std", "effective rank"],
                      [[r["epoch"], r["loss"], r.get("knn_top1", "-"), r.get("images_per_s", "-"),
                        r.get("feature_std", "-"), r.get("effective_rank", "-")] for r in rows[-1:]])
-    title = f"{meta.get('method', '?')} / {meta['backbone']} (width {meta['width']:g}) on {meta.get('data', '?')}"
+    title = f"{spec.method or '?'} / {spec.backbone} (width {spec.width:g}) on {spec.data or '?'}"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>selfsup report: {html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}

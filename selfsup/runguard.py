@@ -20,16 +20,14 @@ import threading
 import time
 from pathlib import Path
 
-LOCK = "run.lock"
+from .errors import Interrupted, TrainingError
+from .runs import LOCK
+
+__all__ = ["EXIT_CODES", "LOCK", "Interrupted", "RunLock", "StopSignals"]
 
 #: Exit codes of a run stopped by a signal after its checkpoint: 128 + the signal number,
 #: as a shell reports a process killed by that signal.
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
-
-
-def _training_error():
-    from .train import TrainingError  # late import: train imports this module
-    return TrainingError
 
 
 def _pid_alive(pid: int) -> bool:
@@ -86,7 +84,7 @@ class RunLock:
             self._fd = fd
             self.held = True
             return
-        raise _training_error()(f"could not take the lock {self.path}; another run keeps creating it")
+        raise TrainingError(f"could not take the lock {self.path}; another run keeps creating it")
 
     def _same_file(self, fd: int) -> bool:
         try:
@@ -109,7 +107,7 @@ class RunLock:
     def _in_use(self, owner: dict | None) -> Exception:
         who = (f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('since')}" if owner
                else "its owner is still writing the lock")
-        return _training_error()(
+        return TrainingError(
             f"'{self.path.parent}' is in use by another run ({who}); choose another --out, or "
             f"if that run is dead delete {self.path}")
 
@@ -140,14 +138,6 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-class Interrupted(Exception):
-    """The run stopped on a signal after writing its checkpoint; ``exit_code`` is 143 or 130."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class StopSignals:

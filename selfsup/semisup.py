@@ -34,16 +34,18 @@ from . import checkpoint as ckpt
 from . import labels as L
 from .augment import Augment, crop_flip_view, eval_view
 from .backbones import build_backbone
-from .config import Config, ConfigError, from_dict
+from .config import Config, from_dict, parse_set
 from .config import apply_updates as apply_settings  # the typed --set machinery of run configs
 from .data import ImageDataset, load_data
-from .evaluate import autocast, extract_features
+from .device import autocast, autocast_dtype, resolve_device
+from .errors import CheckpointError, ConfigError, TrainingError
+from .evaluate import extract_features
 from .heads import ProjectionHead
 from .loader import epoch_permutation
 from .losses import distill as distill_loss
 from .optim import build_optimizer, param_groups, scale_lr, set_lr, warmup_cosine
-from .train import (CHECKPOINT, METRICS, TrainingError, autocast_dtype, build_method, pretrain,
-                    resolve_device, save_run)
+from .runs import CHECKPOINT, CONFIG, METRICS, BackboneSpec, load_run, run_dir, run_spec, save_run
+from .train import build_method, pretrain
 
 RESULTS = "results"  # semisup writes results.json and results.md
 
@@ -123,8 +125,6 @@ def _validate(cfg: StepConfig) -> None:
 
 def step_config(cls: type[StepConfig], sets: list[str] | None = None, **overrides) -> StepConfig:
     """A step's settings: defaults <- ``--set key=value`` items <- explicit (non-None) overrides."""
-    from .config import parse_set
-
     cfg = cls()
     for item in sets or []:
         apply_settings(cfg, parse_set(item))
@@ -140,7 +140,7 @@ def step_config(cls: type[StepConfig], sets: list[str] | None = None, **override
 class Classifier(nn.Module):
     """f(·), the first layers of g(·) (possibly none) and a linear layer to the classes.
 
-    The encoder is called ``backbone``, as in every method, so ``evaluate.load_backbone``
+    The encoder is called ``backbone``, as in every method, so ``runs.load_backbone``
     reads the encoder of a fine-tuned or distilled checkpoint like a pre-trained one.
     """
 
@@ -164,49 +164,43 @@ class Classifier(nn.Module):
         return param_groups(self, weight_decay, plain=self.fc.parameters())
 
 
-def build_classifier(meta: dict, method: nn.Module | None = None) -> Classifier:
-    """The classifier ``meta`` describes; ``method``: the pre-training network to take f and g
+def build_classifier(spec: BackboneSpec, method: nn.Module | None = None) -> Classifier:
+    """The classifier ``spec`` describes; ``method``: the pre-training network to take f and g
     from (its weights are shared, not copied); otherwise both are built untrained."""
-    n = meta["head_layers"]
-    if method is None and (n or meta.get("pretrain_config")):
-        method = build_method(from_dict(meta["pretrain_config"]))
+    n = spec.head_layers
+    if method is None and (n or spec.pretrain_config):
+        method = build_method(from_dict(spec.pretrain_config))
     if method is None:
-        backbone = build_backbone(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"])
-        return Classifier(backbone, nn.Sequential(), meta["num_classes"])
+        backbone = build_backbone(spec.backbone, width=spec.width, cifar_stem=spec.cifar_stem)
+        return Classifier(backbone, nn.Sequential(), spec.num_classes)
     head = nn.Sequential()
     if n:
         projector = getattr(method, "projector", None)
         if not isinstance(projector, ProjectionHead):
-            raise ConfigError(f"a {meta.get('pretrain_method', 'this')} run has no SimCLR-style projection "
+            raise ConfigError(f"a {spec.pretrain_method or 'this'} run has no SimCLR-style projection "
                               f"head to fine-tune from; use --from-head-layer 0 (the encoder only)")
         if n > projector.num_layers:
             raise ConfigError(f"--from-head-layer {n}: the run's projection head has only "
                               f"{projector.num_layers} layers")
         head = projector.layers_up_to(n)
-    return Classifier(method.backbone, head, meta["num_classes"])
+    return Classifier(method.backbone, head, spec.num_classes)
 
 
-def _run_state(path: str | Path) -> tuple[Path, dict]:
-    path = Path(path)
-    folder, file = (path, path / CHECKPOINT) if path.is_dir() else (path.parent, path)
-    if not file.exists():
-        raise ckpt.CheckpointError(f"'{path}' holds no {CHECKPOINT}; pass a run folder")
-    state = ckpt.load(file)
-    if not ckpt.is_run_state(state):
-        raise ckpt.CheckpointError(f"'{file}' is not a selfsup run checkpoint")
-    return folder, state
+def _run_state(path: str | Path, who: str) -> tuple[Path, dict, BackboneSpec]:
+    """The folder, loaded checkpoint and spec of the run ``path`` (its folder or checkpoint)."""
+    file, state = load_run(path, who=who)
+    return run_dir(file), state, run_spec(state, file)
 
 
-def load_classifier(run: str | Path) -> tuple[Classifier, dict, Path]:
-    """A fine-tuned or distilled run's classifier, its metadata and its folder."""
-    folder, state = _run_state(run)
-    meta = state["meta"]
-    if "num_classes" not in meta:
-        raise ckpt.CheckpointError(f"'{run}' is a pre-training run, not a fine-tuned one; run "
-                                   f"`selfsup finetune --checkpoint {run}` first")
-    model = build_classifier(meta)
+def load_classifier(run: str | Path) -> tuple[Classifier, BackboneSpec, Path]:
+    """A fine-tuned or distilled run's classifier, its spec and its folder."""
+    folder, state, spec = _run_state(run, "run")
+    if spec.num_classes is None:
+        raise CheckpointError(f"'{run}' is a pre-training run, not a fine-tuned one; run "
+                              f"`selfsup finetune --checkpoint {run}` first")
+    model = build_classifier(spec)
     model.load_state_dict(state["model"])
-    return model, meta, folder
+    return model, spec, folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,16 +213,16 @@ def _prepare_out(cfg: StepConfig, kind: str) -> Path:
         raise TrainingError(f"'{out}' already holds a run ({CHECKPOINT}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     cfg.out = str(out)
-    (out / "config.yaml").write_text(yaml.safe_dump({kind: dataclasses.asdict(cfg)}, sort_keys=False))
+    (out / CONFIG).write_text(yaml.safe_dump({kind: dataclasses.asdict(cfg)}, sort_keys=False))
     return out
 
 
 @torch.no_grad()
-def top1(model: nn.Module, data: ImageDataset, meta: dict, device: torch.device, cfg: StepConfig,
+def top1(model: nn.Module, data: ImageDataset, spec: BackboneSpec, device: torch.device, cfg: StepConfig,
          dtype: torch.dtype | None) -> float:
     """Test top-1 (%) of a classifier on the deterministic evaluation view."""
-    logits = extract_features(model, data.images, size=meta["image_size"], mean=meta["mean"],
-                              std=meta["std"], device=device, batch_size=cfg.eval_batch_size, dtype=dtype)
+    logits = extract_features(model, data.images, size=spec.image_size, mean=spec.mean,
+                              std=spec.std, device=device, batch_size=cfg.eval_batch_size, dtype=dtype)
     labels = torch.from_numpy(np.array(data.labels)).to(device)  # a copy: cached arrays are read-only
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
@@ -281,10 +275,10 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
     return metrics
 
 
-def _save(out: Path, model: Classifier, cfg: StepConfig, kind: str, meta: dict, epoch: int) -> None:
+def _save(out: Path, model: Classifier, cfg: StepConfig, kind: str, spec: BackboneSpec, epoch: int) -> None:
     state = {"format": ckpt.FORMAT, "version": 1, "kind": kind, "config": dataclasses.asdict(cfg),
-             "epoch": epoch, "model": model.state_dict(), "meta": meta}
-    save_run(out, state, model.backbone, meta)
+             "epoch": epoch, "model": model.state_dict()}
+    save_run(out, state, model.backbone, spec)
 
 
 def _setup(cfg: StepConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -303,22 +297,22 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune a pre-training run on a labelled subset (SimCLRv2 §2); returns the last metrics."""
     _validate(cfg)
     device, dtype = _setup(cfg)
-    folder, state = _run_state(cfg.checkpoint)
-    if "num_classes" in state["meta"]:
+    folder, state, pre_spec = _run_state(cfg.checkpoint, "--checkpoint")
+    if pre_spec.num_classes is not None:
         raise ConfigError(f"'{cfg.checkpoint}' is already a fine-tuned run; pass the pre-training run")
     pre_cfg: Config = from_dict(state["config"])
     method = build_method(pre_cfg)
     if not cfg.random_init:
         method.load_state_dict(state["model"])
-    cfg.data = cfg.data or state["meta"]["data"]
-    splits = load_data(cfg.data, image_size=state["meta"].get("data_image_size"))
+    cfg.data = cfg.data or pre_spec.data
+    splits = load_data(cfg.data, image_size=pre_spec.data_image_size)
     if splits.test is None:
         raise ConfigError(f"'{cfg.data}' has no labelled test split to evaluate the fine-tuning on")
     train = splits.train
-    meta = dict(state["meta"], method="finetune", pretrain_method=pre_cfg.method,
-                pretrain_config=pre_cfg.to_dict(), head_layers=cfg.head_layers,
-                num_classes=len(train.classes), random_init=cfg.random_init)
-    model = build_classifier(meta, method).to(device, memory_format=torch.channels_last)
+    spec = dataclasses.replace(pre_spec, method="finetune", pretrain_method=pre_cfg.method,
+                               pretrain_config=pre_cfg.to_dict(), head_layers=cfg.head_layers,
+                               num_classes=len(train.classes), random_init=cfg.random_init)
+    model = build_classifier(spec, method).to(device, memory_format=torch.channels_last)
 
     indices = L.select(cfg.labels, train.labels, len(train.classes), seed=cfg.label_seed)  # (M,)
     out = _prepare_out(cfg, "finetune")
@@ -326,10 +320,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
                     f"{cfg.label_seed}: {len(indices)} indices into the training split of {cfg.data}")
     images = torch.from_numpy(np.array(train.images[indices])).to(device)  # (M, H, W, 3) uint8
     targets = torch.from_numpy(train.labels[indices]).to(device)             # (M,)
-    augment = Augment(crop_flip_view(meta["image_size"], scale=(cfg.crop_scale_min, 1.0),
-                                     mean=tuple(meta["mean"]), std=tuple(meta["std"])))
+    augment = Augment(crop_flip_view(spec.image_size, scale=(cfg.crop_scale_min, 1.0),
+                                     mean=spec.mean, std=spec.std))
     source = "random initialisation" if cfg.random_init else str(folder)
-    print(f"fine-tuning {meta['backbone']} (width {meta['width']:g}) + {cfg.head_layers} head "
+    print(f"fine-tuning {spec.backbone} (width {spec.width:g}) + {cfg.head_layers} head "
           f"layer(s) from {source} on {len(indices)} labelled images ({cfg.labels})", flush=True)
 
     def batch_loss(idx: Tensor, generator: torch.Generator) -> Tensor:
@@ -340,8 +334,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         return F.cross_entropy(logits.float(), targets[idx])
 
     metrics = _fit(model, batch_loss, len(indices), cfg, out,
-                   lambda: top1(model, splits.test, meta, device, cfg, dtype), device)
-    _save(out, model, cfg, "finetune", meta, cfg.epochs)
+                   lambda: top1(model, splits.test, spec, device, cfg, dtype), device)
+    _save(out, model, cfg, "finetune", spec, cfg.epochs)
     return dict(metrics, out=str(out), labelled=len(indices))
 
 
@@ -353,15 +347,15 @@ def distill(cfg: StudentConfig) -> dict:
     """Distil a fine-tuned teacher into a student on all training images (SimCLRv2 §2 eq. 2)."""
     _validate(cfg)
     device, dtype = _setup(cfg)
-    teacher, tmeta, tfolder = load_classifier(cfg.teacher)
+    teacher, tspec, tfolder = load_classifier(cfg.teacher)
     teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)  # fixed
-    cfg.data = cfg.data or tmeta["data"]
-    splits = load_data(cfg.data, image_size=tmeta.get("data_image_size"), unlabeled=cfg.unlabeled)
+    cfg.data = cfg.data or tspec.data
+    splits = load_data(cfg.data, image_size=tspec.data_image_size, unlabeled=cfg.unlabeled)
     if splits.test is None:
         raise ConfigError(f"'{cfg.data}' has no labelled test split to evaluate the student on")
     train = splits.train
-    if len(train.classes) != tmeta["num_classes"]:
-        raise ConfigError(f"the teacher '{cfg.teacher}' predicts {tmeta['num_classes']} classes, "
+    if len(train.classes) != tspec.num_classes:
+        raise ConfigError(f"the teacher '{cfg.teacher}' predicts {tspec.num_classes} classes, "
                           f"'{cfg.data}' has {len(train.classes)}; distil on the teacher's data")
     labels = np.full(len(train), -1, dtype=np.int64)
     labels_file = tfolder / L.LABELS_FILE
@@ -375,14 +369,14 @@ def distill(cfg: StudentConfig) -> dict:
         all_images = np.concatenate([all_images, np.asarray(splits.unlabeled.images)])
         labels = np.concatenate([labels, np.full(len(splits.unlabeled), -1, dtype=np.int64)])
 
-    meta = dict(tmeta, method="distill", backbone=cfg.student, width=cfg.width or tmeta["width"],
-                head_layers=0, pretrain_config=None, teacher=str(tfolder), random_init=False)
-    student = build_classifier(meta).to(device, memory_format=torch.channels_last)
-    size, mean, std = meta["image_size"], tuple(meta["mean"]), tuple(meta["std"])
+    spec = dataclasses.replace(tspec, method="distill", backbone=cfg.student, width=cfg.width or tspec.width,
+                               head_layers=0, pretrain_config=None, teacher=str(tfolder), random_init=False)
+    student = build_classifier(spec).to(device, memory_format=torch.channels_last)
+    size, mean, std = spec.image_size, spec.mean, spec.std
     out = _prepare_out(cfg, "distill")
-    teacher_top1 = top1(teacher, splits.test, tmeta, device, cfg, dtype)
+    teacher_top1 = top1(teacher, splits.test, tspec, device, cfg, dtype)
     print(f"distilling the teacher {tfolder} (test top-1 {teacher_top1:.2f}%) into {cfg.student} "
-          f"(width {meta['width']:g}) on {len(all_images)} images, tau {cfg.temperature:g}, "
+          f"(width {spec.width:g}) on {len(all_images)} images, tau {cfg.temperature:g}, "
           f"alpha {cfg.alpha:g}", flush=True)
     images = torch.from_numpy(np.array(all_images)).to(device)  # (N, H, W, 3) uint8
     targets = torch.from_numpy(labels).to(device)                 # (N,), -1 = unlabelled
@@ -411,8 +405,8 @@ def distill(cfg: StudentConfig) -> dict:
         return loss
 
     metrics = _fit(student, batch_loss, len(images), cfg, out,
-                   lambda: top1(student, splits.test, meta, device, cfg, dtype), device)
-    _save(out, student, cfg, "distill", meta, cfg.epochs)
+                   lambda: top1(student, splits.test, spec, device, cfg, dtype), device)
+    _save(out, student, cfg, "distill", spec, cfg.epochs)
     return dict(metrics, out=str(out), teacher_top1=teacher_top1)
 
 

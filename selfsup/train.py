@@ -23,56 +23,20 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as D
 from .backbones import build_backbone
-from .config import Config, ConfigError, dump, from_dict
+from .config import Config, dump, from_dict
 from .data import ImageDataset, load_data
-from .evaluate import OnlineLinear, apply_head, autocast, extract_features, knn_accuracy, load_backbone
+from .device import autocast, autocast_dtype, resolve_device
+from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
+from .evaluate import OnlineLinear, apply_head, extract_features, knn_accuracy
 from .loader import DeviceLoader
 from .methods import METHODS, Method, check_config
 from .monitor import CHANCE_TOLERANCE, collapse_warning, effective_rank, feature_std
 from .optim import build_optimizer, clip_gradients, scale_lr, set_lr, warmup_cosine
-from .runguard import EXIT_CODES, Interrupted, RunLock, StopSignals
+from .runguard import EXIT_CODES, RunLock, StopSignals
+from .runs import CHECKPOINT, CONFIG, METRICS, TENSORBOARD, BackboneSpec, load_backbone, load_run, save_run
 from .stream import IMAGENET_MEAN_STD, ImageStream, StreamLoader, device_augmentations
 
-CHECKPOINT = "checkpoint.pt"
-BACKBONE = "backbone.pt"
-BACKBONE_META = "backbone.json"
-METRICS = "metrics.jsonl"
 MONITOR_IMAGES = 2048  # the collapse monitor's fixed subset of the training images
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, a clash with an existing run folder, ...)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device '{name}' asked for, but CUDA is not available here; use --device cpu")
-        if D.launched_by_torchrun() and name == "cuda":
-            name = f"cuda:{D.local_rank()}"
-    elif name != "cpu":
-        raise ConfigError(f"train.device '{name}' unknown; use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
-
-
-def _cpu_has_bf16_matmul() -> bool:
-    """AMX tiles make bf16 convolutions faster than fp32 on a CPU; without them bf16 is slower."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())  # private API: fall back to fp32 if it moves
-    except AttributeError:
-        return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware runs it fast (auto) or when asked for; fp32 otherwise."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto":
-        fast = (torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_bf16_matmul())
-        return torch.bfloat16 if fast else None
-    return None
 
 
 def build_method(cfg: Config) -> Method:
@@ -80,13 +44,13 @@ def build_method(cfg: Config) -> Method:
     backbone = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem, binary_weights=m.binary_weights,
                               zero_init_residual=m.zero_init_residual)
     if m.init_from:  # e.g. S2-BNN's step two from step one; before any teacher copies the backbone
-        source, meta = load_backbone(m.init_from)
+        source, spec = load_backbone(m.init_from)
         try:
             backbone.load_state_dict(source.state_dict())
         except RuntimeError as e:
-            raise ckpt.CheckpointError(f"model.init_from '{m.init_from}' holds a {meta['backbone']} (width "
-                                       f"{meta['width']}) that does not fit model.backbone {m.backbone} "
-                                       f"(width {m.width}): {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"model.init_from '{m.init_from}' holds a {spec.backbone} (width "
+                                  f"{spec.width}) that does not fit model.backbone {m.backbone} "
+                                  f"(width {m.width}): {str(e).splitlines()[0]}") from None
     return METHODS[cfg.method](cfg, backbone)
 
 
@@ -94,13 +58,8 @@ def load_projector(path: str | Path, *, random_init: bool = False) -> nn.Module:
     """The projection head g of a run, from its ``checkpoint.pt`` (a run folder, the checkpoint,
     or the ``backbone.pt`` beside it), built as the run's method builds it (kNN on head features).
     ``random_init``: the same head untrained."""
-    path = Path(path)
-    path = path / CHECKPOINT if path.is_dir() else path.with_name(CHECKPOINT) if path.name == BACKBONE else path
-    if not path.exists():
-        raise ckpt.CheckpointError(f"head features need the run's {CHECKPOINT}; '{path}' does not exist")
-    state = ckpt.load(path)
-    if not ckpt.is_run_state(state):
-        raise ckpt.CheckpointError(f"head features need a selfsup training checkpoint; '{path}' is not one")
+    path, state = load_run(path, who="--features head:", kind="training", beside_backbone=True,
+                           hint=f"; head features need the run's {CHECKPOINT}, which holds its projection head")
     cfg = from_dict(state["config"])
     cfg.model.init_from = None  # the saved weights replace whatever the run started from
     method = build_method(cfg)
@@ -111,12 +70,13 @@ def load_projector(path: str | Path, *, random_init: bool = False) -> nn.Module:
     return method.projector
 
 
-def backbone_meta(cfg: Config, size: int, mean, std) -> dict:
-    """What an evaluation needs to rebuild the backbone and feed it as in training."""
-    return {"backbone": cfg.model.backbone, "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem,
-            "binary_weights": cfg.model.binary_weights,
-            "image_size": size, "data_image_size": cfg.data.image_size, "mean": list(mean),
-            "std": list(std), "method": cfg.method, "data": cfg.data.source}
+def backbone_spec(cfg: Config, size: int, mean, std) -> BackboneSpec:
+    """What an evaluation needs to rebuild the backbone of a run of ``cfg`` and feed it as in
+    training (``size``: the views' side; ``mean``, ``std``: their normalisation)."""
+    return BackboneSpec(backbone=cfg.model.backbone, width=cfg.model.width, cifar_stem=cfg.model.cifar_stem,
+                        binary_weights=cfg.model.binary_weights, image_size=size,
+                        data_image_size=cfg.data.image_size, mean=tuple(mean), std=tuple(std),
+                        method=cfg.method, data=cfg.data.source)
 
 
 @dataclass
@@ -176,7 +136,7 @@ def _log(msg: str) -> None:
 
 
 def _save(out: Path, method: Method, optimizer, generator: torch.Generator, *, epoch: int,
-          step: int, cfg: Config, meta: dict, partial: dict | None = None,
+          step: int, cfg: Config, spec: BackboneSpec, partial: dict | None = None,
           probe: OnlineLinear | None = None) -> None:
     """Checkpoint first, then the backbone alone; both atomic. Every rank calls, rank 0 writes.
 
@@ -188,25 +148,12 @@ def _save(out: Path, method: Method, optimizer, generator: torch.Generator, *, e
         return
     state = {"format": ckpt.FORMAT, "version": 1, "config": cfg.to_dict(), "epoch": epoch,
              "step": step, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-             "generator": generators[0], "generators": generators, "meta": meta}
+             "generator": generators[0], "generators": generators}
     if partial is not None:
         state["partial_epoch"] = partial
     if probe is not None:
         state["online_linear"] = probe.run_state()
-    save_run(out, state, method.backbone, meta)
-
-
-def save_run(out: Path, state: dict, backbone: nn.Module, meta: dict) -> None:
-    """A run's checkpoint, then its backbone alone with the metadata evaluations read; each
-    atomic. A failed write (e.g. ENOSPC) leaves the previous files untouched and says so."""
-    try:
-        ckpt.save_atomic(state, out / CHECKPOINT)
-        ckpt.save_atomic(backbone.state_dict(), out / BACKBONE)
-        ckpt.write_text_atomic(json.dumps(meta, indent=1), out / BACKBONE_META)
-    except OSError as e:
-        raise TrainingError(f"could not write the checkpoint in '{out}': {e.strerror or e}; the previous "
-                            f"checkpoint there is intact. Free space, then resume with the command that "
-                            f"made the run and --resume") from None
+    save_run(out, state, method.backbone, spec)
 
 
 def _tensorboard(out: Path):
@@ -216,7 +163,7 @@ def _tensorboard(out: Path):
     except ImportError:
         raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard "
                           "(or pip install 'selfsup[tensorboard]')") from None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / TENSORBOARD))
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
@@ -330,11 +277,9 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
         ckpt.remove_temporaries(out)  # left by a run killed while saving
     if resume:
         if not (out / CHECKPOINT).exists():
-            raise ckpt.CheckpointError(f"--resume: no {CHECKPOINT} in '{out}' to resume from; start the run "
-                                       f"without --resume")
-        state = ckpt.load(out / CHECKPOINT)
-        if not ckpt.is_run_state(state):
-            raise ckpt.CheckpointError(f"'{out / CHECKPOINT}' is not a selfsup training checkpoint")
+            raise CheckpointError(f"--resume: no {CHECKPOINT} in '{out}' to resume from; start the run "
+                                  f"without --resume")
+        _, state = load_run(out, who="--resume:", kind="training")
         saved = from_dict(state["config"])  # the run's own settings; where it runs may change
         ckpt.check_expected(saved.to_dict(), expect, out / CHECKPOINT)
         saved.out = cfg.out
@@ -362,7 +307,7 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
             images = np.concatenate([np.asarray(images), np.asarray(splits.unlabeled.images)])
         size = cfg.aug.size or splits.train.image_size[0]
         mean, std = splits.train.mean_std()
-    meta = backbone_meta(cfg, size, mean, std)
+    spec = backbone_spec(cfg, size, mean, std)
 
     method = build_method(cfg)
     sync_bn = cfg.model.sync_bn if cfg.model.sync_bn is not None else method.sync_bn_default
@@ -411,7 +356,7 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
         _log(f"resuming '{out}' at epoch {start_epoch}/{cfg.train.epochs}{where}")
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        dump(cfg, out / "config.yaml")
+        dump(cfg, out / CONFIG)
         _truncate_metrics(out / METRICS, start_epoch)
 
     model: nn.Module = method
@@ -474,7 +419,7 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
                 progress.update(cfg.train.log_every)
             if i + 1 < steps_per_epoch and stop.requested:
                 seconds = time.perf_counter() - t0
-                _save(out, method, optimizer, generator, epoch=epoch, step=step + 1, cfg=cfg, meta=meta,
+                _save(out, method, optimizer, generator, epoch=epoch, step=step + 1, cfg=cfg, spec=spec,
                       probe=probe, partial={"steps": i + 1, "loss_sum": loss_sum.cpu(),
                                             "sums": {k: v.cpu() for k, v in sums.items()},
                                "seconds": seconds, "train_seconds": train_seconds + seconds})
@@ -520,7 +465,7 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
         stopping = not last and stop.requested
         if last or stopping or (epoch + 1) % cfg.train.checkpoint_every == 0:
             _save(out, method, optimizer, generator, epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
-                  cfg=cfg, meta=meta, probe=probe)
+                  cfg=cfg, spec=spec, probe=probe)
         if stopping:
             raise _interrupted(stop, out, f"the end of epoch {epoch + 1}")
         result.update(metrics)

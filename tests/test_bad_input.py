@@ -426,11 +426,11 @@ def test_exports_of_a_binary_backbone(tmp_path, capsys):
     _one_line_error(capsys, rc, "is a binary-resnet18, which has no torchvision counterpart")
     assert not (run / "backbone-torchvision.pt").exists()
     pytest.importorskip("safetensors")
-    from selfsup.export import load_safetensors
+    from selfsup.runs import load_safetensors
 
     assert main(["export", str(run), "--format", "safetensors"]) == 0
     _, described = load_safetensors(run / "backbone.safetensors")
-    assert described["layout"] == "selfsup" and described["backbone"] == "binary-resnet18"
+    assert described.layout == "selfsup" and described.backbone == "binary-resnet18"
 
 
 def _report_run(files, tmp_path: Path, metrics: str, evals: dict[str, str] | None = None) -> Path:

@@ -10,7 +10,7 @@ from selfsup.backbones import build_backbone
 from selfsup.binary import ApproxSign, BinarizeWeight, BinaryConv2d, BinaryResNet, RSign, weight_memory
 from selfsup.cli import main
 from selfsup.config import ConfigError, resolve
-from selfsup.evaluate import load_backbone
+from selfsup.runs import load_backbone
 from selfsup.train import build_method
 
 TINY = ["--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progress", "--epochs", "1",

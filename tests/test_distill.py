@@ -76,7 +76,7 @@ def test_teacher_is_frozen_its_bn_statistics_never_move(teacher_run):
 def test_s2bnn_distils_over_embedding_dimensions_of_the_same_view(teacher_run):
     torch.manual_seed(0)
     method = _student(teacher_run)
-    mean, std = method.teacher_meta["mean"], method.teacher_meta["std"]
+    mean, std = method.teacher_meta.mean, method.teacher_meta.std
     # a student on other data statistics: the teacher still gets its own normalisation of the pixels
     method.augmentations(SIZE, (0.5,) * 3, (0.25,) * 3)
     pixels = torch.rand(1, 3, 1, 1)
@@ -98,7 +98,7 @@ def test_seed_queue_takes_the_teacher_embeddings(teacher_run):
     method = _student(teacher_run, "distill.mode=seed", "distill.queue_size=16")
     meta = method.teacher_meta
     views = [aug(torch.randint(0, 256, (B, SIZE, SIZE, 3), dtype=torch.uint8))
-             for aug in method.augmentations(SIZE, meta["mean"], meta["std"])]
+             for aug in method.augmentations(SIZE, meta.mean, meta.std)]
     queue_before = method.queue.snapshot()
     with torch.no_grad():
         t = F.normalize(method.teacher(views[0]), dim=1)

@@ -18,7 +18,7 @@ from selfsup import checkpoint as ckpt
 from selfsup import train
 from selfsup.cli import main
 from selfsup.runguard import LOCK, Interrupted, RunLock
-from selfsup.train import TrainingError
+from selfsup.errors import TrainingError
 
 # 22 steps per epoch (digits train split at batch 64); knn only at the end keeps epochs short
 TINY = ["--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progress",

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup import checkpoint as ckpt
-from selfsup import train
+from selfsup import runs, train
 from selfsup.config import resolve
 from selfsup.data import load_data
 from selfsup.evaluate import extract_features
@@ -60,9 +60,9 @@ def teacher_run(tmp_path_factory):
     cfg = resolve(sets=["method=simclr", *SMALL])
     method = train.build_method(cfg)
     out = tmp_path_factory.mktemp("teacher")
-    meta = train.backbone_meta(cfg, SIZE, [0.5] * 3, [0.25] * 3)
+    meta = train.backbone_spec(cfg, SIZE, [0.5] * 3, [0.25] * 3).to_json()
     ckpt.save_atomic({"format": ckpt.FORMAT, "version": 1, "config": cfg.to_dict(), "epoch": 0, "step": 0,
-                      "model": method.state_dict(), "meta": meta}, out / train.CHECKPOINT)
+                      "model": method.state_dict(), "meta": meta}, out / runs.CHECKPOINT)
     return out
 
 

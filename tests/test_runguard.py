@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from selfsup.runguard import LOCK, RunLock
-from selfsup.train import TrainingError
+from selfsup.errors import TrainingError
 
 PROCESSES, ROUNDS = 16, 60
 

@@ -13,6 +13,7 @@ from selfsup.config import resolve
 from selfsup.data import DataError, load_data
 from selfsup.evaluate import extract_features
 from selfsup.optim import build_optimizer
+from selfsup.runs import BackboneSpec
 from selfsup.train import build_method
 
 TINY_PRE = ["--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progress", "--epochs", "2",
@@ -80,11 +81,16 @@ def test_bad_index_files_name_file_and_line(digits, tmp_path, text, message):
 # fine-tuning
 
 
+def _spec(**classifier) -> BackboneSpec:
+    """A fine-tuned classifier's spec; its architecture fields go unread when the network is given."""
+    return BackboneSpec(backbone="resnet18", width=0.125, cifar_stem=True, image_size=8, mean=(0.5,) * 3,
+                        std=(0.5,) * 3, **classifier)
+
+
 def test_classifier_from_head_layer_1_holds_exactly_that_layer_and_a_zero_classifier():
     cfg = resolve(sets=["model.width=0.125", "model.proj_layers=3"])
     method = build_method(cfg)
-    meta = {"head_layers": 1, "num_classes": 10}
-    model = S.build_classifier(meta, method)
+    model = S.build_classifier(_spec(head_layers=1, num_classes=10), method)
     ids = lambda m: {id(p) for p in m.parameters()}  # noqa: E731
     layers = method.projector.layers
     assert ids(model) == ids(method.backbone) | ids(layers[0]) | ids(model.fc)
@@ -94,12 +100,12 @@ def test_classifier_from_head_layer_1_holds_exactly_that_layer_and_a_zero_classi
     assert torch.count_nonzero(model.fc.weight) == 0 and torch.count_nonzero(model.fc.bias) == 0
     model.eval()
     assert torch.count_nonzero(model(torch.randn(4, 3, 8, 8))) == 0  # every class equally likely
-    assert len(S.build_classifier({"head_layers": 0, "num_classes": 3}, method).head) == 0
+    assert len(S.build_classifier(_spec(head_layers=0, num_classes=3), method).head) == 0
 
 
 def test_new_classifier_is_outside_lars_adaptation_and_weight_decay():
     method = build_method(resolve(sets=["model.width=0.125", "model.proj_layers=3"]))
-    model = S.build_classifier({"head_layers": 1, "num_classes": 10}, method)
+    model = S.build_classifier(_spec(head_layers=1, num_classes=10), method)
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     groups = model.param_groups(0.0)  # fine-tuning's weight decay
     (fc_group,) = [g for g in groups if id(model.fc.weight) in ids(g["params"])]
@@ -118,7 +124,7 @@ def test_new_classifier_is_outside_lars_adaptation_and_weight_decay():
 def test_classifier_steps_are_plain_momentum_sgd_at_the_lars_lr():
     torch.manual_seed(0)
     method = build_method(resolve(sets=["model.width=0.125", "model.proj_layers=3"]))
-    model = S.build_classifier({"head_layers": 1, "num_classes": 10}, method)
+    model = S.build_classifier(_spec(head_layers=1, num_classes=10), method)
     lr, m, wd = 0.3, 0.9, 1e-2
     opt = build_optimizer("lars", model.param_groups(wd), lr=lr, momentum=m, weight_decay=wd)
     g1, g2 = torch.randn_like(model.fc.weight), torch.randn_like(model.fc.weight)
@@ -185,7 +191,7 @@ def test_student_reproduces_its_teacher_and_the_teacher_stays_frozen(pretrained,
         assert torch.equal(value, held["before"][key]), key
     student, meta, _ = real(tmp_path / "student")
     test = load_data("digits", image_size=8).test
-    kw = dict(size=meta["image_size"], mean=meta["mean"], std=meta["std"], device=torch.device("cpu"))
+    kw = dict(size=meta.image_size, mean=meta.mean, std=meta.std, device=torch.device("cpu"))
     agree = (extract_features(student, test.images, **kw).argmax(1)
              == extract_features(teacher, test.images, **kw).argmax(1)).float().mean().item()
     assert result["teacher_top1"] > 80 and agree > 0.85

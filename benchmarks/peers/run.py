@@ -157,7 +157,8 @@ def one_pair(a, method: str, seed: int, source: str, epochs: int, images_npy: Pa
     from selfsup.backbones import build_backbone
     from selfsup.config import resolve
     from selfsup.optim import scale_lr
-    from selfsup.train import autocast_dtype, backbone_meta
+    from selfsup.device import autocast_dtype
+    from selfsup.train import backbone_spec
 
     preset, extra = TABLE[method]
     sets = [f"data.source={source}", f"train.epochs={epochs}", f"train.batch_size={a.batch}",
@@ -172,7 +173,7 @@ def one_pair(a, method: str, seed: int, source: str, epochs: int, images_npy: Pa
     torch.manual_seed(seed)  # one initial backbone, loaded by both sides
     m = cfg.model
     init = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem, zero_init_residual=m.zero_init_residual)
-    meta = backbone_meta(cfg, size, mean, std)
+    meta = backbone_spec(cfg, size, mean, std).to_json()
     torch.save(init.state_dict(), root / "init.pt")
     (root / "init.json").write_text(json.dumps(meta, indent=1))
     records = []

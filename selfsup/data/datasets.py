@@ -11,11 +11,9 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import DataError  # noqa: F401 (defined there; imported from here too)
+
 _MEAN_STD_SAMPLES = 10_000
-
-
-class DataError(ValueError):
-    """Bad data input; message is one clear actionable line."""
 
 
 @dataclass(eq=False)

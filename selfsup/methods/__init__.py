@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..config import Config, check_placeholders, validate
-from .base import Method
+from .base import METHODS, Method
 from .byol import BYOL
 from .dino import DINO
 from .distill import Distill
@@ -11,7 +11,7 @@ from .simclr import SimCLR
 from .simsiam import SimSiam
 from .swav import SwAV
 
-METHODS: dict[str, type[Method]] = {
+METHODS.update({
     "simclr": SimCLR,
     "moco": MoCo,
     "byol": BYOL,
@@ -19,7 +19,7 @@ METHODS: dict[str, type[Method]] = {
     "swav": SwAV,
     "dino": DINO,
     "distill": Distill,
-}
+})
 
 
 def check_config(cfg: Config) -> Config:

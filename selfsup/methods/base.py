@@ -96,3 +96,9 @@ def encode_by_resolution(encoder: Callable[[Tensor], Tensor], views: list[Tensor
         for i, f in zip(members, features.chunk(len(members))):
             out[i] = f  # (B, F)
     return torch.cat(out)  # (V*B, F)
+
+
+#: Every method by name. Filled by ``selfsup/methods/__init__.py`` once each method's module is
+#: imported; it lives here so that a method building another (distill's teacher) imports it
+#: from below instead of from the package that imports that method.
+METHODS: dict[str, type[Method]] = {}

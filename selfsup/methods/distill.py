@@ -22,38 +22,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import checkpoint as ckpt
 from .. import distributed as D
 from ..augment import Augment, simclr_view
-from ..config import Config, ConfigError, from_dict
+from ..backbones import build_backbone
+from ..config import Config, from_dict
+from ..errors import CheckpointError, ConfigError
 from ..heads import ProjectionHead
 from ..losses import distill, nt_xent, seed
 from ..momentum import KeyQueue
-from .base import Method
+from ..runs import CHECKPOINT, BackboneSpec, load_run, run_spec
+from .base import METHODS, Method
 
 
-def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
+def load_teacher(path: str | Path) -> tuple[nn.Module, BackboneSpec]:
     """A selfsup run's backbone and projection head chained, frozen in eval mode, and the
-    run's backbone metadata (input size and normalisation). ``path``: a run folder or its
+    run's backbone spec (input size and normalisation). ``path``: a run folder or its
     checkpoint.pt. Errors name the file and what is wrong with it."""
-    from ..backbones import build_backbone  # late: backbones -> methods would be circular
-    from ..train import CHECKPOINT
-    from . import METHODS
-
-    path = Path(path)
-    file = path / CHECKPOINT if path.is_dir() else path
-    if not file.exists():
-        raise ckpt.CheckpointError(f"distill.teacher '{path}' does not exist (expected a selfsup run folder "
-                                   f"or its {CHECKPOINT})")
-    state = ckpt.load(file)
-    if not ckpt.is_run_state(state):
-        raise ckpt.CheckpointError(f"distill.teacher '{file}' is not a selfsup pre-training checkpoint; pass the "
-                                   f"run folder (its {CHECKPOINT} holds the projection head a teacher needs)")
+    file, state = load_run(path, who="distill.teacher", kind="pre-training",
+                           hint=f"; pass the run folder (its {CHECKPOINT} holds the projection head a teacher needs)")
     try:
         saved = from_dict(state["config"])
     except ConfigError as e:
-        raise ckpt.CheckpointError(f"distill.teacher '{file}': its config is not one this version "
-                                   f"reads ({e})") from None
+        raise CheckpointError(f"distill.teacher '{file}': its config is not one this version "
+                              f"reads ({e})") from None
     m = saved.model
     about = f"a {saved.method} {m.backbone} (width {m.width})"
     try:
@@ -62,13 +53,13 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
         method = METHODS[saved.method](saved, backbone)
         method.load_state_dict(state["model"])
     except (RuntimeError, KeyError, ValueError) as e:
-        raise ckpt.CheckpointError(f"distill.teacher '{file}' does not fit {about}, the architecture its config "
-                                   f"describes: {str(e).splitlines()[0][:300]}") from None
+        raise CheckpointError(f"distill.teacher '{file}' does not fit {about}, the architecture its config "
+                              f"describes: {str(e).splitlines()[0][:300]}") from None
     if not isinstance(getattr(method, "projector", None), nn.Module):
-        raise ckpt.CheckpointError(f"distill.teacher '{file}' is {about} without a projection head to distil")
+        raise CheckpointError(f"distill.teacher '{file}' is {about} without a projection head to distil")
     teacher = nn.Sequential(method.backbone, method.projector)
     teacher.requires_grad_(False)
-    return teacher.eval(), state["meta"]
+    return teacher.eval(), run_spec(state, file)
 
 
 class Distill(Method):
@@ -78,7 +69,7 @@ class Distill(Method):
         super().__init__(cfg, backbone)
         c = cfg.distill
         self.teacher, self.teacher_meta = load_teacher(c.teacher)
-        size = self.teacher_meta["image_size"]
+        size = self.teacher_meta.image_size
         with torch.no_grad():
             dim = self.teacher(torch.zeros(2, 3, size, size)).shape[1]  # D of the teacher's embedding
         width = backbone.num_features
@@ -109,8 +100,8 @@ class Distill(Method):
         # S2-BNN's "aug+" lowers jitter to p 0.6 and blur to p 0.2; SEED's is the teacher's (MoCo v2's)
         aug_plus = {"jitter_p": 0.6, "blur_p": 0.2 if a.blur else 0.0} if c.mode == "s2bnn" else {}
         view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std, **aug_plus)
-        t_mean, t_std = (torch.tensor(self.teacher_meta[k], dtype=torch.float32).view(1, 3, 1, 1)
-                         for k in ("mean", "std"))
+        t_mean, t_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1)
+                         for v in (self.teacher_meta.mean, self.teacher_meta.std))
         s_mean, s_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
         self.teacher_scale.copy_(s_std / t_std)
         self.teacher_shift.copy_((s_mean - t_mean) / t_std)

@@ -1,0 +1,247 @@
+"""The run folder: its file names, the :class:`BackboneSpec` its ``backbone.json`` holds, and the
+one reader and writer of run checkpoints and backbones.
+
+A run folder (``selfsup pretrain --out DIR``; ``finetune`` and ``distill`` write the same) holds:
+
+- ``checkpoint.pt`` — the whole training state: ``format``, ``config``, ``epoch``, ``step``,
+  ``model``, ``optimizer``, the RNG states and ``meta`` (the backbone's spec as a dict);
+- ``backbone.pt`` + ``backbone.json`` — the backbone's ``state_dict`` alone (torchvision names)
+  and its spec, which is all an evaluation needs (:func:`load_backbone`);
+- ``config.yaml`` (the resolved settings), ``metrics.jsonl`` (one JSON line per epoch),
+  ``run.lock`` (held while a run writes the folder), ``tensorboard/`` (train.tensorboard=true)
+  and the results of ``selfsup eval`` (:func:`eval_file`).
+
+Each file is written atomically (``checkpoint.py``), so a kill leaves the previous one whole.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .backbones import build_backbone
+from .errors import CheckpointError, ConfigError, TrainingError
+
+CHECKPOINT = "checkpoint.pt"
+BACKBONE = "backbone.pt"
+BACKBONE_SPEC = "backbone.json"  # BACKBONE's description: BACKBONE with the suffix .json
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+LOCK = "run.lock"
+TENSORBOARD = "tensorboard"
+EVAL_GLOB = "eval_*.json"  # every evaluation result beside a run (:func:`eval_file`)
+EXPORTS = {"torchvision": "backbone-torchvision.pt", "safetensors": "backbone.safetensors"}  # selfsup export
+META_KEY = "selfsup"  # the safetensors metadata entry holding an export's spec
+
+
+def eval_file(name: str) -> str:
+    """The file ``selfsup eval`` writes its result to, e.g. ``eval_knn.json``."""
+    return f"eval_{name}.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneSpec:
+    """What an evaluation needs to rebuild a backbone and feed it as in training.
+
+    On disk it is the JSON object of ``backbone.json``, of a run checkpoint's ``meta`` and of an
+    export's description, with these field names as keys (:meth:`to_json`, :meth:`from_json`).
+    """
+    backbone: str                             # a name of backbones.build_backbone
+    width: float
+    cifar_stem: bool
+    binary_weights: bool = True               # binary backbones: 1-bit weights too (absent in old files)
+    image_size: int                           # side of the views the backbone was trained on
+    data_image_size: int | None = None        # the run's data.image_size: load its data at this size
+    mean: tuple[float, ...]                   # per-channel normalisation of the views
+    std: tuple[float, ...]
+    method: str | None = None                 # the run's method ("finetune" / "distill" for SimCLRv2's steps)
+    data: str | None = None                   # the run's data.source
+    # a SimCLRv2 fine-tuned or distilled classifier (semisup.py); None for pre-training runs
+    num_classes: int | None = None
+    head_layers: int | None = None            # projection-head layers kept under the classifier
+    pretrain_method: str | None = None
+    pretrain_config: dict | None = None       # the pre-training run's config, to rebuild its head
+    random_init: bool | None = None           # the supervised-only baseline
+    teacher: str | None = None                # a distilled student's teacher run
+    # an export's (selfsup export)
+    format: str | None = None                 # "torchvision" or "safetensors"
+    layout: str | None = None                 # "torchvision" or "selfsup" (parameter names and shapes)
+    stem: str | None = None                   # "cifar" or "standard"
+    extra: dict = field(default_factory=dict)  # keys this version does not know, written back as read
+
+    REQUIRED = ("backbone", "width", "cifar_stem", "image_size", "mean", "std")
+    # written even when None, as every version has written them; the other fields only when set
+    ALWAYS = ("backbone", "width", "cifar_stem", "binary_weights", "image_size", "data_image_size",
+              "mean", "std", "method", "data")
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object on disk: the fields by name (mean and std as lists), then ``extra``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and (value is not None or f.name in self.ALWAYS):
+                out[f.name] = list(value) if f.name in ("mean", "std") else value
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str | Path) -> BackboneSpec:
+        """The spec a JSON object describes (any version's); ``source`` names it in errors."""
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"the description of '{source}' is a JSON {type(obj).__name__}, not an "
+                                  f"object; was it written by selfsup?")
+        missing = [k for k in cls.REQUIRED if k not in obj]
+        if missing:
+            raise CheckpointError(f"the description of '{source}' lacks {', '.join(missing)}; was it "
+                                  f"written by selfsup?")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values = {k: v for k, v in obj.items() if k in known}
+        values["mean"], values["std"] = tuple(obj["mean"]), tuple(obj["std"])
+        if values.get("binary_weights") is None:
+            values["binary_weights"] = True
+        return cls(**values, extra={k: v for k, v in obj.items() if k not in known})
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def run_dir(path: str | Path) -> Path:
+    """The run folder of ``path``: the folder itself, or the folder a file of it lies in."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def checkpoint_path(path: str | Path, *, beside_backbone: bool = False) -> Path:
+    """A run folder -> its ``checkpoint.pt``; with ``beside_backbone``, its ``backbone.pt`` ->
+    the ``checkpoint.pt`` beside it; any other path as it is."""
+    path = Path(path)
+    if path.is_dir():
+        return path / CHECKPOINT
+    return path.with_name(CHECKPOINT) if beside_backbone and path.name == BACKBONE else path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_run(path: str | Path, *, who: str, kind: str = "run", hint: str = "",
+             beside_backbone: bool = False) -> tuple[Path, dict]:
+    """The checkpoint file of a run (``path``: its folder or the file, see
+    :func:`checkpoint_path`) and its loaded state. Errors name ``who`` asked (``"distill.teacher"``),
+    the file, the ``kind`` of run expected and end with ``hint``."""
+    file = checkpoint_path(path, beside_backbone=beside_backbone)
+    if not file.exists():
+        raise CheckpointError(f"{who} '{file}' does not exist (expected a selfsup run folder or its "
+                              f"{CHECKPOINT}){hint}")
+    state = ckpt.load(file)
+    if not ckpt.is_run_state(state):
+        raise CheckpointError(f"{who} '{file}' is not a selfsup {kind} checkpoint{hint}")
+    return file, state
+
+
+def run_spec(state: dict, file: str | Path) -> BackboneSpec:
+    """The spec a loaded run checkpoint (``file``) carries as its ``meta``."""
+    return BackboneSpec.from_json(state.get("meta"), file)
+
+
+def require_safetensors():
+    """The ``safetensors.torch`` module, or a one-line error saying how to install it."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ConfigError("--format safetensors needs the safetensors package: pip install safetensors "
+                          "(or pip install 'selfsup[export]')") from None
+    return safetensors.torch
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, Tensor], BackboneSpec]:
+    """Weights and spec of a safetensors export (never executes code: plain tensors)."""
+    st = require_safetensors()
+    from safetensors import safe_open  # the optional package, present once require_safetensors passed
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
+        weights = st.load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"'{path}' is not a readable safetensors file: {str(e)[:200]}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"'{path}' has no '{META_KEY}' metadata describing the backbone; "
+                              f"export it with selfsup export --format safetensors")
+    return weights, BackboneSpec.from_json(meta, path)
+
+
+def read_backbone(path: Path) -> tuple[dict[str, Tensor], BackboneSpec]:
+    """Backbone weights and spec from a run checkpoint (which carries both), a safetensors
+    export, or a bare state_dict with its JSON beside it (an export's own, else ``backbone.json``)."""
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    state = ckpt.load(path)
+    if ckpt.is_run_state(state):
+        weights = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+        return weights, run_spec(state, path)
+    spec_path = path.with_suffix(".json")
+    if not spec_path.exists():
+        spec_path = path.with_name(BACKBONE_SPEC)
+    if not spec_path.exists():
+        raise CheckpointError(f"'{path}' has no {spec_path.name} beside it describing the "
+                              f"architecture; point --checkpoint at the run folder")
+    try:
+        meta = json.loads(spec_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"'{spec_path}' is not valid JSON ({e}); it describes {path.name}") from None
+    if not isinstance(meta, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"'{path}' with '{spec_path.name}' is not a selfsup backbone")
+    return state, BackboneSpec.from_json(meta, path)
+
+
+def load_backbone(path: str | Path, *, random_init: bool = False) -> tuple[nn.Module, BackboneSpec]:
+    """A pre-trained backbone and its spec (architecture, input size, normalisation).
+
+    ``path`` is a run folder, its ``checkpoint.pt`` or its ``backbone.pt`` (whose sibling
+    ``backbone.json`` describes it), or an export (``selfsup export``: a ``.pt`` with its
+    ``.json``, or a ``.safetensors``). ``random_init`` builds the same architecture untrained.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / BACKBONE
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist (expected a run folder, "
+                              f"its {CHECKPOINT} or its {BACKBONE})")
+    weights, spec = read_backbone(path)
+    backbone = build_backbone(spec.backbone, width=spec.width, cifar_stem=spec.cifar_stem,
+                              binary_weights=spec.binary_weights)
+    if not random_init:
+        stem = "CIFAR" if spec.cifar_stem else "standard"
+        ckpt.load_weights(backbone, weights, path, f"a {spec.backbone} (width {spec.width:g}, "
+                                                   f"{stem} stem) as its metadata says")
+    return backbone, spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_backbone(path: Path, weights: dict[str, Tensor], spec: BackboneSpec) -> None:
+    """A backbone's weights at ``path`` and its spec beside them (``path`` with the suffix
+    ``.json``); each atomic. OSError (e.g. ENOSPC) passes to the caller, who names the write."""
+    ckpt.save_atomic(weights, path)
+    ckpt.write_text_atomic(json.dumps(spec.to_json(), indent=1), path.with_suffix(".json"))
+
+
+def save_run(out: Path, state: dict, backbone: nn.Module, spec: BackboneSpec) -> None:
+    """A run's checkpoint (``state`` with the spec as its ``meta``), then its backbone alone with
+    the spec evaluations read; each atomic. A failed write (e.g. ENOSPC) leaves the previous
+    files untouched and says so."""
+    try:
+        ckpt.save_atomic({**state, "meta": spec.to_json()}, out / CHECKPOINT)
+        save_backbone(out / BACKBONE, backbone.state_dict(), spec)
+    except OSError as e:
+        raise TrainingError(f"could not write the checkpoint in '{out}': {e.strerror or e}; the previous "
+                            f"checkpoint there is intact. Free space, then resume with the command that "
+                            f"made the run and --resume") from None
