@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError  # noqa: F401 (defined there; imported from here too)
-from .presets import DuplicateKey, UniqueKeyLoader, method_recipes, preset_names, preset_settings
+from .presets import LEGACY_TEMPERATURE, load_yaml, method_recipes, preset, upgrade  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -222,32 +222,6 @@ class Config:
 #: trains like MoCo's code): selfsup/presets/_methods.yaml, which names each one's source.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = method_recipes()
 
-#: Where a config written before the per-method temperatures keeps its top-level ``temperature``:
-#: the key of the method that read it (distill's contrastive term is SimCLR's NT-Xent).
-LEGACY_TEMPERATURE = {"simclr": "simclr", "distill": "simclr", "moco": "moco", "swav": "swav"}
-
-
-def upgrade(data: dict[str, Any], method: str) -> dict[str, Any]:
-    """A config mapping written before the per-method settings, in today's keys, unchanged otherwise.
-
-    The rule, for a mapping with a top-level ``temperature`` (every config.yaml before then had
-    one; ``--set temperature=T`` too): the value becomes the temperature of ``method``, the method
-    that read it (see :data:`LEGACY_TEMPERATURE`; BYOL, SimSiam and DINO never read it and it is
-    dropped). A whole saved config (it also has a ``byol`` section) without ``byol.per_view_bn``
-    gets false, the joint pass those runs trained with. Every other key kept its name and meaning.
-    """
-    if "temperature" not in data:
-        return data
-    data = dict(data)
-    temperature = data.pop("temperature")
-    section = LEGACY_TEMPERATURE.get(method)
-    if section and isinstance(data.get(section) or {}, dict):  # else apply_updates names the bad section
-        data[section] = {"temperature": temperature, **(data.get(section) or {})}
-    if isinstance(data.get("byol"), dict):
-        data["byol"] = {"per_view_bn": False, **data["byol"]}
-    return data
-
-
 # ---------------------------------------------------------------------------------------------
 # Placeholders a preset leaves for what only the user knows (check_placeholders names them).
 
@@ -342,46 +316,6 @@ def parse_set(item: str) -> dict[str, Any]:
         except ValueError:
             pass
     return _nest(key, value)
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file '{path}' is a directory; pass a YAML file")
-    if not path.exists():
-        raise ConfigError(f"config file '{path}' does not exist")
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' is not a regular file; pass a YAML file")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                          f"{e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}") from None
-    except DuplicateKey as e:
-        raise ConfigError(f"config file '{path}' sets {e.key!r} twice in one mapping (lines {e.first} and "
-                          f"{e.again}); keep one") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def preset(name: str) -> dict[str, Any]:
-    """Preset ``name``'s settings (``selfsup/presets/NAME.yaml`` over its base's)."""
-    names = preset_names()
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        raise ConfigError(f"unknown preset '{name}'; {f'did you mean {close[0]!r}? ' if close else ''}"
-                          f"available: {', '.join(names)}")
-    return preset_settings(name)
 
 
 def _with_method_defaults(layers: list[dict[str, Any]]) -> Config:
