@@ -41,39 +41,36 @@ def ema_update(teacher: nn.Module, student: nn.Module | Iterable[nn.Module], m: 
 
 def momentum_at(step: int, total_steps: int, base: float, cosine: bool = False) -> float:
     """The EMA momentum at ``step``: ``base`` throughout, or (``cosine``) rising from ``base`` at
-    step 0 to 1 at ``total_steps`` as BYOL: m = 1 - (1 - base)(cos(πk/K) + 1)/2."""
+    step 0 to 1 at ``total_steps`` as BYOL: m = 1 - (1 - base)(cos(πk/K) + 1)/2. An EMA updated
+    after the optimiser step passes ``step`` = steps taken, so τ = 1 after the last (BYOL's k = K)."""
     if not cosine or total_steps <= 0:
         return base
     return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
 
 
 class MomentumTeacher(nn.Sequential):
-    """A momentum copy of ``students`` (chained in order) that follows them on a per-step
-    schedule: BYOL's target network, and the shape of MoCo's key encoder and DINO's teacher.
+    """A momentum copy of ``students`` (chained in order) that follows them: BYOL's target
+    network, and the shape of MoCo's key encoder and DINO's teacher.
 
     It is a ``momentum_copy`` (same state-dict layout: ``0.*`` is the first student's copy) that
-    also knows its students and its schedule, so a method only calls :meth:`update` after each
-    optimiser step. It never receives gradients; it stays in train mode with the method, so its
-    BN uses batch statistics and keeps its own running statistics (BYOL's ``is_training=True``).
+    also knows its students, so a method only calls :meth:`update` with the step's τ (from
+    :func:`momentum_at`) after each optimiser step. It never receives gradients; it stays in
+    train mode with the method, so its BN uses batch statistics and keeps its own running
+    statistics (BYOL's ``is_training=True``).
     """
 
-    def __init__(self, *students: nn.Module, base: float, cosine: bool = True):
+    def __init__(self, *students: nn.Module):
         super().__init__(*(copy.deepcopy(m) for m in students))
         self.requires_grad_(False)
-        self.base, self.cosine = base, cosine
-        self.momentum = base  # the τ of the last update
+        self.momentum: float | None = None  # the τ of the last update
         self._students = students  # a tuple is not registered: the students are saved once, by their owner
 
     @torch.no_grad()
-    def update(self, step: int, total_steps: int) -> float:
-        """θ <- τ θ + (1 - τ) θ_student with τ = ``momentum_at(step, total_steps)``; returns τ.
-
-        Call after the optimiser step with ``step`` = optimiser steps taken (1 to total_steps),
-        so the cosine schedule reaches τ = 1 at the last step, as BYOL's does at K.
-        """
-        self.momentum = momentum_at(step, total_steps, self.base, self.cosine)
-        ema_update(self, self._students, self.momentum)
-        return self.momentum
+    def update(self, tau: float) -> float:
+        """θ <- τ θ + (1 - τ) θ_student; returns τ."""
+        self.momentum = tau
+        ema_update(self, self._students, tau)
+        return tau
 
 
 class KeyQueue(nn.Module):

@@ -1,4 +1,5 @@
-"""Parameter groups, LARS and learning-rate schedules (SimCLR §2.3 and App. B.1)."""
+"""Parameter groups, LARS, and the per-step schedules: the learning rate (SimCLR §2.3 and
+App. B.1), warm-ups and freezes that a training loop or a method's hook evaluates at a step."""
 from __future__ import annotations
 
 import math
@@ -166,6 +167,20 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
     # 2) cosine from base_lr (at step warmup_steps) towards final_lr
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def linear_warmup(step: int, warmup_steps: float, start: float, end: float) -> float:
+    """``start`` at step 0, linear to ``end`` at ``warmup_steps``, then ``end`` (DINO's
+    ``teacher_temp_schedule``, per step)."""
+    if step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+def freeze_steps(epochs: float, steps_per_epoch: int, steps: int | None = None) -> int:
+    """How many first steps a module gets no gradient: ``steps`` if given, else ``epochs`` of
+    ``steps_per_epoch``, rounded (SwAV's ``freeze_prototypes_niters``)."""
+    return steps if steps is not None else round(epochs * steps_per_epoch)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

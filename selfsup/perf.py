@@ -8,7 +8,6 @@ separate pass that synchronises around each phase.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -19,7 +18,8 @@ from torch import Tensor, nn
 
 from .config import Config
 from .device import autocast, autocast_dtype
-from .optim import build_optimizer, set_lr
+from .methods import StepInfo
+from .optim import build_optimizer, scale_lr, set_lr
 from .train import build_method, train_step
 
 
@@ -117,12 +117,18 @@ class Rig:
     step: int = 0
     total_steps: int = 10_000
 
+    def info(self) -> StepInfo:
+        """The hooks' view of this step: epochs of ``total_steps // train.epochs`` steps, one process."""
+        t = self.cfg.train
+        return StepInfo(self.step, self.total_steps, max(1, self.total_steps // t.epochs), t.batch_size, t.seed)
+
     def __call__(self) -> dict[str, Tensor]:
         """One full training step: schedules, hooks, augmentation, forward, backward, update."""
         set_lr(self.optimizer, self.cfg.optim.lr)
-        self.method.on_step_start(self.step, self.total_steps)
+        info = self.info()
+        self.method.on_step_start(info)
         out = train_step(self.method, self.optimizer, self.augmentations, self.batch, self.generator, self.dtype)
-        self.method.on_step_end(self.step, self.total_steps)
+        self.method.on_step_end(info)
         self.step += 1
         return out
 
@@ -135,7 +141,8 @@ def build_rig(cfg: Config, device: torch.device, size: int) -> Rig:
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     method = method.to(device, memory_format=memory_format).train()
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-    optimizer = build_optimizer(cfg.optim.name, method.param_groups(), lr=cfg.optim.lr,
+    peak_lr = scale_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)
+    optimizer = build_optimizer(cfg.optim.name, method.param_groups(peak_lr), lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (cfg.train.batch_size, size, size, 3), dtype=torch.uint8, generator=g)
@@ -225,7 +232,8 @@ def phases(rig: Rig, steps: int = 3) -> dict[str, float]:
             for v in clock.values():
                 v.clear()
             set_lr(rig.optimizer, rig.cfg.optim.lr)
-            method.on_step_start(rig.step, rig.total_steps)
+            info = rig.info()
+            method.on_step_start(info)
             t0 = now()
             with torch.no_grad():
                 views = [aug(rig.batch, rig.generator) for aug in rig.augmentations]
@@ -236,7 +244,7 @@ def phases(rig: Rig, steps: int = 3) -> dict[str, float]:
             out["loss"].backward()
             t2 = now()
             rig.optimizer.step()
-            method.on_step_end(rig.step, rig.total_steps)
+            method.on_step_end(info)
             t3 = now()
             rig.step += 1
             online = sum(clock["fwd"]) + (max(clock["bwd_end"]) - min(clock["bwd_start"]))

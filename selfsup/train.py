@@ -29,7 +29,7 @@ from .device import autocast, autocast_dtype, resolve_device
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from .evaluate import OnlineLinear, apply_head, extract_features, knn_accuracy
 from .loader import DeviceLoader
-from .methods import METHODS, Method, check_config
+from .methods import METHODS, Method, StepInfo, check_config
 from .monitor import CHANCE_TOLERANCE, collapse_warning, effective_rank, feature_std
 from .optim import build_optimizer, clip_gradients, scale_lr, set_lr, warmup_cosine
 from .runguard import EXIT_CODES, RunLock, StopSignals
@@ -51,7 +51,7 @@ def build_method(cfg: Config) -> Method:
             raise CheckpointError(f"model.init_from '{m.init_from}' holds a {spec.backbone} (width "
                                   f"{spec.width}) that does not fit model.backbone {m.backbone} "
                                   f"(width {m.width}): {str(e).splitlines()[0]}") from None
-    return METHODS[cfg.method](cfg, backbone)
+    return METHODS[cfg.method].from_config(cfg, backbone)
 
 
 def load_projector(path: str | Path, *, random_init: bool = False) -> nn.Module:
@@ -316,7 +316,8 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     method = method.to(device, memory_format=memory_format)
     augmentations = method.augmentations(size, mean, std)
-    optimizer = build_optimizer(cfg.optim.name, method.param_groups(), lr=cfg.optim.lr,
+    peak_lr = scale_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)  # global batch
+    optimizer = build_optimizer(cfg.optim.name, method.param_groups(peak_lr), lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
     if cfg.data.stream:
@@ -333,7 +334,6 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
         _log(f"note: optim.warmup_epochs={cfg.optim.warmup_epochs:g} exceeds the run; warming up "
              f"over all {cfg.train.epochs} epochs")
         warmup_steps = total_steps
-    peak_lr = scale_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)  # global batch
     final_lr = cfg.optim.final_lr * peak_lr
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + 1 + rank)
 
@@ -405,10 +405,11 @@ def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, hel
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
             set_lr(optimizer, lr)
-            method.on_step_start(step, total_steps)
+            info = StepInfo(step, total_steps, steps_per_epoch, cfg.train.batch_size // world, cfg.train.seed)
+            method.on_step_start(info)
             output = train_step(model, optimizer, augmentations, batch, generator, dtype, cfg.optim.clip_grad,
                                 cfg.optim.clip_grad_mode or method.clip_grad_mode_default)
-            method.on_step_end(step, total_steps)
+            method.on_step_end(info)
             if probe is not None:  # its own backward on detached features, after the method's step
                 probe.step(idx, lr / peak_lr)
             loss = output["loss"]

@@ -14,8 +14,9 @@ from selfsup.config import Config
 from selfsup.losses import dino
 from selfsup.methods import dino as dino_module
 from selfsup.methods.base import encode_by_resolution
-from selfsup.methods.dino import loss_pairs, teacher_temperature
-from selfsup.optim import build_optimizer
+from selfsup.methods import StepInfo
+from selfsup.methods.dino import loss_pairs
+from selfsup.optim import build_optimizer, linear_warmup
 from selfsup.train import build_method, train_step
 
 B, SIZE = 8, 16
@@ -30,6 +31,11 @@ def _cfg(local_crops: int = 2) -> Config:
     return cfg
 
 
+def _at(step, total_steps):
+    """The loop's StepInfo for ``_cfg``'s runs: train.epochs 2, so total // 2 steps an epoch."""
+    return StepInfo(step, total_steps, max(1, total_steps // 2), B, 0)
+
+
 def _views(method, n=B, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, SIZE, SIZE, 3), dtype=torch.uint8, generator=g)
@@ -37,17 +43,17 @@ def _views(method, n=B, seed=0):
 
 
 def test_teacher_temperature_warms_up_linearly_per_step_then_stays():
-    temps = [teacher_temperature(s, 10, 0.04, 0.07, warmup_epochs=3) for s in range(40)]
+    temps = [linear_warmup(s, 3 * 10, 0.04, 0.07) for s in range(40)]  # 3 warm-up epochs of 10 steps
     assert temps[0] == 0.04 and temps[15] == pytest.approx(0.055) and temps[29] < 0.07
     assert temps[30:] == [0.07] * 10
     assert all(a < b for a, b in zip(temps[:30], temps[1:31]))
-    assert teacher_temperature(0, 10, 0.04, 0.07, warmup_epochs=0) == 0.07  # DINO's code default: no warm-up
+    assert linear_warmup(0, 0 * 10, 0.04, 0.07) == 0.07  # DINO's code default: no warm-up
     cfg = _cfg()
     cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp_epochs = 0.04, 0.06, 1
     method = build_method(cfg)
-    method.on_step_start(5, total_steps=20)  # 2 epochs of 10 steps: half-way through the warm-up
+    method.on_step_start(_at(5, total_steps=20))  # 2 epochs of 10 steps: half-way through the warm-up
     assert method.teacher_temp == pytest.approx(0.05)
-    method.on_step_start(10, total_steps=20)
+    method.on_step_start(_at(10, total_steps=20))
     assert method.teacher_temp == 0.06
 
 
@@ -58,7 +64,7 @@ def test_center_is_updated_after_the_loss_with_the_raw_teacher_outputs():
     method.center.copy_(torch.randn_like(method.center))
     c0 = method.center.clone()
     views = _views(method)
-    method.on_step_start(0, 20)
+    method.on_step_start(_at(0, 20))
     with torch.no_grad():
         teacher_out = method.teacher(torch.cat(views))  # (2B, K); train-mode BN: same as in forward
         student = method.last_layer(method.projector(method.backbone(torch.cat(views)))).chunk(2)
@@ -87,7 +93,7 @@ def test_same_view_pairs_are_skipped(monkeypatch):
     with torch.no_grad():  # every crop's student output and the global crops' teacher outputs
         student = method.last_layer(method.projector(encode_by_resolution(method.backbone, views))).split(B)
         teacher = method.teacher(torch.cat(views[:2])).split(B)
-    method.on_step_start(0, 20)
+    method.on_step_start(_at(0, 20))
     loss = method(views)["loss"]
     assert len(calls) == 2 * (4 - 1)  # G x (V - 1), not G x V
     which = lambda x, outs: [i for i, o in enumerate(outs) if torch.allclose(x, o, atol=1e-5)]  # noqa: E731
@@ -102,26 +108,26 @@ def test_last_layer_is_frozen_for_the_first_epoch_and_gradients_are_clipped():
     cfg.dino.freeze_last_layer_epochs = 1
     method = build_method(cfg)
     method.train()
-    optimizer = build_optimizer("adamw", method.param_groups(), lr=1e-2, weight_decay=0.04)
+    optimizer = build_optimizer("adamw", method.param_groups(1e-2), lr=1e-2, weight_decay=0.04)
     augmentations = method.augmentations(SIZE, (0.5,) * 3, (0.25,) * 3)
     images = torch.randint(0, 256, (B, SIZE, SIZE, 3), dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)
     v0, w0 = method.last_layer.weight_v.detach().clone(), method.backbone.conv1.weight.detach().clone()
     total, per_epoch = 4, 2
     for step in range(per_epoch):  # epoch 1: frozen
-        method.on_step_start(step, total)
+        method.on_step_start(_at(step, total))
         train_step(method, optimizer, augmentations, images, g, None, clip_grad=1e-3)
         assert method.last_layer.weight_v.grad is None
         norm = torch.cat([p.grad.flatten() for p in method.parameters() if p.grad is not None]).norm()
         assert norm.item() <= 1e-3 * 1.0001  # clipped to optim.clip_grad
-        method.on_step_end(step, total)
+        method.on_step_end(_at(step, total))
     assert torch.equal(method.last_layer.weight_v, v0)  # no gradient, no weight decay either
     assert not torch.equal(method.backbone.conv1.weight, w0)
     teacher_v = method.teacher[2].weight_v.clone()
-    method.on_step_start(per_epoch, total)  # epoch 2: it learns
+    method.on_step_start(_at(per_epoch, total))  # epoch 2: it learns
     train_step(method, optimizer, augmentations, images, g, None)
     assert not torch.equal(method.last_layer.weight_v, v0)
-    method.on_step_end(per_epoch, total)
+    method.on_step_end(_at(per_epoch, total))
     assert not torch.equal(method.teacher[2].weight_v, teacher_v)  # the EMA follows the student
     # the last layer's rows are unit vectors (weight_g fixed at 1)
     w = F.normalize(method.last_layer.weight_v, dim=1)

@@ -57,7 +57,7 @@ def test_teacher_is_frozen_its_bn_statistics_never_move(teacher_run):
     assert not method.teacher.training and method.training  # train() keeps the teacher in eval
     before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
     assert any("running_mean" in k for k in before)
-    optimizer = build_optimizer("adamw", method.param_groups(), lr=1e-2)
+    optimizer = build_optimizer("adamw", method.param_groups(1e-2), lr=1e-2)
     assert not any(p is q for g in optimizer.param_groups for p in g["params"] for q in method.teacher.parameters())
     augmentations = method.augmentations(SIZE, (0.5,) * 3, (0.25,) * 3)
     assert len(augmentations) == 2  # contrastive weight > 0: two views

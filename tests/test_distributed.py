@@ -131,7 +131,7 @@ def _train_simclr(sync_bn: bool) -> dict:
     if sync_bn and D.world_size() > 1:
         method = D.convert_sync_batchnorm(method, "cpu")
     model = nn.parallel.DistributedDataParallel(method) if D.world_size() > 1 else method
-    optimizer = build_optimizer("lars", method.param_groups(), lr=LR, momentum=0.9, weight_decay=1e-6)
+    optimizer = build_optimizer("lars", method.param_groups(LR), lr=LR, momentum=0.9, weight_decay=1e-6)
     losses = []
     for views in _views():
         loss = model([v[_mine(BATCH)].double() for v in views])["loss"]

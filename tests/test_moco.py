@@ -18,7 +18,7 @@ from selfsup.backbones import build_backbone
 from selfsup.cli import main
 from selfsup.config import Config, ConfigError, resolve
 from selfsup.losses import dcl, dclw, info_nce
-from selfsup.methods import check_config
+from selfsup.methods import StepInfo, check_config
 from selfsup.momentum import KeyQueue, ema_update, momentum_at, momentum_copy
 from selfsup.norm import SplitBatchNorm2d, convert_split_batchnorm
 from selfsup.train import build_method
@@ -74,13 +74,13 @@ def test_key_encoder_gets_no_gradient_and_is_updated_before_the_keys():
     moco.encoder_k.register_forward_pre_hook(
         lambda mod, args: at_keys.append([p.clone() for p in mod.parameters()]))
 
-    optimizer = torch.optim.SGD(moco.param_groups(), lr=0.5)
+    optimizer = torch.optim.SGD(moco.param_groups(0.5), lr=0.5)
     loss = moco(_views())["loss"]
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
 
-    m = moco.cfg.moco.momentum
+    m = _cfg().moco.momentum
     assert all(not p.requires_grad and p.grad is None for p in moco.encoder_k.parameters())
     assert all(p.grad is not None for p in online)
     expected = [m * k + (1 - m) * q for k, q in zip(k_old, q_old)]
@@ -114,8 +114,8 @@ def test_ema_update_and_momentum_schedule():
     assert momentum_at(50, 100, 0.99, cosine=True) == pytest.approx(0.995)
     assert momentum_at(100, 100, 0.99, cosine=True) == pytest.approx(1.0)
     moco = _build(_cfg(moco={"momentum_cosine": True, "momentum": 0.99}))
-    moco.on_step_start(50, 100)
-    assert moco.m == pytest.approx(0.995) and moco.step == 50
+    moco.on_step_start(StepInfo(50, 100, 10, BATCH, seed=3))
+    assert moco.m == pytest.approx(0.995) and moco.shuffle_seed == 3 * 1_000_003 + 50
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_swav_code_entropy_is_ln_k_for_a_collapsed_embedding_and_its_loss_at_cha
     x = torch.as_tensor(images[:32]).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         out = method([x, x])
-    K = method.cfg.swav.prototypes
+    K = method.prototypes.out_features
     assert out["code_entropy"].dim() == 0
     assert out["code_entropy"].item() == pytest.approx(math.log(K), rel=1e-4)
     assert method.chance_loss() == pytest.approx(math.log(K))

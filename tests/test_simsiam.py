@@ -61,7 +61,8 @@ def test_predictor_lr_stays_fixed_while_the_rest_decays_and_wd_reaches_bn():
     torch.manual_seed(0)
     cfg = _cfg()
     method = build_method(cfg)
-    groups = method.param_groups()
+    peak = scale_lr(cfg.optim.lr, cfg.train.batch_size, "linear")
+    groups = method.param_groups(peak)
     # weight decay on every parameter, BN and biases included (exclude_bias_and_norm=false)
     assert all(g["weight_decay"] == cfg.optim.weight_decay == 5e-4 for g in groups)
     decayed = {id(p) for g in groups for p in g["params"]}
@@ -70,7 +71,6 @@ def test_predictor_lr_stays_fixed_while_the_rest_decays_and_wd_reaches_bn():
     assert len(decayed) == sum(p.requires_grad for p in method.parameters())
 
     optimizer = build_optimizer("sgd", groups, lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
-    peak = scale_lr(cfg.optim.lr, cfg.train.batch_size, "linear")
     predictor_ids = {id(p) for p in method.predictor.parameters()}
     seen = []
     for step in range(10):
@@ -90,8 +90,8 @@ def test_predictor_lr_stays_fixed_while_the_rest_decays_and_wd_reaches_bn():
     optimizer.step()
     assert torch.all(bn.weight.abs() < gamma.abs())
 
-    method.cfg.simsiam.fix_pred_lr = False
-    assert not any(g.get("fixed_lr") for g in method.param_groups())
+    method.fix_pred_lr = False
+    assert not any(g.get("fixed_lr") for g in method.param_groups(peak))
 
 
 def test_simsiam_trains_through_the_cli(tmp_path):

@@ -10,7 +10,7 @@ from selfsup import distributed as D
 from selfsup.cli import main
 from selfsup.config import Config, ConfigError, resolve
 from selfsup.losses import sinkhorn, swav
-from selfsup.methods import check_config
+from selfsup.methods import StepInfo, check_config
 from selfsup.optim import build_optimizer
 from selfsup.train import build_method
 
@@ -100,20 +100,25 @@ def _views(seed=0):
     return [torch.randn(B, 3, s, s, generator=g) for s in (SIZE, SIZE, 8, 8)]
 
 
+def _at(step, total=8, local_batch=B):
+    """The loop's StepInfo for ``_cfg``'s runs: train.epochs 2, so total // 2 steps an epoch."""
+    return StepInfo(step, total, max(1, total // 2), local_batch, 0)
+
+
 def _step(method, optimizer, step, total=8, seed=None):
-    method.on_step_start(step, total)
+    method.on_step_start(_at(step, total))
     out = method(_views(step if seed is None else seed))
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     optimizer.step()
-    method.on_step_end(step, total)
+    method.on_step_end(_at(step, total))
     return out
 
 
 def test_prototypes_are_unit_after_every_step_and_frozen_steps_leave_them_unchanged():
     torch.manual_seed(0)
     method = build_method(_cfg(freeze_prototypes_steps=2))
-    optimizer = build_optimizer("sgd", method.param_groups(), lr=0.5, weight_decay=1e-3)
+    optimizer = build_optimizer("sgd", method.param_groups(0.5), lr=0.5, weight_decay=1e-3)
     assert method.find_unused_parameters  # DDP must tolerate the missing gradient
     c = method.prototypes.weight
     torch.testing.assert_close(c.norm(dim=1), torch.ones(K))
@@ -138,7 +143,7 @@ def test_prototypes_freeze_for_epochs_of_the_runs_own_steps(swav, frozen):
     assert Config().swav.freeze_prototypes_epochs == 1.0  # the default: about one epoch, as SwAV's
     torch.manual_seed(0)
     method = build_method(_cfg(**swav))
-    optimizer = build_optimizer("sgd", method.param_groups(), lr=0.5)
+    optimizer = build_optimizer("sgd", method.param_groups(0.5), lr=0.5)
     assert method.find_unused_parameters == (frozen > 0)
     for step in range(frozen + 1):
         _step(method, optimizer, step)
@@ -167,7 +172,7 @@ def test_queue_fills_from_its_epoch_and_joins_sinkhorn_once_full():
     torch.manual_seed(0)
     # 4 steps per epoch (total 8 over 2 epochs); the queue starts at epoch 1 = step 4 and holds 2 batches
     method = build_method(_cfg(queue_length=2 * B, queue_start_epoch=1))
-    optimizer = build_optimizer("sgd", method.param_groups(), lr=0.0)  # lr 0: the model stays put
+    optimizer = build_optimizer("sgd", method.param_groups(0.0), lr=0.0)  # lr 0: the model stays put
     assert method.queue.shape == (2, 2 * B, 8)
     calls = []
     import selfsup.methods.swav as swav_module
@@ -187,7 +192,7 @@ def test_queue_fills_from_its_epoch_and_joins_sinkhorn_once_full():
         assert set(calls) == {B}  # filling, not yet used
         calls.clear()
         queued = method.queue.clone()
-        method.on_step_start(6, 8)
+        method.on_step_start(_at(6))
         out = method(_views(6))
         assert set(calls) == {3 * B}  # queue (2B) re-scored + the batch; codes of the last B rows
     finally:
@@ -242,7 +247,7 @@ def _rank_work() -> dict:
     cfg = _cfg(queue_length=2 * B, queue_start_epoch=0)
     torch.manual_seed(0)
     method = build_method(cfg)
-    method.on_step_start(0, 8)
+    method.on_step_start(_at(0, local_batch=n))
     views = [v[mine] for v in _views()]
     out = method(views)
     return {"codes": sinkhorn(scores[mine], 0.05, 3), "queue": method.queue.clone(),

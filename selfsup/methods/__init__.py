@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..config import Config, check_placeholders, validate
-from .base import METHODS, Method
+from .base import METHODS, Method, StepInfo
 from .byol import BYOL
 from .dino import DINO
 from .distill import Distill
@@ -33,4 +33,5 @@ def check_config(cfg: Config) -> Config:
     return cfg
 
 
-__all__ = ["BYOL", "DINO", "Distill", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "SwAV", "check_config"]
+__all__ = ["BYOL", "DINO", "Distill", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "StepInfo", "SwAV",
+           "check_config"]

@@ -1,21 +1,43 @@
-"""What every method shares: the backbone, the augmentation recipe, the parameter groups,
-and hooks before and after each optimiser step (momentum schedules, EMA teachers and the like)."""
+"""What every method shares: the backbone, the view settings, the parameter groups, and hooks
+before and after each optimiser step (momentum schedules, EMA teachers and the like).
+
+A method's constructor takes its paper's hyperparameters as keyword arguments, without defaults
+(those live once, in :mod:`selfsup.config`); ``from_config`` maps a :class:`Config` onto them.
+What only the training loop knows (the step, the run's length, the local batch, the seed) it
+hands to the hooks in a :class:`StepInfo`, so no method reads the run's training settings.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..augment import Augment, ViewConfig, multi_crop_views
-from ..config import Config
+from ..config import AugConfig, Config, MultiCropConfig
 from ..optim import param_groups
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the training loop knows at a step, handed to :meth:`Method.on_step_start` / ``_end``."""
+    step: int             # this step's index, from 0
+    total_steps: int      # steps in the whole run
+    steps_per_epoch: int
+    local_batch: int      # images per rank in a step; the global batch is local_batch x world size
+    seed: int             # the run's seed: per-step randomness a resumed run repeats (MoCo's Shuffle BN)
 
 
 class Method(nn.Module):
     """A self-supervised method: ``forward(views)`` returns a dict with the scalar ``loss``, the
     ``embedding`` and optionally other 0-dim tensors (e.g. SwAV's ``code_entropy``), which the
-    trainer averages over each epoch and logs under their keys."""
+    trainer averages over each epoch and logs under their keys.
+
+    ``aug`` and ``multicrop``: the view recipe's settings (colour strength, blur, crop scale, the
+    global and local crops); ``weight_decay`` and ``exclude_bias_and_norm``: the parameter groups'.
+    """
 
     #: Methods whose papers synchronise BN across devices default to global BN.
     sync_bn_default: bool = True
@@ -24,10 +46,23 @@ class Method(nn.Module):
     #: DDP must look for parameters without a gradient (SwAV's frozen prototypes drop theirs).
     find_unused_parameters: bool = False
 
-    def __init__(self, cfg: Config, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, *, aug: AugConfig, multicrop: MultiCropConfig,
+                 weight_decay: float, exclude_bias_and_norm: bool):
         super().__init__()
-        self.cfg = cfg
         self.backbone = backbone
+        self.aug, self.multicrop = aug, multicrop
+        self.weight_decay, self.exclude_bias_and_norm = weight_decay, exclude_bias_and_norm
+
+    @staticmethod
+    def shared_settings(cfg: Config) -> dict[str, Any]:
+        """The keyword arguments every method takes, from ``cfg``: its views and parameter groups."""
+        return dict(aug=cfg.aug, multicrop=cfg.multicrop, weight_decay=cfg.optim.weight_decay,
+                    exclude_bias_and_norm=cfg.optim.exclude_bias_and_norm)
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> "Method":
+        """The method ``cfg`` describes, on ``backbone``."""
+        raise NotImplementedError
 
     @staticmethod
     def check(cfg: Config) -> None:
@@ -43,8 +78,8 @@ class Method(nn.Module):
 
     def multi_crop(self, global_views: list[ViewConfig], local_from: ViewConfig | None = None) -> list[Augment]:
         """The global views, then ``multicrop.local_crops`` local views of ``local_from``
-        (default: the first global view), as ``cfg.multicrop`` describes them."""
-        mc = self.cfg.multicrop
+        (default: the first global view), as ``multicrop`` describes them."""
+        mc = self.multicrop
         size = global_views[0].size
         local_size = mc.local_size or max(4, round(size * 96 / 224))
         views = multi_crop_views(global_views, mc.local_crops, local_size,
@@ -64,18 +99,19 @@ class Method(nn.Module):
         words, for the trainer's log (e.g. SwAV's uniform codes). None by default."""
         return []
 
-    def param_groups(self) -> list[dict]:
-        return param_groups(self, self.cfg.optim.weight_decay,
-                            exclude_bias_and_norm=self.cfg.optim.exclude_bias_and_norm)
+    def param_groups(self, peak_lr: float) -> list[dict]:
+        """The optimiser's parameter groups. ``peak_lr``, the schedule's peak (which only the
+        loop knows), is for groups that hold their lr fixed (SimSiam's predictor)."""
+        return param_groups(self, self.weight_decay, exclude_bias_and_norm=self.exclude_bias_and_norm)
 
     @torch.no_grad()
-    def on_step_start(self, step: int, total_steps: int) -> None:
-        """Called before every training step (step counts from 0), for per-step schedules that
-        the forward pass reads (MoCo's momentum)."""
+    def on_step_start(self, info: StepInfo) -> None:
+        """Called before every training step, for per-step schedules that the forward pass reads
+        (MoCo's momentum, DINO's teacher temperature)."""
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        """Called after every optimiser step (step counts from 0)."""
+    def on_step_end(self, info: StepInfo) -> None:
+        """Called after every optimiser step (EMA targets, SwAV's prototype renormalisation)."""
 
 
 def encode_by_resolution(encoder: Callable[[Tensor], Tensor], views: list[Tensor]) -> Tensor:

@@ -16,6 +16,8 @@ crop predicts each of them, as SwAV's swapped prediction.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -23,29 +25,39 @@ from ..augment import Augment, byol_view
 from ..config import Config
 from ..heads import mlp
 from ..losses import byol
-from ..momentum import MomentumTeacher
-from .base import Method, encode_by_resolution
+from ..momentum import MomentumTeacher, momentum_at
+from .base import Method, StepInfo, encode_by_resolution
 
 
 class BYOL(Method):
-    def __init__(self, cfg: Config, backbone: nn.Module):
-        super().__init__(cfg, backbone)
-        m, width = cfg.model, backbone.num_features
-        hidden = m.proj_hidden or width  # BYOL: 4096
+    def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, pred_hidden_dim: int | None,
+                 momentum: float, per_view_bn: bool, **shared: Any):
+        """dim, hidden_dim (None: the backbone's width; BYOL: 256, 4096): the projector g_θ;
+        pred_hidden_dim (None: hidden_dim): the predictor q_θ; momentum: τ_base; per_view_bn:
+        the networks once per view (BYOL's code)."""
+        super().__init__(backbone, **shared)
+        hidden = hidden_dim or backbone.num_features
         # Linear + BN + ReLU + Linear, the last without bias (BYOL App. A), for both MLPs
-        self.projector = mlp(width, hidden, m.proj_dim, bias=False)  # g_θ
-        self.predictor = mlp(m.proj_dim, cfg.byol.pred_hidden or hidden, m.proj_dim, bias=False)  # q_θ
-        self.target = MomentumTeacher(self.backbone, self.projector, base=cfg.byol.momentum)  # f_ξ, g_ξ
+        self.projector = mlp(backbone.num_features, hidden, dim, bias=False)  # g_θ
+        self.predictor = mlp(dim, pred_hidden_dim or hidden, dim, bias=False)  # q_θ
+        self.target = MomentumTeacher(self.backbone, self.projector)  # f_ξ, g_ξ
+        self.tau_base, self.per_view_bn = momentum, per_view_bn
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> "BYOL":
+        m, c = cfg.model, cfg.byol
+        return cls(backbone, dim=m.proj_dim, hidden_dim=m.proj_hidden, pred_hidden_dim=c.pred_hidden,
+                   momentum=c.momentum, per_view_bn=c.per_view_bn, **cls.shared_settings(cfg))
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
-        a, n = self.cfg.aug, self.cfg.multicrop.global_crops
+        a, n = self.aug, self.multicrop.global_crops
         v1, v2 = (byol_view(size, i, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
                   for i in (1, 2))
         return self.multi_crop([(v1, v2)[i % 2] for i in range(n)], local_from=v2)
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
-        n_global, b = self.cfg.multicrop.global_crops, len(views[0])
-        if self.cfg.byol.per_view_bn:  # BYOL's code: the networks once per view, BN statistics per view
+        n_global, b = self.multicrop.global_crops, len(views[0])
+        if self.per_view_bn:  # BYOL's code: the networks once per view, BN statistics per view
             z = torch.cat([self.projector(self.backbone(v)) for v in views])  # (V*B, D) online projections
             p = [self.predictor(z_v) for z_v in z.split(b)]  # V x (B, D)
             with torch.no_grad():
@@ -64,5 +76,6 @@ class BYOL(Method):
         return {"loss": loss, "embedding": z[: n_global * b]}
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        self.target.update(step + 1, total_steps)  # after the optimiser step; τ = 1 after the last
+    def on_step_end(self, info: StepInfo) -> None:
+        # ξ <- τ ξ + (1 - τ) θ after the optimiser step: k = steps taken, so τ = 1 after the last
+        self.target.update(momentum_at(info.step + 1, info.total_steps, self.tau_base, cosine=True))

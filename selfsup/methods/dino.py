@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,18 +34,9 @@ from ..augment import Augment, byol_view
 from ..config import Config
 from ..heads import mlp
 from ..losses import dino
-from ..momentum import MomentumTeacher
-from .base import Method, encode_by_resolution
-
-
-def teacher_temperature(step: int, steps_per_epoch: int, warmup_temp: float, temp: float,
-                        warmup_epochs: float) -> float:
-    """τ_t at ``step``: linear from ``warmup_temp`` (step 0) to ``temp`` (end of the warm-up,
-    counted in steps), then ``temp`` (DINO's ``teacher_temp_schedule``, per step)."""
-    warmup_steps = warmup_epochs * steps_per_epoch
-    if step >= warmup_steps:
-        return temp
-    return warmup_temp + (temp - warmup_temp) * step / warmup_steps
+from ..momentum import MomentumTeacher, momentum_at
+from ..optim import linear_warmup
+from .base import Method, StepInfo, encode_by_resolution
 
 
 def loss_pairs(n_global: int, n_views: int) -> list[tuple[int, int]]:
@@ -81,50 +73,69 @@ class WeightNormLinear(nn.Module):
 class DINO(Method):
     clip_grad_mode_default = "per_param"  # main_dino.py: utils.clip_gradients(student, 3.0)
 
-    def __init__(self, cfg: Config, backbone: nn.Module):
-        super().__init__(cfg, backbone)
-        m, c = cfg.model, cfg.dino
+    def __init__(self, backbone: nn.Module, *, out_dim: int, hidden_dim: int | None, layers: int,
+                 bottleneck_dim: int, head_bn: bool, norm_last_layer: bool, momentum: float,
+                 student_temp: float, teacher_temp: float, warmup_teacher_temp: float,
+                 warmup_teacher_temp_epochs: float, center_momentum: float, freeze_last_layer_epochs: float,
+                 **shared: Any):
+        """The head (DINOHead): ``layers`` of ``hidden_dim`` (None: 2048), BN if head_bn, the
+        L2-normalised bottleneck, K = out_dim outputs (norms fixed at 1 if norm_last_layer);
+        momentum: the teacher's EMA (rising to 1 on a cosine); τ_s = student_temp; τ_t warms up
+        from warmup_teacher_temp to teacher_temp over warmup_teacher_temp_epochs; the centre's
+        EMA is center_momentum m; the last layer gets no gradient for freeze_last_layer_epochs."""
+        super().__init__(backbone, **shared)
         # DINOHead: in -> 2048 -> 2048 -> 256 (GELU, no BN), L2-normalised bottleneck
         self.projector = nn.Sequential(
-            mlp(backbone.num_features, m.proj_hidden or 2048, c.bottleneck_dim, m.proj_layers,
-                batch_norm=c.head_bn, activation=nn.GELU), L2Norm())
+            mlp(backbone.num_features, hidden_dim or 2048, bottleneck_dim, layers,
+                batch_norm=head_bn, activation=nn.GELU), L2Norm())
         for layer in self.projector.modules():
             if isinstance(layer, nn.Linear):  # DINOHead._init_weights
                 nn.init.trunc_normal_(layer.weight, std=0.02)
                 if layer.bias is not None:  # none before a BN
                     nn.init.zeros_(layer.bias)
-        self.last_layer = WeightNormLinear(c.bottleneck_dim, c.out_dim, c.norm_last_layer)
-        self.teacher = MomentumTeacher(self.backbone, self.projector, self.last_layer, base=c.momentum)
-        self.register_buffer("center", torch.zeros(1, c.out_dim))  # c: (1, K)
-        self.find_unused_parameters = c.freeze_last_layer_epochs > 0  # frozen: no gradient at all
-        self.teacher_temp = c.warmup_teacher_temp
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
+        self.teacher = MomentumTeacher(self.backbone, self.projector, self.last_layer)
+        self.register_buffer("center", torch.zeros(1, out_dim))  # c: (1, K)
+        self.find_unused_parameters = freeze_last_layer_epochs > 0  # frozen: no gradient at all
+        self.momentum, self.center_momentum = momentum, center_momentum
+        self.student_temp, self.teacher_temp = student_temp, warmup_teacher_temp  # τ_s; τ_t of the step
+        self.warmup_teacher_temp, self.final_teacher_temp = warmup_teacher_temp, teacher_temp
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.freeze_last_layer_epochs = freeze_last_layer_epochs
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> "DINO":
+        c = cfg.dino
+        return cls(backbone, out_dim=c.out_dim, hidden_dim=cfg.model.proj_hidden, layers=cfg.model.proj_layers,
+                   bottleneck_dim=c.bottleneck_dim, head_bn=c.head_bn, norm_last_layer=c.norm_last_layer,
+                   momentum=c.momentum, student_temp=c.student_temp, teacher_temp=c.teacher_temp,
+                   warmup_teacher_temp=c.warmup_teacher_temp, warmup_teacher_temp_epochs=c.warmup_teacher_temp_epochs,
+                   center_momentum=c.center_momentum, freeze_last_layer_epochs=c.freeze_last_layer_epochs,
+                   **cls.shared_settings(cfg))
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
         # DINO's crops are BYOL's asymmetric pair (blur 1.0 / 0.1, solarise 0 / 0.2); locals blur 0.5
-        a, n = self.cfg.aug, self.cfg.multicrop.global_crops
+        a, n = self.aug, self.multicrop.global_crops
         v1, v2 = (byol_view(size, i, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
                   for i in (1, 2))
         local = dataclasses.replace(v1, blur_p=0.5 if a.blur else 0.0)
         return self.multi_crop([(v1, v2)[i % 2] for i in range(n)], local_from=local)
 
     @torch.no_grad()
-    def on_step_start(self, step: int, total_steps: int) -> None:
-        c = self.cfg.dino
-        steps_per_epoch = max(1, total_steps // self.cfg.train.epochs)
-        self.teacher_temp = teacher_temperature(step, steps_per_epoch, c.warmup_teacher_temp,
-                                                c.teacher_temp, c.warmup_teacher_temp_epochs)
-        self.last_layer.frozen = step < c.freeze_last_layer_epochs * steps_per_epoch
+    def on_step_start(self, info: StepInfo) -> None:
+        warmup_steps = self.warmup_teacher_temp_epochs * info.steps_per_epoch
+        self.teacher_temp = linear_warmup(info.step, warmup_steps, self.warmup_teacher_temp, self.final_teacher_temp)
+        self.last_layer.frozen = info.step < self.freeze_last_layer_epochs * info.steps_per_epoch
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
-        c, b = self.cfg.dino, len(views[0])
-        n_global = self.cfg.multicrop.global_crops
+        b, n_global = len(views[0]), self.multicrop.global_crops
         z = self.projector(encode_by_resolution(self.backbone, views))  # (V*B, D) unit bottleneck
         student = self.last_layer(z).split(b)  # V x (B, K)
         with torch.no_grad():
             teacher_out = self.teacher(torch.cat(views[:n_global]))  # (G*B, K)
         teacher = teacher_out.split(b)  # G x (B, K)
         pairs = loss_pairs(n_global, len(views))
-        loss = sum(dino(student[s], teacher[t], self.center, c.student_temp, self.teacher_temp)
+        loss = sum(dino(student[s], teacher[t], self.center, self.student_temp, self.teacher_temp)
                    for t, s in pairs) / len(pairs)
         self.update_center(teacher_out)  # after the loss: this step's targets used the old centre
         return {"loss": loss, "embedding": z[: n_global * b]}
@@ -134,15 +145,16 @@ class DINO(Method):
 
     def chance_loss(self) -> float:
         """ln K: uniform student and teacher outputs."""
-        return math.log(self.cfg.dino.out_dim)
+        return math.log(self.center.shape[1])
 
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
         """c <- m c + (1 - m) mean over the global batch of the raw teacher outputs (G*B, K)."""
         batch_center = D.all_reduce_mean(teacher_out.float().mean(0, keepdim=True))  # (1, K)
-        m = self.cfg.dino.center_momentum
+        m = self.center_momentum
         self.center.mul_(m).add_(batch_center, alpha=1 - m)
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        self.teacher.update(step + 1, total_steps)  # τ 0.996 -> 1 on a cosine, after the step
+    def on_step_end(self, info: StepInfo) -> None:
+        # τ 0.996 -> 1 on a cosine, after the optimiser step: k = steps taken
+        self.teacher.update(momentum_at(info.step + 1, info.total_steps, self.momentum, cosine=True))

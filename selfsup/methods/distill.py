@@ -17,6 +17,7 @@ Teacher features are recomputed every step (no cache): the views are random.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, BackboneSpec]:
     try:
         backbone = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem,
                                   binary_weights=m.binary_weights)
-        method = METHODS[saved.method](saved, backbone)
+        method = METHODS[saved.method].from_config(saved, backbone)
         method.load_state_dict(state["model"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"distill.teacher '{file}' does not fit {about}, the architecture its config "
@@ -65,20 +66,35 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, BackboneSpec]:
 class Distill(Method):
     sync_bn_default = False  # a per-sample target: nothing to gain from global BN
 
-    def __init__(self, cfg: Config, backbone: nn.Module):
-        super().__init__(cfg, backbone)
-        c = cfg.distill
-        self.teacher, self.teacher_meta = load_teacher(c.teacher)
+    def __init__(self, backbone: nn.Module, *, teacher: str | Path, mode: str, temperature: float, teacher_temp: float,
+                 queue_size: int, contrastive_weight: float, contrastive_temperature: float,
+                 hidden_dim: int | None, **shared: Any):
+        """teacher: a selfsup run folder or checkpoint; mode: s2bnn or seed; temperature: T (the
+        student's, and s2bnn's teacher's); teacher_temp: SEED's teacher T; queue_size: SEED's
+        queue; contrastive_weight > 0 adds NT-Xent at contrastive_temperature; hidden_dim
+        (None: the backbone's width): the student's head."""
+        super().__init__(backbone, **shared)
+        self.teacher, self.teacher_meta = load_teacher(teacher)
         size = self.teacher_meta.image_size
         with torch.no_grad():
             dim = self.teacher(torch.zeros(2, 3, size, size)).shape[1]  # D of the teacher's embedding
         width = backbone.num_features
-        self.projector = ProjectionHead(width, cfg.model.proj_hidden or width, dim, 2, batch_norm=False)
-        if c.mode == "seed":
-            self.queue = KeyQueue(c.queue_size, dim)  # teacher embeddings
+        self.projector = ProjectionHead(width, hidden_dim or width, dim, 2, batch_norm=False)
+        self.mode, self.temperature, self.teacher_temp = mode, temperature, teacher_temp
+        self.contrastive_weight, self.contrastive_temperature = contrastive_weight, contrastive_temperature
+        if mode == "seed":
+            self.queue = KeyQueue(queue_size, dim)  # teacher embeddings
         # the teacher sees its own normalisation: x_t = x * scale + shift (set in augmentations)
         self.register_buffer("teacher_scale", torch.ones(1, 3, 1, 1), persistent=False)
         self.register_buffer("teacher_shift", torch.zeros(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> "Distill":
+        c = cfg.distill
+        return cls(backbone, teacher=c.teacher, mode=c.mode, temperature=c.temperature, teacher_temp=c.teacher_temp,
+                   queue_size=c.queue_size, contrastive_weight=c.contrastive_weight,
+                   contrastive_temperature=cfg.simclr.temperature, hidden_dim=cfg.model.proj_hidden,
+                   **cls.shared_settings(cfg))
 
     @staticmethod
     def check(cfg: Config) -> None:
@@ -96,29 +112,29 @@ class Distill(Method):
         return self
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
-        a, c = self.cfg.aug, self.cfg.distill
+        a = self.aug
         # S2-BNN's "aug+" lowers jitter to p 0.6 and blur to p 0.2; SEED's is the teacher's (MoCo v2's)
-        aug_plus = {"jitter_p": 0.6, "blur_p": 0.2 if a.blur else 0.0} if c.mode == "s2bnn" else {}
+        aug_plus = {"jitter_p": 0.6, "blur_p": 0.2 if a.blur else 0.0} if self.mode == "s2bnn" else {}
         view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std, **aug_plus)
         t_mean, t_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1)
                          for v in (self.teacher_meta.mean, self.teacher_meta.std))
         s_mean, s_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
         self.teacher_scale.copy_(s_std / t_std)
         self.teacher_shift.copy_((s_mean - t_mean) / t_std)
-        return [Augment(view)] * (2 if c.contrastive_weight > 0 else 1)
+        return [Augment(view)] * (2 if self.contrastive_weight > 0 else 1)
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
-        c, b = self.cfg.distill, len(views[0])
+        b = len(views[0])
         z = self.projector(self.backbone(torch.cat(views)))  # (V*B, D): one pass, BN sees every view
         s = z[:b]  # (B, D) the student on the first view
         with torch.no_grad():  # the teacher on the same view
             t = F.normalize(self.teacher(views[0] * self.teacher_scale + self.teacher_shift).float(), dim=1)  # (B, D)
-        if c.mode == "s2bnn":  # softmax over the D embedding dimensions
-            loss = distill(F.normalize(s.float(), dim=1), t, c.temperature)
+        if self.mode == "s2bnn":  # softmax over the D embedding dimensions
+            loss = distill(F.normalize(s.float(), dim=1), t, self.temperature)
         else:
-            loss = seed(s, t, self.queue.snapshot(), c.temperature, c.teacher_temp)
+            loss = seed(s, t, self.queue.snapshot(), self.temperature, self.teacher_temp)
             self.queue.push(D.gather(t))  # (M, D) after the loss, as MoCo's enqueue
-        if c.contrastive_weight > 0:
+        if self.contrastive_weight > 0:
             z1, z2 = z.chunk(2)  # (B, D) each
-            loss = loss + c.contrastive_weight * nt_xent(z1, z2, self.cfg.simclr.temperature)
+            loss = loss + self.contrastive_weight * nt_xent(z1, z2, self.contrastive_temperature)
         return {"loss": loss, "embedding": z}

@@ -15,6 +15,7 @@ the global batch is shuffled with rank 0's permutation; on one process, split BN
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from ..heads import ProjectionHead
 from ..losses import info_nce
 from ..momentum import KeyQueue, ema_update, momentum_at, momentum_copy
 from ..norm import convert_split_batchnorm
-from .base import Method
+from .base import Method, StepInfo
 
 # ``loss`` -> info_nce options. nt_xent and info_nce are the same softmax cross-entropy here;
 # DCL drops the positive from the denominator, DCLW also weights the positives.
@@ -37,26 +38,37 @@ LOSSES = {"info_nce": {}, "nt_xent": {}, "dcl": {"decoupled": True}, "dclw": {"d
 class MoCo(Method):
     sync_bn_default = False  # Shuffle BN, not global BN
 
-    def __init__(self, cfg: Config, backbone: nn.Module):
-        super().__init__(cfg, backbone)
-        c = cfg.moco
-        if cfg.loss not in LOSSES:
-            raise ValueError(f"loss '{cfg.loss}' is not available for MoCo; choose from {', '.join(LOSSES)}")
-        self.loss_options = dict(LOSSES[cfg.loss], **({"sigma": cfg.dclw_sigma} if cfg.loss == "dclw" else {}))
+    def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, mlp: bool, queue_size: int,
+                 momentum: float, momentum_cosine: bool, temperature: float, symmetric: bool,
+                 shuffle_bn_groups: int, loss: str, dclw_sigma: float, aug_plus: bool, **shared: Any):
+        """dim: the key and query dimension; hidden_dim: the MLP's (None: the backbone's width);
+        mlp: v2's head; queue_size: K; momentum: m (rising to 1 on a cosine if momentum_cosine);
+        temperature: T; symmetric: both views are queries; shuffle_bn_groups: split BN on one
+        process; loss: an info_nce option of :data:`LOSSES`; aug_plus: v2's augmentation."""
+        super().__init__(backbone, **shared)
+        if loss not in LOSSES:
+            raise ValueError(f"loss '{loss}' is not available for MoCo; choose from {', '.join(LOSSES)}")
+        self.loss_options = dict(LOSSES[loss], **({"sigma": dclw_sigma} if loss == "dclw" else {}))
+        self.base_m, self.momentum_cosine, self.T = momentum, momentum_cosine, temperature
+        self.symmetric, self.aug_plus = symmetric, aug_plus
         width = backbone.num_features
         # v2: Linear-ReLU-Linear without BN; v1: one Linear (ResNet's fc resized to 128)
-        self.projector = ProjectionHead(width, cfg.model.proj_hidden or width, cfg.model.proj_dim,
-                                        2 if c.mlp else 1, batch_norm=False)
-        self.groups = c.shuffle_bn_groups if D.world_size() == 1 else 1  # ranks are the devices
+        self.projector = ProjectionHead(width, hidden_dim or width, dim, 2 if mlp else 1, batch_norm=False)
+        self.groups = shuffle_bn_groups if D.world_size() == 1 else 1  # ranks are the devices
         if self.groups > 1:
-            if cfg.train.batch_size % self.groups:
-                raise ValueError(f"moco.shuffle_bn_groups={self.groups} needs a batch size divisible by it, "
-                                 f"got {cfg.train.batch_size}")
             convert_split_batchnorm(self.backbone, self.groups)  # queries too, as on G devices
         self.encoder_k = momentum_copy(self.backbone, self.projector)  # f_k, never trained
-        self.queue = KeyQueue(c.queue_size, cfg.model.proj_dim)
-        self.m = c.momentum
-        self.step = 0
+        self.queue = KeyQueue(queue_size, dim)  # (K, D)
+        self.m = momentum
+        self.shuffle_seed = 0  # outside the loop: step 0 of seed 0
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> "MoCo":
+        c = cfg.moco
+        return cls(backbone, dim=cfg.model.proj_dim, hidden_dim=cfg.model.proj_hidden, mlp=c.mlp,
+                   queue_size=c.queue_size, momentum=c.momentum, momentum_cosine=c.momentum_cosine,
+                   temperature=c.temperature, symmetric=c.symmetric, shuffle_bn_groups=c.shuffle_bn_groups,
+                   loss=cfg.loss, dclw_sigma=cfg.dclw_sigma, aug_plus=c.aug_plus, **cls.shared_settings(cfg))
 
     @staticmethod
     def check(cfg: Config) -> None:
@@ -71,32 +83,34 @@ class MoCo(Method):
                               "multicrop.local_crops=0 (multi-crop is for simclr, byol, simsiam and swav)")
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
-        a = self.cfg.aug
+        a = self.aug
         view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
-        if not self.cfg.moco.aug_plus:  # v1: jitter on every image, hue as strong as the rest
+        if not self.aug_plus:  # v1: jitter on every image, hue as strong as the rest
             view = dataclasses.replace(view, jitter_p=1.0, hue=min(0.5, view.brightness))
         return [Augment(view), Augment(view)]
 
     @torch.no_grad()
-    def on_step_start(self, step: int, total_steps: int) -> None:
-        c = self.cfg.moco
-        self.step = step
-        self.m = momentum_at(step, total_steps, c.momentum, c.momentum_cosine)
+    def on_step_start(self, info: StepInfo) -> None:
+        if self.groups > 1 and info.local_batch % self.groups:
+            raise ValueError(f"moco.shuffle_bn_groups={self.groups} needs a batch size divisible by it, "
+                             f"got {info.local_batch}")
+        self.m = momentum_at(info.step, info.total_steps, self.base_m, self.momentum_cosine)
+        # the Shuffle BN permutations depend on the seed and the step alone, so a resumed run repeats them
+        self.shuffle_seed = info.seed * 1_000_003 + info.step
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
         x1, x2 = views  # (N, 3, S, S) each
         # query/key views: (x1, x2); symmetric adds (x2, x1) and sums the two losses (CIFAR demo)
-        pairs = [(x1, x2), (x2, x1)] if self.cfg.moco.symmetric else [(x1, x2)]
+        pairs = [(x1, x2), (x2, x1)] if self.symmetric else [(x1, x2)]
         with torch.no_grad():
             ema_update(self.encoder_k, (self.backbone, self.projector), self.m)  # before the keys
-        # the Shuffle BN permutations depend on the step alone, so a resumed run repeats them
-        shuffle = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step)
+        shuffle = torch.Generator().manual_seed(self.shuffle_seed)
         queue = self.queue.snapshot()  # (K, D): negatives from before this step
         loss, queries, keys = 0.0, [], []
         for x_q, x_k in pairs:
             q = self.projector(self.backbone(x_q))  # (N, D)
             k = self.keys(x_k, shuffle)  # (N, D), normalised, no gradient
-            loss = loss + info_nce(q, k, queue, self.cfg.moco.temperature, **self.loss_options)
+            loss = loss + info_nce(q, k, queue, self.T, **self.loss_options)
             queries.append(q)
             keys.append(D.gather(k))  # (M, D) in rank order
         self.queue.push(torch.cat(keys))  # after the logits

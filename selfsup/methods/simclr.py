@@ -22,6 +22,7 @@ then each global with each local; two views give plain SimCLR.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +38,32 @@ from .base import Method, encode_by_resolution
 
 
 class SimCLR(Method):
-    def __init__(self, cfg: Config, backbone: nn.Module):
-        super().__init__(cfg, backbone)
-        if cfg.loss not in CONTRASTIVE_LOSSES:
-            raise ValueError(f"loss '{cfg.loss}' is not a contrastive loss; choose from "
+    def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, layers: int, loss: str,
+                 temperature: float, dclw_sigma: float, memory_size: int, memory_momentum: float, **shared: Any):
+        """dim, hidden_dim (None: the backbone's width), layers: the projection head g (SimCLRv2:
+        3 layers); loss: a contrastive loss of :data:`CONTRASTIVE_LOSSES` at ``temperature`` τ;
+        memory_size > 0: SimCLRv2's memory of momentum keys, its EMA ``memory_momentum``."""
+        super().__init__(backbone, **shared)
+        if loss not in CONTRASTIVE_LOSSES:
+            raise ValueError(f"loss '{loss}' is not a contrastive loss; choose from "
                              f"{', '.join(sorted(CONTRASTIVE_LOSSES))}")
         width = backbone.num_features
-        self.projector = ProjectionHead(width, cfg.model.proj_hidden or width, cfg.model.proj_dim,
-                                        cfg.model.proj_layers)
-        self.criterion = CONTRASTIVE_LOSSES[cfg.loss]
-        if cfg.loss == "dclw":
-            self.criterion = functools.partial(self.criterion, sigma=cfg.dclw_sigma)
-        if cfg.memory.size:
+        self.projector = ProjectionHead(width, hidden_dim or width, dim, layers)  # g
+        self.criterion = CONTRASTIVE_LOSSES[loss]
+        if loss == "dclw":
+            self.criterion = functools.partial(self.criterion, sigma=dclw_sigma)
+        self.temperature, self.memory_momentum = temperature, memory_momentum
+        self.has_memory = bool(memory_size)
+        if memory_size:
             self.encoder_k = momentum_copy(self.backbone, self.projector)  # the memory network
-            self.memory = KeyQueue(cfg.memory.size, cfg.model.proj_dim)
+            self.memory = KeyQueue(memory_size, dim)  # (M, D)
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> "SimCLR":
+        m = cfg.model
+        return cls(backbone, dim=m.proj_dim, hidden_dim=m.proj_hidden, layers=m.proj_layers, loss=cfg.loss,
+                   temperature=cfg.simclr.temperature, dclw_sigma=cfg.dclw_sigma, memory_size=cfg.memory.size,
+                   memory_momentum=cfg.memory.momentum, **cls.shared_settings(cfg))
 
     @staticmethod
     def check(cfg: Config) -> None:
@@ -70,9 +83,9 @@ class SimCLR(Method):
                               f"simclr.temperature (SimCLRv2: 0.1) or memory.size")
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
-        a = self.cfg.aug
+        a = self.aug
         view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
-        return self.multi_crop([view] * self.cfg.multicrop.global_crops)
+        return self.multi_crop([view] * self.multicrop.global_crops)
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
         if len(views) > 2:
@@ -80,20 +93,20 @@ class SimCLR(Method):
         x = torch.cat(views)                          # (2N, 3, S, S): one pass, BN sees both views
         z = self.projector(self.backbone(x))          # (2N, D)
         z1, z2 = z.chunk(2)                           # (N, D) each
-        if not self.cfg.memory.size:
-            return {"loss": self.criterion(z1, z2, self.cfg.simclr.temperature), "embedding": z}
+        if not self.has_memory:
+            return {"loss": self.criterion(z1, z2, self.temperature), "embedding": z}
         # memory: as MoCo, update the momentum network, take its keys, use the memory as it was
         # before this step, then enqueue the keys of both views of the global batch
         with torch.no_grad():
-            ema_update(self.encoder_k, (self.backbone, self.projector), self.cfg.memory.momentum)
+            ema_update(self.encoder_k, (self.backbone, self.projector), self.memory_momentum)
             k = F.normalize(self.encoder_k(x), dim=1)  # (2N, D)
-        loss = self.criterion(z1, z2, self.cfg.simclr.temperature, negatives=self.memory.snapshot())
+        loss = self.criterion(z1, z2, self.temperature, negatives=self.memory.snapshot())
         self.memory.push(D.gather(k))                 # (2M, D)
         return {"loss": loss, "embedding": z}
 
     def _multi_crop_forward(self, views: list[Tensor]) -> dict[str, Tensor]:
-        n_global, b = self.cfg.multicrop.global_crops, len(views[0])
+        n_global, b = self.multicrop.global_crops, len(views[0])
         z = self.projector(encode_by_resolution(self.backbone, views)).split(b)  # V x (N, D)
         pairs = [(g, v) for g in range(n_global) for v in range(g + 1, len(views))]
-        loss = sum(self.criterion(z[g], z[v], self.cfg.simclr.temperature) for g, v in pairs) / len(pairs)
+        loss = sum(self.criterion(z[g], z[v], self.temperature) for g, v in pairs) / len(pairs)
         return {"loss": loss, "embedding": torch.cat(z[:n_global])}

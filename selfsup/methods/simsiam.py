@@ -11,6 +11,8 @@ With ``multicrop.local_crops`` > 0 every crop predicts each global crop's projec
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -18,25 +20,35 @@ from ..augment import Augment, simclr_view
 from ..config import Config
 from ..heads import mlp
 from ..losses import simsiam
-from ..optim import param_groups, scale_lr
+from ..optim import param_groups
 from .base import Method, encode_by_resolution
 
 
 class SimSiam(Method):
-    def __init__(self, cfg: Config, backbone: nn.Module):
-        super().__init__(cfg, backbone)
-        m, width = cfg.model, backbone.num_features
+    def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, layers: int,
+                 pred_dim: int | None, fix_pred_lr: bool, **shared: Any):
+        """dim, hidden_dim (None: the backbone's width), layers: the projection MLP of f;
+        pred_dim (None: dim // 4): the predictor h's bottleneck; fix_pred_lr: h keeps the peak lr."""
+        super().__init__(backbone, **shared)
+        width = backbone.num_features
         # ImageNet: 3 layers of width 2048; CIFAR (App. D): 2 layers, 2048-d output
-        self.projector = mlp(width, m.proj_hidden or width, m.proj_dim, m.proj_layers, last_norm="none")
-        self.predictor = mlp(m.proj_dim, cfg.simsiam.pred_hidden or m.proj_dim // 4, m.proj_dim)  # h
+        self.projector = mlp(width, hidden_dim or width, dim, layers, last_norm="none")
+        self.predictor = mlp(dim, pred_dim or dim // 4, dim)  # h
+        self.fix_pred_lr = fix_pred_lr
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> "SimSiam":
+        m = cfg.model
+        return cls(backbone, dim=m.proj_dim, hidden_dim=m.proj_hidden, layers=m.proj_layers,
+                   pred_dim=cfg.simsiam.pred_hidden, fix_pred_lr=cfg.simsiam.fix_pred_lr, **cls.shared_settings(cfg))
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
-        a = self.cfg.aug  # MoCo v2's augmentation: strength 0.5 gives its jitter (0.4, 0.4, 0.4, 0.1)
+        a = self.aug  # MoCo v2's augmentation: strength 0.5 gives its jitter (0.4, 0.4, 0.4, 0.1)
         view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
-        return self.multi_crop([view] * self.cfg.multicrop.global_crops)
+        return self.multi_crop([view] * self.multicrop.global_crops)
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
-        n_global, b = self.cfg.multicrop.global_crops, len(views[0])
+        n_global, b = self.multicrop.global_crops, len(views[0])
         z = self.projector(encode_by_resolution(self.backbone, views))  # (V*B, D)
         p = self.predictor(z)  # (V*B, D)
         z, p = z.split(b), p.split(b)  # V x (B, D) each
@@ -46,14 +58,12 @@ class SimSiam(Method):
             loss = loss + sum(simsiam(p[v], z[g]) for v in others) / len(others)
         return {"loss": loss / n_global, "embedding": torch.cat(z[:n_global])}
 
-    def param_groups(self) -> list[dict]:
-        o = self.cfg.optim
-        encoder = param_groups(nn.ModuleList([self.backbone, self.projector]), o.weight_decay,
-                               exclude_bias_and_norm=o.exclude_bias_and_norm)
-        predictor = param_groups(self.predictor, o.weight_decay, exclude_bias_and_norm=o.exclude_bias_and_norm)
-        if self.cfg.simsiam.fix_pred_lr:
+    def param_groups(self, peak_lr: float) -> list[dict]:
+        wd, exclude = self.weight_decay, self.exclude_bias_and_norm
+        encoder = param_groups(nn.ModuleList([self.backbone, self.projector]), wd, exclude_bias_and_norm=exclude)
+        predictor = param_groups(self.predictor, wd, exclude_bias_and_norm=exclude)
+        if self.fix_pred_lr:
             # set_lr keeps a fixed group's lr as it finds it: the peak lr (init_lr in the official code)
-            peak = scale_lr(o.lr, self.cfg.train.batch_size, o.lr_scaling)
             for group in predictor:
-                group.update(lr=peak, fixed_lr=True)
+                group.update(lr=peak_lr, fixed_lr=True)
         return encoder + predictor

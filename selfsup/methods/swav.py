@@ -27,6 +27,7 @@ it ≈ ln K (equal partition) for healthy and collapsed codes alike.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,23 +39,41 @@ from ..config import Config, ConfigError
 from ..heads import mlp
 from ..losses import sinkhorn, swav
 from ..monitor import CHANCE_TOLERANCE, code_entropy
-from .base import Method, encode_by_resolution
+from ..optim import freeze_steps
+from .base import Method, StepInfo, encode_by_resolution
 
 
 class SwAV(Method):
-    def __init__(self, cfg: Config, backbone: nn.Module):
-        super().__init__(cfg, backbone)
-        m, c = cfg.model, cfg.swav
+    def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, prototypes: int,
+                 temperature: float, epsilon: float, sinkhorn_iterations: int, freeze_prototypes_epochs: float,
+                 freeze_prototypes_steps: int | None, queue_length: int, queue_start_epoch: int, **shared: Any):
+        """dim, hidden_dim (None: the backbone's width): the head; prototypes: K; temperature: τ;
+        epsilon, sinkhorn_iterations: Sinkhorn's ε and iterations; the prototypes get no gradient
+        for ``freeze_prototypes_epochs`` (or exactly ``freeze_prototypes_steps``); queue_length
+        past global-crop embeddings join Sinkhorn's input from ``queue_start_epoch`` on."""
+        super().__init__(backbone, **shared)
         # Linear + BN + ReLU + Linear (SwAV: 2048 -> 2048 -> 128), then L2 normalisation
-        self.projector = mlp(backbone.num_features, m.proj_hidden or backbone.num_features, m.proj_dim)
-        self.prototypes = nn.Linear(m.proj_dim, c.prototypes, bias=False)  # C: (K, D)
+        self.projector = mlp(backbone.num_features, hidden_dim or backbone.num_features, dim)
+        self.prototypes = nn.Linear(dim, prototypes, bias=False)  # C: (K, D)
         self.normalize_prototypes()
-        self.find_unused_parameters = bool(c.freeze_prototypes_epochs if c.freeze_prototypes_steps is None
-                                           else c.freeze_prototypes_steps)  # frozen: no gradient at all
+        self.temperature, self.epsilon, self.sinkhorn_iterations = temperature, epsilon, sinkhorn_iterations
+        self.freeze_prototypes_epochs, self.freeze_prototypes_steps = freeze_prototypes_epochs, freeze_prototypes_steps
+        self.find_unused_parameters = bool(freeze_prototypes_epochs if freeze_prototypes_steps is None
+                                           else freeze_prototypes_steps)  # frozen: no gradient at all
         self.prototypes_frozen = False
-        if c.queue_length:  # (G, L, D): per global crop, the embeddings of the last L / B global batches
-            self.register_buffer("queue", torch.zeros(cfg.multicrop.global_crops, c.queue_length, m.proj_dim))
-        self.step, self.steps_per_epoch = 0, None
+        self.queue_length, self.queue_start_epoch = queue_length, queue_start_epoch
+        if queue_length:  # (G, L, D): per global crop, the embeddings of the last L / B global batches
+            self.register_buffer("queue", torch.zeros(self.multicrop.global_crops, queue_length, dim))
+        self.info: StepInfo | None = None  # the step's, from on_step_start; None outside the loop
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> "SwAV":
+        c = cfg.swav
+        return cls(backbone, dim=cfg.model.proj_dim, hidden_dim=cfg.model.proj_hidden, prototypes=c.prototypes,
+                   temperature=c.temperature, epsilon=c.epsilon, sinkhorn_iterations=c.sinkhorn_iterations,
+                   freeze_prototypes_epochs=c.freeze_prototypes_epochs,
+                   freeze_prototypes_steps=c.freeze_prototypes_steps, queue_length=c.queue_length,
+                   queue_start_epoch=c.queue_start_epoch, **cls.shared_settings(cfg))
 
     @staticmethod
     def check(cfg: Config) -> None:
@@ -64,34 +83,27 @@ class SwAV(Method):
                               f"{batch}; e.g. swav.queue_length={max(1, cfg.swav.queue_length // batch) * batch}")
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
-        a = self.cfg.aug
+        a = self.aug
         view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
-        return self.multi_crop([view] * self.cfg.multicrop.global_crops)
+        return self.multi_crop([view] * self.multicrop.global_crops)
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
         w = self.prototypes.weight  # (K, D)
         w.copy_(F.normalize(w, dim=1))
 
-    def freeze_steps(self, steps_per_epoch: int) -> int:
-        """Steps whose prototype gradients are dropped: ``swav.freeze_prototypes_steps`` if set,
-        else ``swav.freeze_prototypes_epochs`` of ``steps_per_epoch``."""
-        c = self.cfg.swav
-        return c.freeze_prototypes_steps if c.freeze_prototypes_steps is not None else \
-            round(c.freeze_prototypes_epochs * steps_per_epoch)
+    @torch.no_grad()
+    def on_step_start(self, info: StepInfo) -> None:
+        self.info = info
+        frozen = freeze_steps(self.freeze_prototypes_epochs, info.steps_per_epoch, self.freeze_prototypes_steps)
+        self.prototypes_frozen = info.step < frozen
 
     @torch.no_grad()
-    def on_step_start(self, step: int, total_steps: int) -> None:
-        self.step, self.steps_per_epoch = step, max(1, total_steps // self.cfg.train.epochs)
-        self.prototypes_frozen = step < self.freeze_steps(self.steps_per_epoch)
-
-    @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> None:
+    def on_step_end(self, info: StepInfo) -> None:
         self.normalize_prototypes()
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
-        c, b = self.cfg.swav, len(views[0])
-        n_global, n_crops = self.cfg.multicrop.global_crops, len(views)
+        b, n_global, n_crops = len(views[0]), self.multicrop.global_crops, len(views)
         z = F.normalize(self.projector(encode_by_resolution(self.backbone, views)), dim=1)  # (V*B, D)
         C = self.prototypes.weight  # (K, D)
         if self.prototypes_frozen:
@@ -107,9 +119,9 @@ class SwAV(Method):
                 if filling:  # newest global batch first, oldest dropped
                     batch = D.gather(z[s * b:(s + 1) * b].detach().to(self.queue.dtype))  # (W*B, D)
                     self.queue[s] = torch.cat([batch, self.queue[s, :-len(batch)]])
-                q = sinkhorn(out, c.epsilon, c.sinkhorn_iterations)[-b:]  # (B, K) this batch's codes
+                q = sinkhorn(out, self.epsilon, self.sinkhorn_iterations)[-b:]  # (B, K) this batch's codes
                 entropy = entropy + code_entropy(q)
-            predicted = [swav(scores[t], q, c.temperature) for t in range(n_crops) if t != s]
+            predicted = [swav(scores[t], q, self.temperature) for t in range(n_crops) if t != s]
             loss = loss + sum(predicted) / (n_crops - 1)  # swapped: crop t predicts the codes of s
         return {"loss": loss / n_global, "embedding": z[: n_global * b], "code_entropy": entropy / n_global}
 
@@ -119,7 +131,7 @@ class SwAV(Method):
 
     def chance_loss(self) -> float:
         """ln K: uniform codes predicted by uniform scores."""
-        return math.log(self.cfg.swav.prototypes)
+        return math.log(self.prototypes.out_features)
 
     def warnings(self, metrics: dict[str, float]) -> list[str]:
         """Uniform codes (code entropy at ln K): the collapse, whatever the loss reads."""
@@ -132,13 +144,12 @@ class SwAV(Method):
         """(filling, full): the queue takes embeddings from ``queue_start_epoch`` on and joins
         Sinkhorn's input once it is full, ``L / B`` steps later (a pure function of the step,
         so a resumed run behaves as an uninterrupted one)."""
-        if not self.cfg.swav.queue_length or self.steps_per_epoch is None:
+        if not self.queue_length or self.info is None:
             return False, False
-        since = self.step - self.cfg.swav.queue_start_epoch * self.steps_per_epoch  # steps of filling
-        return since >= 0, since >= self.cfg.swav.queue_length // self.cfg.train.batch_size
+        since = self.info.step - self.queue_start_epoch * self.info.steps_per_epoch  # steps of filling
+        return since >= 0, since >= self.queue_length // (self.info.local_batch * D.world_size())
 
     def _own_rows(self, queue: Tensor) -> Tensor:
         """The rows of the global queue (L, D) that this rank pushed: (L/W, D), newest first."""
-        w = D.world_size()
-        b = self.cfg.train.batch_size // w
+        w, b = D.world_size(), self.info.local_batch
         return queue.view(-1, w, b, queue.shape[1])[:, D.rank()].reshape(-1, queue.shape[1])  # (L/W, D)
