@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import logging
 import sys
 
@@ -247,64 +247,22 @@ def _pretrain(a: argparse.Namespace) -> int:
 
 
 def _eval(a: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from .data import load_data
-    from .device import resolve_device
-    from .evaluate import (LINEAR_PROTOCOLS, apply_head, extract_features, knn_accuracy, linear_eval,
-                           linear_probe, protocol_for)
-    from .runs import eval_file, load_backbone, run_dir
+    from .evaluate import evaluate_run
     from .train import load_projector
 
     for flag, ok in (("--k", a.k >= 1), ("--t", a.t > 0), ("--epochs", a.epochs is None or a.epochs >= 1),
                      ("--lr", a.lr is None or a.lr > 0), ("--batch-size", a.batch_size >= 1)):
         if not ok:
             raise ConfigError(f"{flag} must be positive, got {getattr(a, flag[2:].replace('-', '_'))}")
-    torch.manual_seed(a.seed)
-    backbone, spec = load_backbone(a.checkpoint, random_init=a.random_init)
-    device = resolve_device(a.device)
-    splits = load_data(a.data, image_size=spec.data_image_size, skip_corrupt=a.skip_corrupt)
-    if splits.test is None:
-        raise DataError(f"'{a.data}' has no labelled test split to evaluate on (expected test/ or val/ "
-                        f"beside train/)")
-    backbone.to(device)
-    kw = dict(size=spec.image_size, mean=spec.mean, std=spec.std, device=device,
-              batch_size=a.batch_size)
-    test_f = extract_features(backbone, splits.test.images, **kw)
-    labels = lambda d: torch.tensor(np.asarray(d.labels), dtype=torch.long, device=device)  # noqa: E731
-    n_cls = len(splits.train.classes)
+    head = None  # kNN on head features: the run's projection head, built when the backbone is loaded
+    if a.protocol == "knn" and a.features == "head":
+        head = functools.partial(load_projector, a.checkpoint, random_init=a.random_init)
+    result, path = evaluate_run(a.checkpoint, a.protocol, data=a.data, device=a.device, random_init=a.random_init,
+                                k=a.k, temperature=a.t, head=head, protocol=a.protocol_name, epochs=a.epochs,
+                                lr=a.lr, batch_size=a.batch_size, seed=a.seed, skip_corrupt=a.skip_corrupt)
     linear = a.protocol == "linear"
-    name = a.protocol
-    if not linear:
-        train_f = extract_features(backbone, splits.train.images, **kw)
-        if a.features == "head":
-            head = load_projector(a.checkpoint, random_init=a.random_init).to(device)
-            train_f, test_f = apply_head(head, train_f), apply_head(head, test_f)
-            name += "_head"
-        top1 = knn_accuracy(train_f, labels(splits.train), test_f, labels(splits.test),
-                            num_classes=n_cls, k=a.k, temperature=a.t)
-        result = {"protocol": "knn", "features": a.features, "top1": top1, "k": a.k, "t": a.t}
-    else:
-        protocol = LINEAR_PROTOCOLS[a.protocol_name or protocol_for(spec.method)]
-        if protocol.augment:
-            out = linear_eval(backbone, splits.train.images, labels(splits.train), test_f, labels(splits.test),
-                              num_classes=n_cls, protocol=protocol, size=spec.image_size, mean=spec.mean,
-                              std=spec.std, device=device, epochs=a.epochs, lr=a.lr, seed=a.seed)
-        else:
-            train_f = extract_features(backbone, splits.train.images, **kw)
-            out = linear_probe(train_f, labels(splits.train), test_f, labels(splits.test), num_classes=n_cls,
-                               epochs=a.epochs, lr=a.lr, seed=a.seed)
-        result = {"protocol": "linear", "linear_protocol": protocol.name, "features": "backbone",
-                  "epochs": out["settings"]["epochs"], "lr": out["settings"]["lr"], **out}
-        name += f"_{protocol.name}"
-    result.update(data=a.data, checkpoint=str(a.checkpoint), random_init=a.random_init)
-    where = run_dir(a.checkpoint)
-    name = eval_file(f"{name}{'_random_init' if a.random_init else ''}")
-    (where / name).write_text(json.dumps(result, indent=1) + "\n")
     what = f"linear ({result['linear_protocol']})" if linear else f"knn ({a.features} features)"
-    print(f"{what} top-1{' (random init)' if a.random_init else ''}: {result['top1']:.2f}% "
-          f"-> {where / name}")
+    print(f"{what} top-1{' (random init)' if a.random_init else ''}: {result['top1']:.2f}% -> {path}")
     return 0
 
 

@@ -11,12 +11,17 @@ Linear evaluation (:data:`LINEAR_PROTOCOLS`): ``simclr`` and ``moco`` train a cl
 frozen backbone (eval mode) with random-resized-crop + flip drawn on the fly, as the papers do;
 ``fast`` trains it on pre-extracted, standardised features of the un-augmented images (quick,
 not comparable with published tables). :class:`OnlineLinear` is solo-learn's online probe.
+
+:func:`evaluate_run` is ``selfsup eval``: one protocol on a run folder, its result written beside it.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import Augment, crop_flip_view, eval_view
-from .device import autocast
+from .data import DataSplits, ImageDataset, load_data
+from .device import autocast, resolve_device
+from .errors import DataError
+from .runs import eval_file, load_backbone, run_dir
 
 
 @torch.no_grad()
@@ -89,6 +97,34 @@ def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Te
     scores = knn_predict(train_features, train_labels, test_features, num_classes=num_classes,
                          k=k, temperature=temperature)
     return 100.0 * (scores.argmax(1) == test_labels).float().mean().item()
+
+
+def label_tensor(data: ImageDataset, device: torch.device) -> Tensor:
+    """The labels of ``data`` as a (N,) long tensor on ``device``."""
+    return torch.tensor(np.asarray(data.labels), dtype=torch.long, device=device)
+
+
+def knn_eval(backbone: nn.Module, train: ImageDataset, test: ImageDataset, *, size: int, mean, std,
+             device: torch.device, batch_size: int = 512, dtype: torch.dtype | None = None,
+             k: int = 200, temperature: float = 0.1, head: nn.Module | None = None,
+             probe: OnlineLinear | None = None) -> tuple[dict[str, float], Tensor]:
+    """Weighted kNN top-1 (%) of ``test`` against the bank of ``train``'s features (``knn_top1``),
+    on the backbone's features or, given ``head``, on the projection head's; with ``probe`` also
+    the online probe's top-1 on the same backbone test features (``linear_top1``). Returns the
+    metrics and the bank of backbone features (N, F), which the collapse monitor reuses."""
+    kw = dict(size=size, mean=mean, std=std, device=device, batch_size=batch_size, dtype=dtype)
+    bank = extract_features(backbone, train.images, **kw)    # (N, F)
+    queries = extract_features(backbone, test.images, **kw)  # (M, F)
+    test_labels = label_tensor(test, device)
+    result: dict[str, float] = {}
+    if probe is not None:
+        result["linear_top1"] = probe.accuracy(queries, test_labels)
+    keys = bank
+    if head is not None:
+        keys, queries = apply_head(head, bank), apply_head(head, queries)  # (N, D), (M, D)
+    result["knn_top1"] = knn_accuracy(keys, label_tensor(train, device), queries, test_labels,
+                                      num_classes=len(train.classes), k=k, temperature=temperature)
+    return result, bank
 
 
 @dataclass(frozen=True)
@@ -304,3 +340,58 @@ class OnlineLinear(nn.Module):
         self.classifier.load_state_dict(state["classifier"])
         self.optimizer.load_state_dict(state["optimizer"])
 
+
+
+# ---------------------------------------------------------------------------------------------
+# selfsup eval
+
+
+def evaluate_run(run: str | Path, kind: str, *, data: str, device: str = "auto", random_init: bool = False,
+                 k: int = 200, temperature: float = 0.1, head: Callable[[], nn.Module] | None = None,
+                 protocol: str | None = None, epochs: int | None = None, lr: float | None = None,
+                 batch_size: int = 512, seed: int = 0, skip_corrupt: bool = False) -> tuple[dict, Path]:
+    """``selfsup eval``: ``kind`` ("knn" or "linear") on the backbone of ``run`` (a run folder, its
+    checkpoint or its backbone), tested on ``data``'s test split. ``head`` (kNN): builds the run's
+    projection head, for kNN on head features. ``protocol`` (linear): a name of
+    :data:`LINEAR_PROTOCOLS` (default: the run's method's). Returns the result and the file beside
+    the run it was written to (:func:`runs.eval_file`)."""
+    torch.manual_seed(seed)
+    backbone, spec = load_backbone(run, random_init=random_init)
+    where = resolve_device(device)
+    splits = load_data(data, image_size=spec.data_image_size, skip_corrupt=skip_corrupt)
+    if splits.test is None:
+        raise DataError(f"'{data}' has no labelled test split to evaluate on (expected test/ or val/ "
+                        f"beside train/)")
+    backbone.to(where)
+    view = dict(size=spec.image_size, mean=spec.mean, std=spec.std, device=where)
+    if kind == "knn":
+        projector = None if head is None else head().to(where)
+        top1, _ = knn_eval(backbone, splits.train, splits.test, **view, batch_size=batch_size, k=k,
+                           temperature=temperature, head=projector)
+        name = "knn_head" if head is not None else "knn"
+        result = {"protocol": "knn", "features": "backbone" if head is None else "head",
+                  "top1": top1["knn_top1"], "k": k, "t": temperature}
+    else:
+        chosen = LINEAR_PROTOCOLS[protocol or protocol_for(spec.method)]
+        out = _linear_run(backbone, splits, chosen, view, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed)
+        name = f"linear_{chosen.name}"
+        result = {"protocol": "linear", "linear_protocol": chosen.name, "features": "backbone",
+                  "epochs": out["settings"]["epochs"], "lr": out["settings"]["lr"], **out}
+    result.update(data=data, checkpoint=str(run), random_init=random_init)
+    path = run_dir(run) / eval_file(f"{name}{'_random_init' if random_init else ''}")
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result, path
+
+
+def _linear_run(backbone: nn.Module, splits: DataSplits, protocol: LinearProtocol, view: dict, *, batch_size: int,
+                epochs: int | None, lr: float | None, seed: int) -> dict:
+    """The linear protocol on frozen features: on the fly through the backbone, or pre-extracted."""
+    device = view["device"]
+    test_f = extract_features(backbone, splits.test.images, **view, batch_size=batch_size)
+    train_y, test_y = label_tensor(splits.train, device), label_tensor(splits.test, device)
+    n_cls = len(splits.train.classes)
+    if protocol.augment:
+        return linear_eval(backbone, splits.train.images, train_y, test_f, test_y, num_classes=n_cls,
+                           protocol=protocol, **view, epochs=epochs, lr=lr, seed=seed)
+    train_f = extract_features(backbone, splits.train.images, **view, batch_size=batch_size)
+    return linear_probe(train_f, train_y, test_f, test_y, num_classes=n_cls, epochs=epochs, lr=lr, seed=seed)

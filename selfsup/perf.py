@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from .config import Config
 from .device import autocast, autocast_dtype
+from .optim import set_lr
 from .methods import StepInfo
-from .optim import build_optimizer, scale_lr, set_lr
-from .train import build_method, train_step
+from .train import build_parts, train_step
 
 
 def synchronize(device: torch.device) -> None:
@@ -134,19 +134,14 @@ class Rig:
 
 
 def build_rig(cfg: Config, device: torch.device, size: int) -> Rig:
-    """``cfg``'s method, optimiser and augmentations on ``device``, as pretrain builds them,
-    with a random uint8 (B, size, size, 3) batch."""
+    """``cfg``'s method, optimiser and augmentations on ``device``, built by the trainer's own
+    :func:`train.build_parts`, with a random uint8 (B, size, size, 3) batch."""
     torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    method = method.to(device, memory_format=memory_format).train()
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-    peak_lr = scale_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)
-    optimizer = build_optimizer(cfg.optim.name, method.param_groups(peak_lr), lr=cfg.optim.lr,
-                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    method, optimizer, augmentations = build_parts(cfg, device, size, mean, std)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (cfg.train.batch_size, size, size, 3), dtype=torch.uint8, generator=g)
-    return Rig(cfg, method, optimizer, method.augmentations(size, mean, std),
+    return Rig(cfg, method.train(), optimizer, augmentations,
                torch.Generator(device=device).manual_seed(1), autocast_dtype(cfg.train.precision, device),
                batch.to(device), device)
 

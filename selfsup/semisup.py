@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,21 +29,22 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from . import checkpoint as ckpt
 from . import labels as L
 from .augment import Augment, crop_flip_view, eval_view
 from .backbones import build_backbone
 from .config import Config, from_dict, parse_set
 from .config import apply_updates as apply_settings  # the typed --set machinery of run configs
 from .data import ImageDataset, load_data
-from .device import autocast, autocast_dtype, resolve_device
+from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import extract_features
 from .heads import ProjectionHead
 from .loader import epoch_permutation
+from .loop import (Loop, Schedule, backward_step, fresh_out, lock_folder, prepare_device, refuse_existing, run_epochs,
+                   save_checkpoint)
 from .losses import distill as distill_loss
-from .optim import build_optimizer, param_groups, scale_lr, set_lr, warmup_cosine
-from .runs import CHECKPOINT, CONFIG, METRICS, BackboneSpec, load_run, run_dir, run_spec, save_run
+from .optim import build_optimizer, param_groups, scale_lr
+from .runs import CONFIG, BackboneSpec, load_run, run_dir, run_spec
 from .train import build_method, pretrain
 
 RESULTS = "results"  # semisup writes results.json and results.md
@@ -207,14 +207,17 @@ def load_classifier(run: str | Path) -> tuple[Classifier, BackboneSpec, Path]:
 # One supervised loop for both steps
 
 
-def _prepare_out(cfg: StepConfig, kind: str) -> Path:
-    out = Path(cfg.out or Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / CHECKPOINT).exists():
-        raise TrainingError(f"'{out}' already holds a run ({CHECKPOINT}); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.out = str(out)
-    (out / CONFIG).write_text(yaml.safe_dump({kind: dataclasses.asdict(cfg)}, sort_keys=False))
-    return out
+@contextmanager
+def _run_folder(cfg: StepConfig, kind: str) -> Iterator[Path]:
+    """The step's run folder, locked while in use, with its settings in config.yaml."""
+    with ExitStack() as held:
+        out = Path(cfg.out) if cfg.out else fresh_out(kind)
+        lock_folder(out, held)
+        refuse_existing(out, "choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.out = str(out)
+        (out / CONFIG).write_text(yaml.safe_dump({kind: dataclasses.asdict(cfg)}, sort_keys=False))
+        yield out
 
 
 @torch.no_grad()
@@ -227,66 +230,48 @@ def top1(model: nn.Module, data: ImageDataset, spec: BackboneSpec, device: torch
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
-def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tensor], n: int,
-         cfg: StepConfig, out: Path, evaluate: Callable[[], float], device: torch.device) -> dict:
+def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tensor], n: int, cfg: StepConfig,
+         out: Path, kind: str, spec: BackboneSpec, test: ImageDataset, device: torch.device,
+         dtype: torch.dtype | None) -> dict:
     """Minimise ``batch_loss(indices, generator)`` over seeded permutations of ``n`` items with a
-    warm-up + cosine schedule; test top-1 every ``eval_every`` epochs. Returns the last metrics."""
+    warm-up + cosine schedule, in the loop of :mod:`selfsup.loop`; test top-1 every ``eval_every``
+    epochs; after the last, save the run (``kind``, its settings, the classifier). Returns the last metrics."""
     batch = min(cfg.batch_size, n)
     # a 1 % subset is a few batches: keep the last partial one unless BN cannot take it (1 item)
     steps_per_epoch = n // batch + (n % batch >= 2)
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
-    peak_lr = scale_lr(cfg.lr, batch, cfg.lr_scaling)
-    optimizer = build_optimizer(cfg.optimizer, model.param_groups(cfg.weight_decay), lr=peak_lr,
+    schedule = Schedule.create(cfg.epochs, steps_per_epoch, cfg.warmup_epochs, scale_lr(cfg.lr, batch, cfg.lr_scaling))
+    optimizer = build_optimizer(cfg.optimizer, model.param_groups(cfg.weight_decay), lr=schedule.peak_lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1)
     print(f"{n} training images, {steps_per_epoch} steps/epoch of {batch}, {cfg.epochs} epochs, "
-          f"peak lr {peak_lr:.4g}", flush=True)
-    metrics: dict = {}
-    for epoch in range(cfg.epochs):
-        model.train()
-        loss_sum = torch.zeros((), device=device)
+          f"peak lr {schedule.peak_lr:.4g}", flush=True)
+
+    def batches(epoch: int, first: int):
         perm = epoch_permutation(n, cfg.seed, epoch).to(device)
-        seen = 0
-        t0 = time.perf_counter()
-        for i in range(steps_per_epoch):
-            lr = warmup_cosine(epoch * steps_per_epoch + i, total, warmup, peak_lr)
-            set_lr(optimizer, lr)
-            idx = perm[i * batch:(i + 1) * batch]
-            loss = batch_loss(idx, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-            seen += len(idx)
-        seconds = time.perf_counter() - t0
-        mean_loss = (loss_sum / steps_per_epoch).item()
-        if not math.isfinite(mean_loss):
-            raise TrainingError(f"loss became {mean_loss} in epoch {epoch + 1}; lower lr (now {cfg.lr:g})")
-        metrics = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "loss": mean_loss,
-                   "lr": lr, "images_per_s": seen / seconds, "seconds": seconds}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics["test_top1"] = evaluate()
-        with open(out / METRICS, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        score = f" test top-1 {metrics['test_top1']:.2f}%" if "test_top1" in metrics else ""
-        print(f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} lr {lr:.4g} "
-              f"{metrics['images_per_s']:.0f} img/s{score}", flush=True)
-    return metrics
+        return (perm[i * batch:(i + 1) * batch] for i in range(first, steps_per_epoch))
 
+    def step(step: int, idx: Tensor, lr: float) -> dict[str, Tensor]:
+        loss = batch_loss(idx, generator)
+        backward_step(optimizer, loss)
+        return {"loss": loss.detach()}
 
-def _save(out: Path, model: Classifier, cfg: StepConfig, kind: str, spec: BackboneSpec, epoch: int) -> None:
-    state = {"format": ckpt.FORMAT, "version": 1, "kind": kind, "config": dataclasses.asdict(cfg),
-             "epoch": epoch, "model": model.state_dict()}
-    save_run(out, state, model.backbone, spec)
+    def evaluate(epoch: int, last: bool) -> dict:
+        due = (epoch + 1) % cfg.eval_every == 0 or last
+        return {"test_top1": top1(model, test, spec, device, cfg, dtype)} if due else {}
+
+    def save(epochs: int, step: int, partial: None) -> None:
+        save_checkpoint(out, model, spec, config=dataclasses.asdict(cfg), epoch=epochs, kind=kind)
+
+    loop = Loop(out=out, model=model, optimizer=optimizer, schedule=schedule, device=device, batches=batches,
+                step=step, save=save, images_per_epoch=min(steps_per_epoch * batch, n),  # what the batches hold
+                nonfinite_advice=f"lower lr (now {cfg.lr:g})", evaluate=evaluate,
+                describe=lambda m: f" test top-1 {m['test_top1']:.2f}%" if "test_top1" in m else "")
+    return run_epochs(loop)
 
 
 def _setup(cfg: StepConfig) -> tuple[torch.device, torch.dtype | None]:
     device = resolve_device(cfg.device)
-    if device.type == "cpu":  # as in pre-training: denormals slow CPU math several-fold
-        torch.set_flush_denormal(True)
-    torch.manual_seed(cfg.seed)
-    return device, autocast_dtype(cfg.precision, device)
+    return device, prepare_device(device, cfg.precision, cfg.seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,27 +300,25 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model = build_classifier(spec, method).to(device, memory_format=torch.channels_last)
 
     indices = L.select(cfg.labels, train.labels, len(train.classes), seed=cfg.label_seed)  # (M,)
-    out = _prepare_out(cfg, "finetune")
-    L.write_indices(out / L.LABELS_FILE, indices, about=f"--labels {cfg.labels} --label-seed "
-                    f"{cfg.label_seed}: {len(indices)} indices into the training split of {cfg.data}")
-    images = torch.from_numpy(np.array(train.images[indices])).to(device)  # (M, H, W, 3) uint8
-    targets = torch.from_numpy(train.labels[indices]).to(device)             # (M,)
-    augment = Augment(crop_flip_view(spec.image_size, scale=(cfg.crop_scale_min, 1.0),
-                                     mean=spec.mean, std=spec.std))
-    source = "random initialisation" if cfg.random_init else str(folder)
-    print(f"fine-tuning {spec.backbone} (width {spec.width:g}) + {cfg.head_layers} head "
-          f"layer(s) from {source} on {len(indices)} labelled images ({cfg.labels})", flush=True)
+    with _run_folder(cfg, "finetune") as out:
+        L.write_indices(out / L.LABELS_FILE, indices, about=f"--labels {cfg.labels} --label-seed "
+                        f"{cfg.label_seed}: {len(indices)} indices into the training split of {cfg.data}")
+        images = torch.from_numpy(np.array(train.images[indices])).to(device)  # (M, H, W, 3) uint8
+        targets = torch.from_numpy(train.labels[indices]).to(device)             # (M,)
+        augment = Augment(crop_flip_view(spec.image_size, scale=(cfg.crop_scale_min, 1.0),
+                                         mean=spec.mean, std=spec.std))
+        source = "random initialisation" if cfg.random_init else str(folder)
+        print(f"fine-tuning {spec.backbone} (width {spec.width:g}) + {cfg.head_layers} head "
+              f"layer(s) from {source} on {len(indices)} labelled images ({cfg.labels})", flush=True)
 
-    def batch_loss(idx: Tensor, generator: torch.Generator) -> Tensor:
-        with torch.no_grad():
-            x = augment(images[idx], generator)  # (B, 3, S, S)
-        with autocast(device, dtype):
-            logits = model(x)                     # (B, C)
-        return F.cross_entropy(logits.float(), targets[idx])
+        def batch_loss(idx: Tensor, generator: torch.Generator) -> Tensor:
+            with torch.no_grad():
+                x = augment(images[idx], generator)  # (B, 3, S, S)
+            with autocast(device, dtype):
+                logits = model(x)                     # (B, C)
+            return F.cross_entropy(logits.float(), targets[idx])
 
-    metrics = _fit(model, batch_loss, len(indices), cfg, out,
-                   lambda: top1(model, splits.test, spec, device, cfg, dtype), device)
-    _save(out, model, cfg, "finetune", spec, cfg.epochs)
+        metrics = _fit(model, batch_loss, len(indices), cfg, out, "finetune", spec, splits.test, device, dtype)
     return dict(metrics, out=str(out), labelled=len(indices))
 
 
@@ -353,13 +336,30 @@ def distill(cfg: StudentConfig) -> dict:
     splits = load_data(cfg.data, image_size=tspec.data_image_size, unlabeled=cfg.unlabeled)
     if splits.test is None:
         raise ConfigError(f"'{cfg.data}' has no labelled test split to evaluate the student on")
-    train = splits.train
-    if len(train.classes) != tspec.num_classes:
+    if len(splits.train.classes) != tspec.num_classes:
         raise ConfigError(f"the teacher '{cfg.teacher}' predicts {tspec.num_classes} classes, "
-                          f"'{cfg.data}' has {len(train.classes)}; distil on the teacher's data")
+                          f"'{cfg.data}' has {len(splits.train.classes)}; distil on the teacher's data")
+    all_images, labels = _distill_images(cfg, splits, tfolder)
+    spec = dataclasses.replace(tspec, method="distill", backbone=cfg.student, width=cfg.width or tspec.width,
+                               head_layers=0, pretrain_config=None, teacher=str(tfolder), random_init=False)
+    student = build_classifier(spec).to(device, memory_format=torch.channels_last)
+    with _run_folder(cfg, "distill") as out:
+        teacher_top1 = top1(teacher, splits.test, tspec, device, cfg, dtype)
+        print(f"distilling the teacher {tfolder} (test top-1 {teacher_top1:.2f}%) into {cfg.student} "
+              f"(width {spec.width:g}) on {len(all_images)} images, tau {cfg.temperature:g}, "
+              f"alpha {cfg.alpha:g}", flush=True)
+        batch_loss = _distill_loss(cfg, teacher, student, spec, all_images, labels, device, dtype)
+        metrics = _fit(student, batch_loss, len(all_images), cfg, out, "distill", spec, splits.test, device, dtype)
+    return dict(metrics, out=str(out), teacher_top1=teacher_top1)
+
+
+def _distill_images(cfg: StudentConfig, splits, tfolder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every image the student learns from (STL-10's unlabelled too when asked) and its label:
+    the teacher's labelled subset keeps its labels (for the (1 - alpha) CE term), the rest -1."""
+    train = splits.train
     labels = np.full(len(train), -1, dtype=np.int64)
     labels_file = tfolder / L.LABELS_FILE
-    if labels_file.exists():  # the teacher's labelled subset, for the (1 - alpha) CE term
+    if labels_file.exists():
         idx = L.read_indices(labels_file, len(train))
         labels[idx] = train.labels[idx]
     elif cfg.alpha < 1:
@@ -368,16 +368,14 @@ def distill(cfg: StudentConfig) -> dict:
     if cfg.unlabeled and splits.unlabeled is not None:
         all_images = np.concatenate([all_images, np.asarray(splits.unlabeled.images)])
         labels = np.concatenate([labels, np.full(len(splits.unlabeled), -1, dtype=np.int64)])
+    return all_images, labels
 
-    spec = dataclasses.replace(tspec, method="distill", backbone=cfg.student, width=cfg.width or tspec.width,
-                               head_layers=0, pretrain_config=None, teacher=str(tfolder), random_init=False)
-    student = build_classifier(spec).to(device, memory_format=torch.channels_last)
+
+def _distill_loss(cfg: StudentConfig, teacher: Classifier, student: Classifier, spec: BackboneSpec,
+                  all_images: np.ndarray, labels: np.ndarray, device: torch.device,
+                  dtype: torch.dtype | None) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """L = alpha * L_distill(student, teacher; tau) + (1 - alpha) * CE on the labelled images."""
     size, mean, std = spec.image_size, spec.mean, spec.std
-    out = _prepare_out(cfg, "distill")
-    teacher_top1 = top1(teacher, splits.test, tspec, device, cfg, dtype)
-    print(f"distilling the teacher {tfolder} (test top-1 {teacher_top1:.2f}%) into {cfg.student} "
-          f"(width {spec.width:g}) on {len(all_images)} images, tau {cfg.temperature:g}, "
-          f"alpha {cfg.alpha:g}", flush=True)
     images = torch.from_numpy(np.array(all_images)).to(device)  # (N, H, W, 3) uint8
     targets = torch.from_numpy(labels).to(device)                 # (N,), -1 = unlabelled
     augment = Augment(crop_flip_view(size, scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std))
@@ -403,11 +401,7 @@ def distill(cfg: StudentConfig) -> dict:
             ce = (F.cross_entropy(s, y.clamp_min(0), reduction="none") * mask).sum() / mask.sum().clamp_min(1)
             loss = cfg.alpha * loss + (1 - cfg.alpha) * ce
         return loss
-
-    metrics = _fit(student, batch_loss, len(images), cfg, out,
-                   lambda: top1(student, splits.test, spec, device, cfg, dtype), device)
-    _save(out, student, cfg, "distill", spec, cfg.epochs)
-    return dict(metrics, out=str(out), teacher_top1=teacher_top1)
+    return batch_loss
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""One training loop for every method.
+"""One training loop for every method: :func:`build_run` makes a :class:`Run` (the locked
+folder, the data, the method, optimiser, loader, schedule and monitors) and :func:`fit` trains
+it with the epoch loop of :mod:`selfsup.loop`; :func:`pretrain` is the two.
 
 Per step: slice a uint8 batch on the device -> augment every view on the device -> forward
 under autocast -> loss -> backward -> optimiser step -> the method's post-step hook. Metrics
@@ -8,15 +10,11 @@ end of each epoch (each read is a host-device synchronisation).
 from __future__ import annotations
 
 import itertools
-import json
-import math
 import sys
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -24,19 +22,19 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .backbones import build_backbone
 from .config import Config, dump, from_dict
-from .data import ImageDataset, load_data
-from .device import autocast, autocast_dtype, resolve_device
-from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
-from .evaluate import OnlineLinear, apply_head, extract_features, knn_accuracy
+from .device import autocast, resolve_device
+from .epoch_end import Monitors, build_monitors
+from .errors import CheckpointError, ConfigError
+from .feed import Images, build_loader, load_images
 from .loader import DeviceLoader
+from .loop import (Loop, Position, Schedule, backward_step, log, prepare_device, run_epochs, save_checkpoint,
+                   truncate_metrics)
 from .methods import METHODS, Method, StepInfo, check_config
-from .monitor import CHANCE_TOLERANCE, collapse_warning, effective_rank, feature_std
-from .optim import build_optimizer, clip_gradients, scale_lr, set_lr, warmup_cosine
-from .runguard import EXIT_CODES, RunLock, StopSignals
-from .runs import CHECKPOINT, CONFIG, METRICS, TENSORBOARD, BackboneSpec, load_backbone, load_run, save_run
-from .stream import IMAGENET_MEAN_STD, ImageStream, StreamLoader, device_augmentations
-
-MONITOR_IMAGES = 2048  # the collapse monitor's fixed subset of the training images
+from .optim import build_optimizer, scale_lr
+from .resume import open_folder, resume_state
+from .runguard import StopSignals
+from .runs import CHECKPOINT, CONFIG, METRICS, TENSORBOARD, BackboneSpec, load_backbone, load_run
+from .stream import StreamLoader
 
 
 def build_method(cfg: Config) -> Method:
@@ -79,153 +77,6 @@ def backbone_spec(cfg: Config, size: int, mean, std) -> BackboneSpec:
                         method=cfg.method, data=cfg.data.source)
 
 
-@dataclass
-class Knn:
-    """The kNN monitor: the training set is the bank, the labelled test split the queries."""
-    train: ImageDataset
-    test: ImageDataset
-    k: int
-    temperature: float
-    batch_size: int
-    bank: torch.Tensor | None = None  # the last call's training-set features, reused by the collapse monitor
-    head: nn.Module | None = None  # the method's projection head (eval.knn_features=head), else None
-
-    def __call__(self, backbone: nn.Module, size, mean, std, device, dtype,
-                 probe: OnlineLinear | None = None) -> dict[str, float | str]:
-        """``knn_top1`` and ``knn_features``, with the online probe's ``linear_top1`` on the same
-        (backbone) test features when ``probe`` is given."""
-        kw = dict(size=size, mean=mean, std=std, device=device, batch_size=self.batch_size, dtype=dtype)
-        bank = self.bank = extract_features(backbone, self.train.images, **kw)  # (N, F)
-        queries = extract_features(backbone, self.test.images, **kw)              # (M, F)
-        as_long = lambda y: torch.tensor(np.asarray(y), dtype=torch.long, device=device)  # noqa: E731
-        test_labels = as_long(self.test.labels)
-        result: dict[str, float | str] = {}
-        if probe is not None:
-            result["linear_top1"] = probe.accuracy(queries, test_labels)
-        if self.head is not None:
-            bank, queries = apply_head(self.head, bank), apply_head(self.head, queries)  # (N, D), (M, D)
-        result["knn_top1"] = knn_accuracy(bank, as_long(self.train.labels), queries, test_labels,
-                                          num_classes=len(self.train.classes), k=self.k,
-                                          temperature=self.temperature)
-        result["knn_features"] = "head" if self.head is not None else "backbone"
-        return result
-
-
-def online_linear(cfg: Config, method: Method, train: ImageDataset, num_images: int,
-                  device: torch.device) -> OnlineLinear | None:
-    """The online linear probe of a labelled in-memory run (eval.online_linear), watching the
-    backbone; images past the labelled training split (STL-10's unlabelled) carry label -1."""
-    if not cfg.eval.online_linear:
-        return None
-    labels = torch.full((num_images,), -1, dtype=torch.long)
-    labels[:len(train)] = torch.tensor(np.asarray(train.labels), dtype=torch.long)
-    probe = OnlineLinear(method.backbone.num_features, labels, len(train.classes),
-                         lr=cfg.eval.online_linear_lr).to(device)
-    probe.watch(method.backbone)
-    return probe
-
-
-def _unwrap(model: nn.Module) -> Method:
-    model = getattr(model, "module", model)            # DDP
-    return getattr(model, "_orig_mod", model)           # torch.compile
-
-
-def _log(msg: str) -> None:
-    if D.is_main():
-        print(msg, flush=True)
-
-
-def _save(out: Path, method: Method, optimizer, generator: torch.Generator, *, epoch: int,
-          step: int, cfg: Config, spec: BackboneSpec, partial: dict | None = None,
-          probe: OnlineLinear | None = None) -> None:
-    """Checkpoint first, then the backbone alone; both atomic. Every rank calls, rank 0 writes.
-
-    ``partial`` (mid-epoch, on a stop signal): the steps done in epoch ``epoch`` and that
-    epoch's running sums, so a resume skips those batches and logs the same epoch metrics.
-    """
-    generators = D.all_gather_object(generator.get_state())  # each rank's augmentation RNG
-    if not D.is_main():
-        return
-    state = {"format": ckpt.FORMAT, "version": 1, "config": cfg.to_dict(), "epoch": epoch,
-             "step": step, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-             "generator": generators[0], "generators": generators}
-    if partial is not None:
-        state["partial_epoch"] = partial
-    if probe is not None:
-        state["online_linear"] = probe.run_state()
-    save_run(out, state, method.backbone, spec)
-
-
-def _tensorboard(out: Path):
-    """A SummaryWriter under ``<out>/tensorboard`` (train.tensorboard=true), beside metrics.jsonl."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard "
-                          "(or pip install 'selfsup[tensorboard]')") from None
-    return SummaryWriter(str(out / TENSORBOARD))
-
-
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metric lines of epochs that the checkpoint does not contain (all of them on a fresh
-    start), and a last line cut short by a kill."""
-    if not path.exists():
-        return
-
-    def epoch_of(line: str) -> float:
-        try:
-            return json.loads(line).get("epoch", 0)
-        except ValueError:  # a partial line written as the process was killed
-            return math.inf
-
-    keep = [line for line in path.read_text().splitlines() if line.strip() and epoch_of(line) <= epochs_done]
-    ckpt.write_text_atomic("".join(line + "\n" for line in keep), path)
-
-
-def monitor_indices(n: int, seed: int) -> np.ndarray:
-    """The collapse monitor's images: a fixed random subset of ``MONITOR_IMAGES`` of the n
-    training images, the same every epoch (and on resume), sorted."""
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, min(n, MONITOR_IMAGES), replace=False))
-
-
-def collapse_monitor(features: torch.Tensor) -> dict[str, float]:
-    """The backbone monitors every method shares (selfsup.monitor), of pooled features (N, D)."""
-    return {"feature_std": feature_std(features), "effective_rank": effective_rank(features)}
-
-
-def monitor_text(metrics: dict, dim: int) -> str:
-    """The monitors' part of the epoch log line: feature std in units of 1/√D, effective rank of D."""
-    if "feature_std" not in metrics:
-        return ""
-    return (f" feature std {metrics['feature_std'] * math.sqrt(dim):.3f}/√D"
-            f" eff. rank {metrics['effective_rank']:.1f}/{dim}")
-
-
-def monitor_warnings(method: Method, metrics: dict, dim: int) -> list[str]:
-    """Warnings for the epoch: the backbone looks collapsed, the loss sits at the method's
-    chance value (:meth:`Method.chance_loss`), or the method's own (:meth:`Method.warnings`)."""
-    warnings = []
-    if "feature_std" in metrics:
-        reason = collapse_warning(metrics["feature_std"], metrics["effective_rank"], dim)
-        if reason:
-            warnings.append(f"warning: the backbone features look collapsed ({reason}); every image maps to "
-                            f"(almost) one direction")
-    chance = method.chance_loss()
-    if chance is not None and abs(metrics["loss"] - chance) <= CHANCE_TOLERANCE * chance:
-        warnings.append(f"warning: the loss {metrics['loss']:.4f} sits at its chance value {chance:.4f}: "
-                        f"{method.chance_advice}")
-    return warnings + [f"warning: {w}" for w in method.warnings(metrics)]
-
-
-def accumulate_scalars(sums: dict[str, torch.Tensor], output: dict[str, torch.Tensor]) -> None:
-    """Add every 0-dim output of a step besides the loss (e.g. SwAV's ``code_entropy``) to
-    ``sums``; the epoch logs their means. On the device: nothing is read back."""
-    for key, value in output.items():
-        if key != "loss" and value.dim() == 0:
-            sums[key] = sums[key] + value.float() if key in sums else value.float()
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations: list,
                batch: torch.Tensor, generator: torch.Generator,
                dtype: torch.dtype | None, clip_grad: float = 0.0,
@@ -241,12 +92,191 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations
         views = [aug(b, generator) for aug, b in zip(augmentations, batches)]  # each (B, 3, S, S)
     with autocast(views[0].device, dtype):
         output = model(views)
-    optimizer.zero_grad(set_to_none=True)
-    output["loss"].backward()
-    if clip_grad > 0:
-        clip_gradients([p for g in optimizer.param_groups for p in g["params"]], clip_grad, clip_mode)
-    optimizer.step()
+    backward_step(optimizer, output["loss"], clip_grad, clip_mode)
     return {k: v.detach() for k, v in output.items()}
+
+
+def peak_lr(cfg: Config) -> float:
+    """optim.lr scaled to the global batch (optim.lr_scaling): the schedule's peak."""
+    return scale_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)
+
+
+def build_parts(cfg: Config, device: torch.device, size: int, mean, std) -> tuple[Method, torch.optim.Optimizer, list]:
+    """``cfg``'s method on ``device`` (synchronised BN across ranks where it asks for it), its
+    optimiser and its augmentations of ``size`` views normalised by ``mean``, ``std``."""
+    method = build_method(cfg)
+    sync_bn = cfg.model.sync_bn if cfg.model.sync_bn is not None else method.sync_bn_default
+    if sync_bn and D.world_size() > 1:
+        method = D.convert_sync_batchnorm(method, device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    method = method.to(device, memory_format=memory_format)
+    augmentations = method.augmentations(size, mean, std)
+    optimizer = build_optimizer(cfg.optim.name, method.param_groups(peak_lr(cfg)), lr=cfg.optim.lr,
+                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    return method, optimizer, augmentations
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a run
+
+
+@dataclass
+class Run:
+    """One pre-training run, built by :func:`build_run` and trained by :func:`fit`."""
+    cfg: Config
+    out: Path
+    device: torch.device
+    dtype: torch.dtype | None
+    data: Images
+    spec: BackboneSpec
+    method: Method
+    model: nn.Module           # the method, in DDP and/or compiled when asked for
+    optimizer: torch.optim.Optimizer
+    augmentations: list
+    loader: DeviceLoader | StreamLoader
+    schedule: Schedule
+    generator: torch.Generator  # this rank's augmentation RNG
+    monitors: Monitors
+    start: Position
+    stop: StopSignals
+    held: ExitStack             # the run lock and what closes with the run
+
+
+def build_run(cfg: Config, *, resume: bool = False, expect: dict | None = None,
+              stop: StopSignals, held: ExitStack) -> Run:
+    """Everything a run of ``cfg`` trains with. The folder is locked for as long as ``held``;
+    ``resume``: the saved run continues (its settings, weights and position), ``expect``: settings
+    it must have. ``stop``: the signals :func:`fit` honours."""
+    device = resolve_device(cfg.train.device)
+    D.setup(str(device))
+    cfg, out, state = open_folder(cfg, resume, expect or {}, held)
+    dtype = prepare_device(device, cfg.train.precision, cfg.train.seed)
+    data = load_images(cfg)
+    spec = backbone_spec(cfg, data.size, data.mean, data.std)
+    method, optimizer, augmentations = build_parts(cfg, device, data.size, data.mean, data.std)
+    loader, augmentations = build_loader(cfg, data.images, augmentations, device)
+    schedule = _schedule(cfg, len(loader))
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + 1 + D.rank())
+    start = Position() if state is None else resume_state(cfg, out, state, method, optimizer, generator, len(loader))
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        dump(cfg, out / CONFIG)
+        truncate_metrics(out / METRICS, start.epoch)
+    model = _wrap(method, cfg, device)
+    monitors = build_monitors(cfg, method, data.splits, len(data.images), (data.size, data.mean, data.std),
+                              device, dtype, state)
+    return Run(cfg, out, device, dtype, data, spec, method, model, optimizer, augmentations, loader, schedule,
+               generator, monitors, start, stop, held)
+
+
+def _schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
+    """Warm-up + cosine from the peak lr of the global batch (optim.lr_scaling) to optim.final_lr of it."""
+    peak = peak_lr(cfg)
+    schedule = Schedule.create(cfg.train.epochs, steps_per_epoch, cfg.optim.warmup_epochs, peak,
+                               cfg.optim.final_lr * peak)
+    if schedule.warmup_cut:  # a short run of a long recipe: warm up over the whole run
+        log(f"note: optim.warmup_epochs={cfg.optim.warmup_epochs:g} exceeds the run; warming up "
+            f"over all {cfg.train.epochs} epochs")
+    return schedule
+
+
+def _wrap(method: Method, cfg: Config, device: torch.device) -> nn.Module:
+    """The method in DDP across ranks and compiled (train.compile), as asked for."""
+    model: nn.Module = method
+    if D.world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=method.find_unused_parameters)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Training a run
+
+
+def fit(run: Run) -> dict:
+    """Train ``run`` to its last epoch (or train.max_minutes); returns the last epoch's metrics,
+    with ``knn_top1_init`` (kNN at random initialisation) on a fresh start."""
+    cfg, schedule = run.cfg, run.schedule
+    result: dict = {}
+    if run.start.epoch == 0 and not run.start.step:
+        result.update(run.monitors.initial())
+    log(f"{cfg.method}: {len(run.data.images)} images, {schedule.steps_per_epoch} steps/epoch of "
+        f"{cfg.train.batch_size} on {D.world_size()} x {run.device}, {cfg.train.epochs} epochs, "
+        f"peak lr {schedule.peak_lr:.4g}")
+    loop = _loop(run)
+    result.update(run_epochs(loop, run.start))
+    if loop.progress is not None:
+        loop.progress.close()
+    if "knn_top1" in result:
+        log(f"kNN top-1 after training: {result['knn_top1']:.2f}%")
+    D.barrier()
+    return result
+
+
+def _loop(run: Run) -> Loop:
+    """Pre-training's loop: its batches, step, checkpoint, monitors, log and stop signals."""
+    cfg, out = run.cfg, run.out
+    writer = _tensorboard(out) if cfg.train.tensorboard and D.is_main() else None
+    if writer is not None:
+        run.held.callback(writer.close)
+    steps = run.schedule.steps_per_epoch
+    progress = _progress(cfg, run.schedule.total_steps, run.start.epoch * steps + run.start.step)
+    return Loop(out=out, model=run.model, optimizer=run.optimizer, schedule=run.schedule, device=run.device,
+                batches=lambda epoch, first: _batches(run, epoch, first), step=_stepper(run),
+                save=lambda epoch, step, partial: _save(run, epoch, step, partial),
+                images_per_epoch=steps * cfg.train.batch_size,
+                nonfinite_advice=f"stopping. The last good checkpoint in '{out}' is kept: lower optim.lr, "
+                                 f"raise temperature or use train.precision=fp32, then resume or restart",
+                evaluate=run.monitors, describe=run.monitors.describe, warnings=run.monitors.warnings,
+                checkpoint_every=cfg.train.checkpoint_every, max_minutes=cfg.train.max_minutes, stop=run.stop,
+                resume_command=f"selfsup pretrain --out {out} --resume", writer=writer, progress=progress,
+                log_every=cfg.train.log_every)
+
+
+def _batches(run: Run, epoch: int, first: int):
+    """(batch, image indices) of each step of ``epoch`` from step ``first``; indices only for the probe."""
+    indices = run.loader.indices(epoch, first) if run.monitors.probe is not None else itertools.repeat(None)
+    return zip(run.loader.batches(epoch, first), indices)
+
+
+def _stepper(run: Run):
+    """One training step of ``run``: hooks around :func:`train_step`, then the online probe's step."""
+    method, probe, schedule = run.method, run.monitors.probe, run.schedule
+    local_batch, seed = run.cfg.train.batch_size // D.world_size(), run.cfg.train.seed
+    clip_grad, clip_mode = run.cfg.optim.clip_grad, run.cfg.optim.clip_grad_mode or method.clip_grad_mode_default
+
+    def step(step: int, item: tuple, lr: float) -> dict[str, torch.Tensor]:
+        batch, idx = item
+        info = StepInfo(step, schedule.total_steps, schedule.steps_per_epoch, local_batch, seed)
+        method.on_step_start(info)
+        output = train_step(run.model, run.optimizer, run.augmentations, batch, run.generator, run.dtype,
+                            clip_grad, clip_mode)
+        method.on_step_end(info)
+        if probe is not None:  # its own backward on detached features, after the method's step
+            probe.step(idx, lr / run.schedule.peak_lr)
+        return output
+    return step
+
+
+def _save(run: Run, epoch: int, step: int, partial: dict | None = None) -> None:
+    """Checkpoint first, then the backbone alone; both atomic. Every rank calls, rank 0 writes.
+
+    ``partial`` (mid-epoch, on a stop signal): the steps done in epoch ``epoch`` and that
+    epoch's running sums, so a resume skips those batches and logs the same epoch metrics.
+    """
+    generators = D.all_gather_object(run.generator.get_state())  # each rank's augmentation RNG
+    if not D.is_main():
+        return
+    extra = {"step": step, "optimizer": run.optimizer.state_dict(), "generator": generators[0],
+             "generators": generators}
+    if partial is not None:
+        extra["partial_epoch"] = partial
+    if run.monitors.probe is not None:
+        extra["online_linear"] = run.monitors.probe.run_state()
+    save_checkpoint(run.out, run.method, run.spec, config=run.cfg.to_dict(), epoch=epoch, **extra)
 
 
 def pretrain(cfg: Config, *, resume: bool = False, expect: dict | None = None) -> dict:
@@ -260,231 +290,17 @@ def pretrain(cfg: Config, *, resume: bool = False, expect: dict | None = None) -
     # Not under torchrun: it also sends SIGTERM to tear down a group after a rank died, when the
     # survivors sit in a collective that never returns, so only the default action ends them.
     with StopSignals(enabled=not D.launched_by_torchrun()) as stop, ExitStack() as held:
-        return _pretrain(cfg, resume=resume, expect=expect or {}, stop=stop, held=held)
+        return fit(build_run(cfg, resume=resume, expect=expect, stop=stop, held=held))
 
 
-def _pretrain(cfg: Config, *, resume: bool, expect: dict, stop: StopSignals, held: ExitStack) -> dict:
-    device = resolve_device(cfg.train.device)
-    D.setup(str(device))
-    if not cfg.out:  # a fresh folder per run, so repeating a command never clobbers a run
-        if resume:
-            raise ConfigError("--resume needs --out DIR, the run to continue")
-        stamp = D.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
-        cfg.out = str(Path("runs") / f"{cfg.preset or cfg.method}-{stamp}")
-    out = Path(cfg.out)
-    if D.is_main():  # before looking at the folder, so two runs cannot both decide to start
-        held.enter_context(RunLock(out))
-        ckpt.remove_temporaries(out)  # left by a run killed while saving
-    if resume:
-        if not (out / CHECKPOINT).exists():
-            raise CheckpointError(f"--resume: no {CHECKPOINT} in '{out}' to resume from; start the run "
-                                  f"without --resume")
-        _, state = load_run(out, who="--resume:", kind="training")
-        saved = from_dict(state["config"])  # the run's own settings; where it runs may change
-        ckpt.check_expected(saved.to_dict(), expect, out / CHECKPOINT)
-        saved.out = cfg.out
-        saved.train.device, saved.train.progress = cfg.train.device, cfg.train.progress
-        saved.train.max_minutes = cfg.train.max_minutes
-        cfg = saved
-    elif (out / CHECKPOINT).exists():
-        raise TrainingError(f"'{out}' already holds a run ({CHECKPOINT}); pass --resume to continue "
-                            f"it or choose another --out")
-
-    world, rank = D.world_size(), D.rank()
-    dtype = autocast_dtype(cfg.train.precision, device)
-    if device.type == "cpu":  # denormals in near-zero activations slow CPU math several-fold (seen: SimSiam 6x)
-        torch.set_flush_denormal(True)
-    torch.manual_seed(cfg.train.seed)
-
-    if cfg.data.stream:  # too big for memory: decoded every epoch by worker processes, no kNN monitor
-        splits, images = None, ImageStream(cfg.data.source, skip_corrupt=cfg.data.skip_corrupt)
-        size, (mean, std) = cfg.aug.size or cfg.data.image_size, IMAGENET_MEAN_STD
-    else:
-        splits = load_data(cfg.data.source, image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
-                           unlabeled=cfg.data.unlabeled, skip_corrupt=cfg.data.skip_corrupt)
-        images = splits.train.images
-        if cfg.data.unlabeled and splits.unlabeled is not None:
-            images = np.concatenate([np.asarray(images), np.asarray(splits.unlabeled.images)])
-        size = cfg.aug.size or splits.train.image_size[0]
-        mean, std = splits.train.mean_std()
-    spec = backbone_spec(cfg, size, mean, std)
-
-    method = build_method(cfg)
-    sync_bn = cfg.model.sync_bn if cfg.model.sync_bn is not None else method.sync_bn_default
-    if sync_bn and world > 1:
-        method = D.convert_sync_batchnorm(method, device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    method = method.to(device, memory_format=memory_format)
-    augmentations = method.augmentations(size, mean, std)
-    peak_lr = scale_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)  # global batch
-    optimizer = build_optimizer(cfg.optim.name, method.param_groups(peak_lr), lr=cfg.optim.lr,
-                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-
-    if cfg.data.stream:
-        loader = StreamLoader(images, [a.cfg for a in augmentations], cfg.train.batch_size, device,
-                              seed=cfg.train.seed, rank=rank, world_size=world, workers=cfg.data.workers)
-        augmentations = device_augmentations(augmentations)  # the crops are taken at decode time
-    else:
-        loader = DeviceLoader(images, cfg.train.batch_size, device, seed=cfg.train.seed, rank=rank,
-                              world_size=world, budget_gb=cfg.data.device_budget_gb)
-    steps_per_epoch = len(loader)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    if warmup_steps > total_steps:  # a short run of a long recipe: warm up over the whole run
-        _log(f"note: optim.warmup_epochs={cfg.optim.warmup_epochs:g} exceeds the run; warming up "
-             f"over all {cfg.train.epochs} epochs")
-        warmup_steps = total_steps
-    final_lr = cfg.optim.final_lr * peak_lr
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + 1 + rank)
-
-    start_epoch = start_step = 0
-    partial: dict = {}
-    if resume:
-        ckpt.load_weights(method, state["model"], out / CHECKPOINT,
-                          f"a {cfg.method} model with a {cfg.model.backbone} (width {cfg.model.width:g})")
-        optimizer.load_state_dict(state["optimizer"])
-        generators = state.get("generators", [state["generator"]])
-        if len(generators) == world:  # else the fresh per-rank seeds: augmentations cannot repeat
-            generator.set_state(generators[rank])
-        else:
-            _log(f"the run was saved on {len(generators)} ranks and continues on {world}: the "
-                 f"augmentations will differ from an uninterrupted run's")
-        start_epoch = int(state["epoch"])
-        partial = state.get("partial_epoch") or {}
-        start_step = int(partial.get("steps", 0))
-        where = f", step {start_step}/{steps_per_epoch} of epoch {start_epoch + 1}" if start_step else ""
-        _log(f"resuming '{out}' at epoch {start_epoch}/{cfg.train.epochs}{where}")
-    if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        dump(cfg, out / CONFIG)
-        _truncate_metrics(out / METRICS, start_epoch)
-
-    model: nn.Module = method
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=method.find_unused_parameters)
-    if cfg.train.compile:
-        model = torch.compile(model)
-
-    knn = probe = None
-    if splits is not None and splits.test is not None and len(splits.test) and (len(splits.train.classes) > 1):
-        head = method.projector if cfg.eval.knn_features == "head" else None
-        knn = Knn(splits.train, splits.test, cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, head=head)
-        probe = online_linear(cfg, method, splits.train, len(images), device)
-        if probe is not None and resume and "online_linear" in state:
-            probe.load_run_state(state["online_linear"])
-    monitor_idx = None if splits is None else monitor_indices(len(splits.train), cfg.train.seed)  # streamed: none
-    feature_dim = method.backbone.num_features
-    result: dict = {}
-    if knn is not None and start_epoch == 0 and not start_step and D.is_main():
-        result["knn_top1_init"] = knn(method.backbone, size, mean, std, device, dtype)["knn_top1"]
-        init = collapse_monitor(knn.bank[torch.as_tensor(monitor_idx, device=device)])
-        knn.bank = None
-        _log(f"kNN top-1 at random initialisation ({cfg.eval.knn_features} features): "
-             f"{result['knn_top1_init']:.2f}%{monitor_text(init, feature_dim)}")
-
-    _log(f"{cfg.method}: {len(images)} images, {steps_per_epoch} steps/epoch of {cfg.train.batch_size}"
-         f" on {world} x {device}, {cfg.train.epochs} epochs, peak lr {peak_lr:.4g}")
-    writer = _tensorboard(out) if cfg.train.tensorboard and D.is_main() else None
-    if writer is not None:
-        held.callback(writer.close)
-    progress = _progress(cfg, total_steps, start_epoch * steps_per_epoch + start_step)
-    train_seconds = float(partial.get("train_seconds", 0.0))
-    for epoch in range(start_epoch, cfg.train.epochs):
-        model.train()
-        first = start_step if epoch == start_epoch else 0  # > 0 only when resuming mid-epoch
-        loss_sum = torch.zeros((), device=device)
-        sums: dict[str, torch.Tensor] = {}  # the method's other scalar outputs (old checkpoints: spread_sum, dropped)
-        if first:
-            loss_sum += partial["loss_sum"].to(device)
-            sums = {k: v.to(device) for k, v in partial.get("sums", {}).items()}
-        t0 = time.perf_counter() - (float(partial.get("seconds", 0.0)) if first else 0.0)
-        indices = loader.indices(epoch, first) if probe is not None else itertools.repeat(None)
-        for i, (batch, idx) in enumerate(zip(loader.batches(epoch, first), indices), start=first):
-            step = epoch * steps_per_epoch + i
-            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
-            set_lr(optimizer, lr)
-            info = StepInfo(step, total_steps, steps_per_epoch, cfg.train.batch_size // world, cfg.train.seed)
-            method.on_step_start(info)
-            output = train_step(model, optimizer, augmentations, batch, generator, dtype, cfg.optim.clip_grad,
-                                cfg.optim.clip_grad_mode or method.clip_grad_mode_default)
-            method.on_step_end(info)
-            if probe is not None:  # its own backward on detached features, after the method's step
-                probe.step(idx, lr / peak_lr)
-            loss = output["loss"]
-            loss_sum += loss
-            accumulate_scalars(sums, output)
-            if progress is not None and (i + 1) % cfg.train.log_every == 0:
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", refresh=False)  # syncs
-                progress.update(cfg.train.log_every)
-            if i + 1 < steps_per_epoch and stop.requested:
-                seconds = time.perf_counter() - t0
-                _save(out, method, optimizer, generator, epoch=epoch, step=step + 1, cfg=cfg, spec=spec,
-                      probe=probe, partial={"steps": i + 1, "loss_sum": loss_sum.cpu(),
-                                            "sums": {k: v.cpu() for k, v in sums.items()},
-                               "seconds": seconds, "train_seconds": train_seconds + seconds})
-                raise _interrupted(stop, out, f"step {i + 1}/{steps_per_epoch} of epoch {epoch + 1}")
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        mean_loss = D.all_reduce_mean(loss_sum / steps_per_epoch).item()
-        if not math.isfinite(mean_loss):
-            raise TrainingError(f"loss became {mean_loss} in epoch {epoch + 1}; stopping. The last good "
-                                f"checkpoint in '{out}' is kept: lower optim.lr, raise temperature or "
-                                f"use train.precision=fp32, then resume or restart")
-        metrics = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "loss": mean_loss,
-                   "lr": lr, "images_per_s": steps_per_epoch * cfg.train.batch_size / seconds,
-                   "seconds": seconds}
-        metrics.update({k: D.all_reduce_mean(sums[k] / steps_per_epoch).item() for k in sorted(sums)})
-        last = epoch + 1 == cfg.train.epochs or (
-            cfg.train.max_minutes is not None and train_seconds >= 60 * cfg.train.max_minutes)
-        every = cfg.eval.knn_every
-        if knn is not None and D.is_main() and (last or (every and (epoch + 1) % every == 0)):
-            metrics.update(knn(method.backbone, size, mean, std, device, dtype, probe))
-            features = knn.bank[torch.as_tensor(monitor_idx, device=device)]  # (n, D): the same images
-            knn.bank = None  # the whole training set's features: not kept until the next kNN
-        elif monitor_idx is not None and D.is_main():
-            features = extract_features(method.backbone, splits.train.images[monitor_idx], size=size, mean=mean,
-                                        std=std, device=device, batch_size=cfg.eval.batch_size, dtype=dtype)
-        if monitor_idx is not None and D.is_main():
-            metrics.update(collapse_monitor(features))
-        if D.is_main():
-            with open(out / METRICS, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if writer is not None:
-                for key, value in metrics.items():
-                    if key not in ("epoch", "step", "knn_features"):
-                        writer.add_scalar(f"train/{key}", value, metrics["step"])
-                writer.flush()
-            knn_text = f" kNN {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
-            knn_text += f" online linear {metrics['linear_top1']:.2f}%" if "linear_top1" in metrics else ""
-            extra = "".join(f" {k} {metrics[k]:.4g}" for k in sorted(sums))
-            _log(f"epoch {epoch + 1}/{cfg.train.epochs} loss {mean_loss:.4f} lr {lr:.4g} "
-                 f"{metrics['images_per_s']:.0f} img/s{knn_text}{monitor_text(metrics, feature_dim)}{extra}")
-            for warning in monitor_warnings(method, metrics, feature_dim):
-                _log(warning)
-        stopping = not last and stop.requested
-        if last or stopping or (epoch + 1) % cfg.train.checkpoint_every == 0:
-            _save(out, method, optimizer, generator, epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
-                  cfg=cfg, spec=spec, probe=probe)
-        if stopping:
-            raise _interrupted(stop, out, f"the end of epoch {epoch + 1}")
-        result.update(metrics)
-        if last:
-            if epoch + 1 < cfg.train.epochs:
-                _log(f"stopping after {train_seconds / 60:.1f} minutes (train.max_minutes)")
-            break
-    if progress is not None:
-        progress.close()
-    if "knn_top1" in result:
-        _log(f"kNN top-1 after training: {result['knn_top1']:.2f}%")
-    D.barrier()
-    return result
-
-
-def _interrupted(stop: StopSignals, out: Path, where: str) -> Interrupted:
-    return Interrupted(f"stopped by {stop.received.name} after {where}; the checkpoint in '{out}' is saved. "
-                       f"Continue with: selfsup pretrain --out {out} --resume", EXIT_CODES[stop.received])
+def _tensorboard(out: Path):
+    """A SummaryWriter under ``<out>/tensorboard`` (train.tensorboard=true), beside metrics.jsonl."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                          "(or pip install 'selfsup[tensorboard]')") from None
+    return SummaryWriter(str(out / TENSORBOARD))
 
 
 def _progress(cfg: Config, total: int, initial: int):

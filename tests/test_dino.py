@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from gloo import run_ranks
 
 from selfsup import checkpoint as ckpt
-from selfsup import train as T
+from selfsup import loop
 from selfsup.cli import main
 from selfsup.config import Config
 from selfsup.losses import dino
@@ -138,7 +138,7 @@ def test_last_layer_is_frozen_for_the_first_epoch_and_gradients_are_clipped():
 def test_dino_runs_through_the_cli_and_logs_the_collapse_monitor(tmp_path, monkeypatch):
     out = tmp_path / "dino"
     modes = []  # DINO clips each parameter's gradient norm (utils.clip_gradients), not the global one
-    monkeypatch.setattr(T, "clip_gradients", lambda params, norm, mode: modes.append((norm, mode)))
+    monkeypatch.setattr(loop, "clip_gradients", lambda params, norm, mode: modes.append((norm, mode)))
     assert main(["pretrain", "--method", "dino", "--out", str(out), "--data", "digits", "--batch-size", "64",
                  "--device", "cpu", "--no-progress", "--epochs", "1",
                  "--set", "data.image_size=16", "model.width=0.125", "model.proj_hidden=32", "dino.out_dim=64",

@@ -28,12 +28,12 @@ LAYERS: list[list[str]] = [
      "momentum", "optim", "checkpoint", "monitor", "loader"],
     # 1. settings and data
     ["presets", "config", "data", "labels", "stream"],
-    # 2. the run folder, the device, the run's guard
-    ["runs", "device", "runguard"],
+    # 2. the run folder, the device, the run's guard, the run's images and loader
+    ["runs", "device", "runguard", "feed"],
     # 3. methods and evaluation
     ["methods", "evaluate"],
-    # 4. the trainer
-    ["train"],
+    # 4. the trainer: the loop's pieces, the epoch-end monitors, the run's folder on start, the trainer
+    ["loop", "epoch_end", "resume", "train"],
     # 5. what is built on the trainer and on run folders
     ["semisup", "perf", "export", "report"],
     # 6. entry points

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup import checkpoint as ckpt
-from selfsup import runs, train
+from selfsup import epoch_end, loop, runs, train
 from selfsup.config import resolve
 from selfsup.data import load_data
 from selfsup.evaluate import extract_features
@@ -49,7 +49,7 @@ def test_code_entropy_of_uniform_and_one_hot_codes():
 @pytest.fixture(scope="module")
 def digits():
     splits = load_data("digits", image_size=SIZE)
-    idx = train.monitor_indices(len(splits.train), seed=0)
+    idx = epoch_end.monitor_indices(len(splits.train), seed=0)
     mean, std = splits.train.mean_std()
     return np.asarray(splits.train.images)[idx[:512]], mean, std
 
@@ -91,7 +91,7 @@ def _collapse(backbone: torch.nn.Module, kind: str) -> None:
 
 def _monitor(method, images, mean, std) -> dict:
     features = extract_features(method.backbone, images, size=SIZE, mean=mean, std=std, device=torch.device("cpu"))
-    return train.collapse_monitor(features)
+    return epoch_end.collapse_monitor(features)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -101,13 +101,13 @@ def test_monitor_reports_a_collapsed_model_of_every_method_and_not_a_healthy_one
     dim = method.backbone.num_features
     healthy = _monitor(method, images, mean, std)
     assert collapse_warning(healthy["feature_std"], healthy["effective_rank"], dim) is None, healthy
-    assert not any("collapsed" in w for w in train.monitor_warnings(method, {"loss": 1.0, **healthy}, dim))
+    assert not any("collapsed" in w for w in epoch_end.monitor_warnings(method, {"loss": 1.0, **healthy}, dim))
     for kind in ("constant", "rank-1"):
         collapsed = _method(name, teacher_run)
         _collapse(collapsed.backbone, kind)
         m = _monitor(collapsed, images, mean, std)
         assert m["effective_rank"] == pytest.approx(1.0, abs=1e-3), (kind, m)
-        warnings = train.monitor_warnings(collapsed, {"loss": 1.0, **m}, dim)
+        warnings = epoch_end.monitor_warnings(collapsed, {"loss": 1.0, **m}, dim)
         assert any("backbone features look collapsed" in w for w in warnings), (kind, m)
         if kind == "rank-1":  # a spread that looks healthy: feature std alone is fooled, the rank is not
             assert m["feature_std"] * math.sqrt(dim) > healthy["feature_std"] * math.sqrt(dim)
@@ -143,20 +143,20 @@ def test_swav_code_entropy_is_ln_k_for_a_collapsed_embedding_and_its_loss_at_cha
     assert out["code_entropy"].dim() == 0
     assert out["code_entropy"].item() == pytest.approx(math.log(K), rel=1e-4)
     assert method.chance_loss() == pytest.approx(math.log(K))
-    [warning] = train.monitor_warnings(method, {"loss": math.log(K) * 1.005}, 128)
+    [warning] = epoch_end.monitor_warnings(method, {"loss": math.log(K) * 1.005}, 128)
     assert "chance value" in warning and "uniform codes" in warning and "swav.epsilon" in warning
-    assert train.monitor_warnings(method, {"loss": math.log(K) * 0.9}, 128) == []
+    assert epoch_end.monitor_warnings(method, {"loss": math.log(K) * 0.9}, 128) == []
     # uniform codes, however the loss reads (at T 0.1 it sits above ln K): SwAV's own warning
     uniform = {"loss": math.log(K) * 1.05, "code_entropy": out["code_entropy"].item()}
-    [warning] = train.monitor_warnings(method, uniform, 128)
+    [warning] = epoch_end.monitor_warnings(method, uniform, 128)
     assert "codes are uniform" in warning and "swav.epsilon" in warning
-    assert train.monitor_warnings(method, {"loss": math.log(K) * 1.05, "code_entropy": 0.9 * math.log(K)}, 128) == []
+    assert epoch_end.monitor_warnings(method, {"loss": math.log(K) * 1.05, "code_entropy": 0.9 * math.log(K)}, 128) == []
     assert METHODS["simclr"].chance_loss(method) is None  # methods without a known dead end: no warning
 
 
 def test_the_loop_averages_every_scalar_a_method_returns_besides_the_loss():
     sums: dict = {}
     for e in (1.0, 3.0):
-        train.accumulate_scalars(sums, {"loss": torch.tensor(9.0), "embedding": torch.ones(4, 2),
-                                        "code_entropy": torch.tensor(e)})
+        loop.accumulate_scalars(sums, {"loss": torch.tensor(9.0), "embedding": torch.ones(4, 2),
+                                       "code_entropy": torch.tensor(e)})
     assert sums.keys() == {"code_entropy"} and sums["code_entropy"].item() == 4.0

@@ -1,0 +1,305 @@
+"""The pieces every training loop is built from: pre-training (``train.py``) and SimCLRv2's
+fine-tuning and distillation (``semisup.py``) differ only in what they hand in.
+
+- the run folder: a fresh name, its lock, no overwriting of another run, its metrics file;
+- the device: flushed denormals on a CPU, the seed, the autocast dtype;
+- :class:`Schedule` — linear warm-up then cosine decay, per step;
+- :class:`EpochSums` — one epoch's running sums on the device, its means and its mid-epoch state;
+- :class:`Loop` and :func:`run_epochs` — the epoch loop: step, stop cleanly on a signal,
+  evaluate, log one JSON line, checkpoint (:func:`save_checkpoint`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from .device import autocast_dtype
+from .errors import Interrupted, TrainingError
+from .optim import clip_gradients, set_lr, warmup_cosine
+from .runguard import EXIT_CODES, RunLock, StopSignals
+from .runs import CHECKPOINT, METRICS, BackboneSpec, save_run
+
+
+def log(msg: str) -> None:
+    """Print on rank 0 only."""
+    if D.is_main():
+        print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder and the device
+
+
+def fresh_out(name: str) -> Path:
+    """``runs/<name>-<time>``: a new folder per run, so repeating a command never clobbers one."""
+    stamp = D.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+    return Path("runs") / f"{name}-{stamp}"
+
+
+def lock_folder(out: Path, held: ExitStack) -> None:
+    """Hold ``out``'s run lock as long as ``held`` and drop temporaries a killed save left. Call
+    it before looking at the folder, so two runs cannot both decide to start there."""
+    if D.is_main():
+        held.enter_context(RunLock(out))
+        ckpt.remove_temporaries(out)
+
+
+def refuse_existing(out: Path, hint: str) -> None:
+    """A fresh run never writes over another's checkpoint; ``hint`` says what to do instead."""
+    if (out / CHECKPOINT).exists():
+        raise TrainingError(f"'{out}' already holds a run ({CHECKPOINT}); {hint}")
+
+
+def truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metric lines of epochs that the checkpoint does not contain (all of them on a fresh
+    start), and a last line cut short by a kill."""
+    if not path.exists():
+        return
+
+    def epoch_of(line: str) -> float:
+        try:
+            return json.loads(line).get("epoch", 0)
+        except ValueError:  # a partial line written as the process was killed
+            return math.inf
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and epoch_of(line) <= epochs_done]
+    ckpt.write_text_atomic("".join(line + "\n" for line in keep), path)
+
+
+def prepare_device(device: torch.device, precision: str, seed: int) -> torch.dtype | None:
+    """Seed the global RNG and return the autocast dtype of ``precision`` on ``device``."""
+    if device.type == "cpu":  # denormals in near-zero activations slow CPU math several-fold (seen: SimSiam 6x)
+        torch.set_flush_denormal(True)
+    torch.manual_seed(seed)
+    return autocast_dtype(precision, device)
+
+
+def save_checkpoint(out: Path, model: nn.Module, spec: BackboneSpec, *, config: dict, epoch: int,
+                    **extra) -> None:
+    """``checkpoint.pt`` (format, settings, epochs done, ``model``'s weights, then ``extra``) and
+    ``model.backbone`` alone with ``spec``; each atomic (:func:`runs.save_run`)."""
+    state = {"format": ckpt.FORMAT, "version": 1, "config": config, "epoch": epoch,
+             "model": model.state_dict(), **extra}
+    save_run(out, state, model.backbone, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# One step's pieces
+
+
+def backward_step(optimizer: torch.optim.Optimizer, loss: Tensor, clip_grad: float = 0.0,
+                  clip_mode: str = "global") -> None:
+    """Backward, (clip the gradient norm to ``clip_grad`` if > 0, globally or per parameter:
+    :func:`optim.clip_gradients`,) optimiser step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        clip_gradients([p for g in optimizer.param_groups for p in g["params"]], clip_grad, clip_mode)
+    optimizer.step()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of each step: linear warm-up, then cosine to ``final_lr``."""
+    epochs: int
+    steps_per_epoch: int
+    warmup_steps: int
+    peak_lr: float
+    final_lr: float = 0.0
+    warmup_cut: bool = False  # the warm-up asked for was longer than the run: cut to the run
+
+    @classmethod
+    def create(cls, epochs: int, steps_per_epoch: int, warmup_epochs: float, peak_lr: float,
+               final_lr: float = 0.0) -> Schedule:
+        asked, total = round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch
+        return cls(epochs, steps_per_epoch, min(asked, total), peak_lr, final_lr, asked > total)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def lr(self, step: int) -> float:
+        return warmup_cosine(step, self.total_steps, self.warmup_steps, self.peak_lr, self.final_lr)
+
+
+def accumulate_scalars(sums: dict[str, Tensor], output: dict[str, Tensor]) -> None:
+    """Add every 0-dim output of a step besides the loss (e.g. SwAV's ``code_entropy``) to
+    ``sums``; the epoch logs their means. On the device: nothing is read back."""
+    for key, value in output.items():
+        if key != "loss" and value.dim() == 0:
+            sums[key] = sums[key] + value.float() if key in sums else value.float()
+
+
+@dataclass
+class EpochSums:
+    """One epoch's running sums on the device: the loss and every other 0-dim output of a step
+    (e.g. SwAV's ``code_entropy``), whose means the epoch logs. Nothing is read back to the host
+    until :meth:`mean_loss` / :meth:`means`."""
+    loss: Tensor
+    scalars: dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, device: torch.device, partial: dict) -> EpochSums:
+        """Zero, or the sums a mid-epoch checkpoint saved (``partial``, on resume)."""
+        sums = cls(torch.zeros((), device=device))
+        if partial:  # old checkpoints' spread_sum is not read: dropped
+            sums.loss += partial["loss_sum"].to(device)
+            sums.scalars = {k: v.to(device) for k, v in partial.get("sums", {}).items()}
+        return sums
+
+    def add(self, output: dict[str, Tensor]) -> None:
+        self.loss += output["loss"]
+        accumulate_scalars(self.scalars, output)
+
+    def mean_loss(self, steps: int) -> float:
+        return D.all_reduce_mean(self.loss / steps).item()
+
+    def means(self, steps: int) -> dict[str, float]:
+        return {k: D.all_reduce_mean(self.scalars[k] / steps).item() for k in sorted(self.scalars)}
+
+    def partial(self, steps: int, seconds: float, train_seconds: float) -> dict:
+        """What a mid-epoch checkpoint keeps, so a resume skips those batches and logs the same
+        epoch metrics."""
+        return {"steps": steps, "loss_sum": self.loss.cpu(), "sums": {k: v.cpu() for k, v in self.scalars.items()},
+                "seconds": seconds, "train_seconds": train_seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# The epoch loop
+
+
+@dataclass
+class Position:
+    """Where a loop starts: epochs done, steps done in the next one, and that epoch's saved sums."""
+    epoch: int = 0
+    step: int = 0
+    partial: dict = field(default_factory=dict)
+
+
+def _nothing(*args) -> dict:
+    return {}
+
+
+@dataclass
+class Loop:
+    """One training loop: what it steps, evaluates, saves and says."""
+    out: Path
+    model: nn.Module                                      # set to train mode at each epoch's start
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    device: torch.device
+    batches: Callable[[int, int], Iterable]               # (epoch, first step) -> that epoch's items
+    step: Callable[[int, Any, float], dict[str, Tensor]]  # (global step, item, lr) -> detached outputs
+    save: Callable[[int, int, dict | None], None]         # (epochs done, global step, partial epoch)
+    images_per_epoch: int                                 # for the img/s figure
+    nonfinite_advice: str                                 # what to do when the loss is nan / inf
+    evaluate: Callable[[int, bool], dict] = _nothing      # (epoch, last) -> metrics; every rank calls
+    describe: Callable[[dict], str] = lambda m: ""        # the log line's text after "img/s"
+    warnings: Callable[[dict], list[str]] = lambda m: []  # lines logged after it
+    checkpoint_every: int = 0                             # epochs; 0: at the last epoch (or a stop) only
+    max_minutes: float | None = None                      # stop at the first epoch end after this long
+    stop: StopSignals = field(default_factory=lambda: StopSignals(enabled=False))
+    resume_command: str = ""                              # named by Interrupted
+    writer: Any = None                                    # a TensorBoard SummaryWriter
+    progress: Any = None                                  # a tqdm bar counting steps
+    log_every: int = 1                                    # steps between progress-bar updates (a sync)
+
+
+def run_epochs(loop: Loop, start: Position | None = None) -> dict:
+    """Train from ``start`` to the last epoch, or the first epoch end past ``max_minutes``.
+    Returns the epochs' metrics (each epoch's updating the last's)."""
+    start = start or Position()
+    result: dict = {}
+    train_seconds = float(start.partial.get("train_seconds", 0.0))
+    epochs, steps = loop.schedule.epochs, loop.schedule.steps_per_epoch
+    for epoch in range(start.epoch, epochs):
+        first = start.step if epoch == start.epoch else 0  # > 0 only when resuming mid-epoch
+        sums, seconds, lr = _epoch(loop, epoch, first, start.partial if first else {}, train_seconds)
+        train_seconds += seconds
+        metrics = _epoch_metrics(loop, epoch, sums, seconds, lr)
+        last = epoch + 1 == epochs or (
+            loop.max_minutes is not None and train_seconds >= 60 * loop.max_minutes)
+        metrics.update(loop.evaluate(epoch, last))
+        if D.is_main():
+            _report(loop, metrics, sorted(sums.scalars))
+        stopping = not last and loop.stop.requested
+        if last or stopping or (loop.checkpoint_every and (epoch + 1) % loop.checkpoint_every == 0):
+            loop.save(epoch + 1, (epoch + 1) * steps, None)
+        if stopping:
+            raise _interrupted(loop, f"the end of epoch {epoch + 1}")
+        result.update(metrics)
+        if last:
+            if epoch + 1 < epochs:
+                log(f"stopping after {train_seconds / 60:.1f} minutes (train.max_minutes)")
+            break
+    return result
+
+
+def _epoch(loop: Loop, epoch: int, first: int, partial: dict,
+           train_seconds: float) -> tuple[EpochSums, float, float]:
+    """The steps of ``epoch`` from step ``first``: its sums, seconds and last lr. On a stop
+    signal before its last step: a mid-epoch checkpoint, then :class:`Interrupted`."""
+    loop.model.train()
+    steps = loop.schedule.steps_per_epoch
+    sums = EpochSums.start(loop.device, partial)
+    t0 = time.perf_counter() - float(partial.get("seconds", 0.0))
+    lr = 0.0
+    for i, item in enumerate(loop.batches(epoch, first), start=first):
+        step = epoch * steps + i
+        lr = loop.schedule.lr(step)
+        set_lr(loop.optimizer, lr)
+        output = loop.step(step, item, lr)
+        sums.add(output)
+        if loop.progress is not None and (i + 1) % loop.log_every == 0:
+            loop.progress.set_postfix(loss=f"{output['loss'].item():.4f}", lr=f"{lr:.3g}", refresh=False)  # syncs
+            loop.progress.update(loop.log_every)
+        if i + 1 < steps and loop.stop.requested:
+            seconds = time.perf_counter() - t0
+            loop.save(epoch, step + 1, sums.partial(i + 1, seconds, train_seconds + seconds))
+            raise _interrupted(loop, f"step {i + 1}/{steps} of epoch {epoch + 1}")
+    return sums, time.perf_counter() - t0, lr
+
+
+def _epoch_metrics(loop: Loop, epoch: int, sums: EpochSums, seconds: float, lr: float) -> dict:
+    """The epoch's JSON line before evaluation; a non-finite loss stops the run."""
+    steps = loop.schedule.steps_per_epoch
+    mean_loss = sums.mean_loss(steps)
+    if not math.isfinite(mean_loss):
+        raise TrainingError(f"loss became {mean_loss} in epoch {epoch + 1}; {loop.nonfinite_advice}")
+    metrics = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "loss": mean_loss, "lr": lr,
+               "images_per_s": loop.images_per_epoch / seconds, "seconds": seconds}
+    metrics.update(sums.means(steps))
+    return metrics
+
+
+def _report(loop: Loop, metrics: dict, scalars: list[str]) -> None:
+    """The epoch's line in metrics.jsonl (and TensorBoard), its log line and its warnings."""
+    with open(loop.out / METRICS, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if loop.writer is not None:
+        for key, value in metrics.items():
+            if key not in ("epoch", "step", "knn_features"):
+                loop.writer.add_scalar(f"train/{key}", value, metrics["step"])
+        loop.writer.flush()
+    extra = "".join(f" {k} {metrics[k]:.4g}" for k in scalars)
+    log(f"epoch {metrics['epoch']}/{loop.schedule.epochs} loss {metrics['loss']:.4f} lr {metrics['lr']:.4g} "
+        f"{metrics['images_per_s']:.0f} img/s{loop.describe(metrics)}{extra}")
+    for warning in loop.warnings(metrics):
+        log(warning)
+
+
+def _interrupted(loop: Loop, where: str) -> Interrupted:
+    received = loop.stop.received
+    return Interrupted(f"stopped by {received.name} after {where}; the checkpoint in '{loop.out}' is saved. "
+                       f"Continue with: {loop.resume_command}", EXIT_CODES[received])
