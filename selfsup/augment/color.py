@@ -14,23 +14,6 @@ from torch import Tensor
 
 from .batch import bernoulli_mask, per_sample
 
-__all__ = [
-    "BRIGHTNESS",
-    "CONTRAST",
-    "SATURATION",
-    "HUE",
-    "JitterParams",
-    "rgb_to_grayscale",
-    "adjust_brightness",
-    "adjust_contrast",
-    "adjust_saturation",
-    "adjust_hue",
-    "sample_jitter_params",
-    "apply_color_jitter",
-    "color_jitter",
-    "random_grayscale",
-]
-
 # ITU-R BT.601 luma weights, the ones torchvision's grayscale uses.
 _LUMA = (0.299, 0.587, 0.114)
 
