@@ -102,8 +102,8 @@ class Peer(nn.Module):
             self.criterion = L.NegativeCosineSimilarity()
         elif method == "swav":
             s = cfg["swav"]
-            frozen_steps = (s["freeze_prototypes_steps"] if s["freeze_prototypes_steps"] is not None  # as selfsup's
-                            else round(s["freeze_prototypes_epochs"] * steps_per_epoch))
+            from selfsup.optim import freeze_steps  # selfsup's own rule; main() put the checkout on the path
+            frozen_steps = freeze_steps(s["freeze_prototypes_epochs"], steps_per_epoch, s["freeze_prototypes_steps"])
             self.head = H.SwaVProjectionHead(feat, hidden, m["proj_dim"])
             self.prototypes = H.SwaVPrototypes(m["proj_dim"], s["prototypes"],
                                                n_steps_frozen_prototypes=frozen_steps)
