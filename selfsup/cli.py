@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import sys
 
 from . import __version__
@@ -250,10 +251,11 @@ def _eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .train import load_projector
 
-    for flag, ok in (("--k", a.k >= 1), ("--t", a.t > 0), ("--epochs", a.epochs is None or a.epochs >= 1),
-                     ("--lr", a.lr is None or a.lr > 0), ("--batch-size", a.batch_size >= 1)):
+    for flag, ok in (("--k", a.k >= 1), ("--t", math.isfinite(a.t) and a.t > 0),
+                     ("--epochs", a.epochs is None or a.epochs >= 1),
+                     ("--lr", a.lr is None or (math.isfinite(a.lr) and a.lr > 0)), ("--batch-size", a.batch_size >= 1)):
         if not ok:
-            raise ConfigError(f"{flag} must be positive, got {getattr(a, flag[2:].replace('-', '_'))}")
+            raise ConfigError(f"{flag} must be a positive finite number, got {getattr(a, flag[2:].replace('-', '_'))}")
     head = None  # kNN on head features: the run's projection head, built when the backbone is loaded
     if a.protocol == "knn" and a.features == "head":
         head = functools.partial(load_projector, a.checkpoint, random_init=a.random_init)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class TrainConfig:
     batch_size: int = 512           # global batch (split over ranks when distributed)
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    precision: str = "auto"         # auto (bf16 on CUDA, and on CPUs with AMX; else fp32) | bf16 | fp32
+    precision: str = "auto"         # auto (bf16 on CUDA and on CPUs with AMX or AVX512-BF16; else fp32) | bf16 | fp32
     channels_last: bool = True
     compile: bool = False           # torch.compile the model (pays off on GPUs for long runs)
     checkpoint_every: int = 10      # epochs between checkpoints (and always at the end)
@@ -335,16 +336,23 @@ def resolve(*, preset_name: str | None = None, file: str | Path | None = None,
     """Defaults <- the method's recipe <- preset <- YAML file <- ``--set`` items <- explicit
     overrides (nested dict)."""
     layers: list[dict[str, Any]] = []
+    set_layers = [parse_set(item) for item in sets or []]
     if file is not None:
         data = load_yaml(file)
         preset_name = preset_name or data.get("preset")
+    named = [layer["preset"] for layer in set_layers if "preset" in layer]
+    if named:  # --set preset=NAME chooses the preset, as --preset does (the last one wins)
+        if preset_name and preset_name != named[-1]:
+            raise ConfigError(f"--set preset={named[-1]} contradicts the preset '{preset_name}' given by "
+                              f"--preset or the config file; name one")
+        preset_name = named[-1]
     if preset_name is not None and not isinstance(preset_name, str):
         raise ConfigError(f"preset: expected a preset name, got {preset_name!r}")
     if preset_name:
         layers.append({**preset(preset_name), "preset": preset_name})
     if file is not None:
         layers.append(data)
-    layers += [parse_set(item) for item in sets or []]
+    layers += set_layers
     if overrides:
         layers.append(overrides)
     cfg = _with_method_defaults(layers)
@@ -370,6 +378,30 @@ METHOD_NAMES = ("simclr", "moco", "byol", "simsiam", "swav", "dino", "distill")
 BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "binary-resnet18")
 
 
+#: the smallest temperature a loss with gradients may use: 40x below the smallest in any recipe
+#: here (DINO's student 0.1, SimCLR's 0.1, MoCo's 0.07, SwAV's 0.1); teachers' sharpening
+#: temperatures (no gradient through them, e.g. SEED's 1e-4) need only be positive
+MIN_TEMPERATURE = 1e-3
+
+
+def student_temperatures(cfg: Config) -> list[tuple[str, float]]:
+    """The temperatures that divide logits a gradient flows through, with their keys."""
+    return [("simclr.temperature", cfg.simclr.temperature), ("moco.temperature", cfg.moco.temperature),
+            ("swav.temperature", cfg.swav.temperature), ("dino.student_temp", cfg.dino.student_temp),
+            ("distill.temperature", cfg.distill.temperature)]
+
+
+def check_finite(section: object, prefix: str = "") -> None:
+    """Every number in a config is finite: inf and NaN are refused with the key named (they would
+    end in a traceback or train into NaN)."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_finite(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
 def validate(cfg: Config) -> None:
     """Reject values no run can use, with the key named: each field's choices and range. The
     rules of one method are that method's (:func:`selfsup.methods.check_config` adds them)."""
@@ -379,12 +411,15 @@ def validate(cfg: Config) -> None:
                           f"available: {', '.join(sorted(METHOD_NAMES))}")
     if cfg.model.backbone not in BACKBONE_NAMES:
         raise ConfigError(f"model.backbone '{cfg.model.backbone}' unknown; choose {', '.join(BACKBONE_NAMES)}")
+    check_finite(cfg)
     checks = [
         (cfg.train.batch_size >= 2, "train.batch_size must be at least 2 (contrastive losses need negatives)"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
-        (min(cfg.simclr.temperature, cfg.moco.temperature, cfg.swav.temperature) > 0,
-         "simclr.temperature, moco.temperature and swav.temperature must be positive"),
+        *[(t >= MIN_TEMPERATURE, f"{key} must be at least {MIN_TEMPERATURE:g} (got {t:g}): 1/T scales every "
+           f"gradient, and below that a step overflows") for key, t in student_temperatures(cfg)],
         (cfg.optim.lr > 0, "optim.lr must be positive"),
+        (0 <= cfg.optim.final_lr <= 1, "optim.final_lr must be in [0, 1] (a fraction of the peak lr)"),
+        (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
         (cfg.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling must be linear, sqrt or none"),
@@ -439,13 +474,12 @@ def validate(cfg: Config) -> None:
          "dino.out_dim and dino.bottleneck_dim must be at least 1"),
         (0 <= cfg.dino.momentum <= 1, "dino.momentum must be in [0, 1]"),
         (0 <= cfg.dino.center_momentum <= 1, "dino.center_momentum must be in [0, 1]"),
-        (min(cfg.dino.student_temp, cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp) > 0,
-         "dino.student_temp, dino.teacher_temp and dino.warmup_teacher_temp must be positive"),
+        (min(cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp) > 0,
+         "dino.teacher_temp and dino.warmup_teacher_temp must be positive"),
         (cfg.dino.warmup_teacher_temp_epochs >= 0, "dino.warmup_teacher_temp_epochs must be >= 0"),
         (cfg.dino.freeze_last_layer_epochs >= 0, "dino.freeze_last_layer_epochs must be >= 0"),
         (cfg.distill.mode in ("s2bnn", "seed"), f"distill.mode '{cfg.distill.mode}' unknown; choose s2bnn or seed"),
-        (cfg.distill.temperature > 0 and cfg.distill.teacher_temp > 0,
-         "distill.temperature and distill.teacher_temp must be positive"),
+        (cfg.distill.teacher_temp > 0, "distill.teacher_temp must be positive"),
         (cfg.distill.queue_size >= 1, "distill.queue_size must be at least 1"),
         (cfg.distill.contrastive_weight >= 0, "distill.contrastive_weight must be >= 0 (0: distillation only)"),
         (cfg.data.workers is None or cfg.data.workers >= 0, "data.workers must be >= 0 (0: decode in the training process)"),

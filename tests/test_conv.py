@@ -94,11 +94,17 @@ def test_backbone_weight_gradients_are_right_under_bf16_on_tiny_crops(cifar_stem
     if not _raw_kernel_is_wrong():
         pytest.skip("oneDNN's bf16 backward-weights kernel is right on this CPU: nothing to guard")
     monkeypatch.setattr(conv, "bf16_kernel_unsafe", lambda x, c: False)  # the guard off
+    # layer4's first conv sees a 1x1 map: only its centre tap meets real pixels. Without the guard
+    # its gradient is wrong in every trial on a Sapphire Rapids Xeon (AMX) and in about half of
+    # them on an AMD EPYC with avx512_bf16 (no AMX): up to 32 trials must show it at least once.
     wrong = []
-    for x in trials:  # layer4's first conv sees a 1x1 map: only its centre tap meets real pixels
+    for i in range(32):
+        x = trials[i % len(trials)]
         error = _strided_grad_errors(model, x)["layer4.0.conv1"]
         wrong.append(error > WRONG or bool(_padding_taps(model.layer4[0].conv1.weight.grad).abs().max() > 0))
-    assert all(wrong), wrong  # every trial on a Sapphire Rapids Xeon, run after run
+        if wrong[-1]:
+            break
+    assert any(wrong), f"the unguarded kernel was right in all {len(wrong)} trials, yet wrong in the probe"
 
 
 def test_the_guard_reads_shapes_and_engages_only_where_the_kernel_fails():

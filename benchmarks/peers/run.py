@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--device", default="cpu", help="cpu | cuda (both sides, and the kNN evaluation)")
-    p.add_argument("--precision", default="auto", help="train.precision of both sides (auto: bf16 with AMX)")
+    p.add_argument("--precision", default="auto", help="train.precision of both sides (auto: bf16 with AMX or AVX512-BF16)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of both sides")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="the lightly side's DataLoader workers")
     p.add_argument("--data", default=str(default_data()), help="the CIFAR-10 JPEG archive (../shared/data)")
@@ -264,32 +264,61 @@ def config_of(r: dict) -> tuple:
     return r["steps"], r["width"], r["batch"], r.get("device", "cpu")
 
 
+def cpu_kind(r: dict) -> str:
+    """The CPU kind a record ran on, as the speed columns name it (img/s differ by kind, kNN in fp32 not)."""
+    hw = r["hardware"]
+    isa = "AMX" if hw["amx"] else "AVX512-BF16" if hw["avx512_bf16"] else "AVX2"
+    return f"{hw['cpu']} {isa}"
+
+
+def meets_rule(ko: list[float], kp: list[float]) -> str:
+    """§2 of issue 14: selfsup's mean kNN >= lightly's mean - 1 sd (the pooled sd of both sides' seeds)."""
+    if len(ko) < 2 or len(kp) < 2:
+        return "needs 2 seeds"
+    sd = ((statistics.variance(ko) + statistics.variance(kp)) / 2) ** 0.5
+    return "yes" if statistics.mean(ko) >= statistics.mean(kp) - sd else f"no (sd {sd:.2f})"
+
+
 def table(records: list[dict], steps: int, width: float, batch: int, device: str = "cpu") -> str:
-    rows = ["| method | steps | selfsup kNN % | lightly kNN % | Δ (pp) | selfsup img/s | lightly img/s | speed ratio "
-            "| seeds | load (1-min avg) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per method: kNN mean ± sd over every seed; img/s and the ratio per CPU kind (A, B, ...)."""
+    kinds: list[str] = []
+    rows = ["| method | steps | selfsup kNN % | lightly kNN % | Δ (pp) | selfsup ≥ lightly − 1 sd | selfsup img/s "
+            "| lightly img/s | speed ratio | seeds | load (1-min avg) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in TABLE:
         last = {}  # a rerun of a (method, seed, side) replaces the earlier record
         for r in records:
             if r["method"] == method and config_of(r) == (steps, width, batch, device) and r["rc"] == 0 \
                     and r.get("knn") is not None:
                 last[r["seed"], r["side"]] = r
-        rs = list(last.values())
-        ours = [r for r in rs if r["side"] == "selfsup"]
-        peer = [r for r in rs if r["side"] == "lightly"]
-        if not ours or not peer:
+        seeds = sorted({s for s, side in last if side == "selfsup"} & {s for s, side in last if side == "lightly"})
+        ours = [last[s, "selfsup"] for s in seeds]
+        peer = [last[s, "lightly"] for s in seeds]
+        if not seeds:
             tried = {r["side"] for r in records if r["method"] == method and config_of(r) == (steps, width, batch, device)}
-            cell = lambda got, side: (mean_sd([r["knn"] for r in got]) if got  # noqa: E731
-                                      else "failed (see runs.jsonl)" if side in tried else "not run yet")
-            rows.append(f"| {NAMES[method]} | {steps} | {cell(ours, 'selfsup')} | {cell(peer, 'lightly')} | | | | | | |")
+            got = {side: [r for r in last.values() if r["side"] == side] for side in ("selfsup", "lightly")}
+            cell = lambda side: (mean_sd([r["knn"] for r in got[side]]) if got[side]  # noqa: E731
+                                 else "failed (see runs.jsonl)" if side in tried else "not run yet")
+            rows.append(f"| {NAMES[method]} | {steps} | {cell('selfsup')} | {cell('lightly')} | | | | | | | |")
             continue
         ko, kp = [r["knn"] for r in ours], [r["knn"] for r in peer]
-        so, sp = statistics.mean(r["images_per_s"] for r in ours), statistics.mean(r["images_per_s"] for r in peer)
+        so, sp, ratio = [], [], []
+        for kind in sorted({cpu_kind(r) for r in ours}):
+            if kind not in kinds:
+                kinds.append(kind)
+            tag = chr(ord("A") + kinds.index(kind))
+            pairs = [(o, q) for o, q in zip(ours, peer) if cpu_kind(o) == kind]
+            mo = statistics.mean(o["images_per_s"] for o, _ in pairs)
+            mp = statistics.mean(q["images_per_s"] for _, q in pairs)
+            so.append(f"{tag}: {mo:.0f}")
+            sp.append(f"{tag}: {mp:.0f}")
+            ratio.append(f"{tag}: {mo / mp:.2f}×")
+        rs = ours + peer
         loads = [r["load_before"][0] for r in rs] + [r["load_after"][0] for r in rs]
-        seeds = sorted({r["seed"] for r in ours} & {r["seed"] for r in peer})
         rows.append(f"| {NAMES[method]} | {steps} | {mean_sd(ko)} | {mean_sd(kp)} | "
-                    f"{statistics.mean(ko) - statistics.mean(kp):+.2f} | {so:.0f} | {sp:.0f} | {so / sp:.2f}× | "
-                    f"{len(seeds)} | {min(loads):.1f}–{max(loads):.1f} |")
-    return "\n".join(rows)
+                    f"{statistics.mean(ko) - statistics.mean(kp):+.2f} | {meets_rule(ko, kp)} | {' · '.join(so)} | "
+                    f"{' · '.join(sp)} | {' · '.join(ratio)} | {len(seeds)} | {min(loads):.1f}–{max(loads):.1f} |")
+    legend = "; ".join(f"{chr(ord('A') + i)} = {k}" for i, k in enumerate(kinds))
+    return "\n".join(rows) + (f"\n\nCPU kinds of the speed columns: {legend}." if kinds else "")
 
 
 def write_doc(path: Path, records: list[dict], a) -> None:
@@ -299,7 +328,7 @@ def write_doc(path: Path, records: list[dict], a) -> None:
     ours_torch = sorted({r["torch"] for r in sel}) or ["–"]
     peer_torch = sorted({r["peer_torch"] for r in sel if r.get("peer_torch")}) or ["–"]
     dates = sorted({r["date"] for r in sel}) or ["–"]
-    precisions = sorted({str(r.get("precision")) for r in sel if r.get("precision")}) or ["–"]
+    precisions = sorted({"fp32" if r.get("precision") in (None, "None") else str(r["precision"]) for r in sel}) or ["–"]
     commits = sorted({r["commit"] for r in sel}) or ["–"]
     text = f"""# selfsup against lightly: the same work, side by side
 
@@ -327,7 +356,9 @@ under load above about {hw['cores']} are noisy.
 
 {table(records, *main_cfg)}
 
-- Hardware: {hw['cpu']}, {hw['cores']} cores, AMX {'yes' if hw['amx'] else 'no'}, avx512_bf16 {'yes' if hw['avx512_bf16'] else 'no'}.
+- Hardware: {'; '.join(sorted({f"{cpu_kind(r)} ({r['hardware']['cores']} cores): seed(s) " + ', '.join(str(x) for x in sorted({q['seed'] for q in sel if cpu_kind(q) == cpu_kind(r)})) for r in sel})) or '–'}.
+  kNN is pooled over all seeds (both sides in the same precision on every kind); img/s and the
+  speed ratio are given per CPU kind, because they differ by kind.
 - torch: selfsup side {', '.join(ours_torch)}; lightly side {', '.join(peer_torch)}.
 - Date(s): {', '.join(dates)}; selfsup commit(s): {', '.join(commits)}.
 - Command: `python benchmarks/peers/run.py --methods {','.join(a.methods)} --seeds {','.join(map(str, a.seeds))} --steps {a.steps} --width {a.width:g} --batch {a.batch}`
