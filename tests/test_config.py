@@ -32,7 +32,7 @@ def test_parse_set_types():
     (["nonsense=1"], "unknown config key 'nonsense'"),
     (["train.epochs=abc"], "train.epochs: expected int"),
     (["train.batch_size=1"], "batch_size must be at least 2"),
-    (["swav.temperature=-1"], "swav.temperature must be positive"),
+    (["swav.temperature=-1"], "swav.temperature must be at least 0.001"),
     (["optim=3"], "optim: expected a mapping"),
     (["train.epochs"], "--set expects key=value"),
     (["method=nope"], "unknown method 'nope'"),
