@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -85,12 +86,33 @@ def prepare_device(device: torch.device, precision: str, seed: int) -> torch.dty
     return autocast_dtype(precision, device)
 
 
+def kept_checkpoint(out: Path) -> str:
+    """What a run that stops now leaves behind: the checkpoint that really exists, or none."""
+    if (out / CHECKPOINT).exists():
+        return f"the checkpoint '{out / CHECKPOINT}' written before it is kept, untouched"
+    return f"there is no checkpoint in '{out}' (none had been written yet)"
+
+
+def non_finite_entries(state: dict[str, Tensor]) -> list[str]:
+    """The keys of floating tensors in ``state`` that hold a NaN or an infinity (one host read)."""
+    keys = [k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point()]
+    if not keys:
+        return []
+    finite = torch.stack([torch.isfinite(state[k]).all() for k in keys]).cpu()
+    return [k for k, ok in zip(keys, finite.tolist()) if not ok]
+
+
 def save_checkpoint(out: Path, model: nn.Module, spec: BackboneSpec, *, config: dict, epoch: int,
                     **extra) -> None:
     """``checkpoint.pt`` (format, settings, epochs done, ``model``'s weights, then ``extra``) and
-    ``model.backbone`` alone with ``spec``; each atomic (:func:`runs.save_run`)."""
-    state = {"format": ckpt.FORMAT, "version": 1, "config": config, "epoch": epoch,
-             "model": model.state_dict(), **extra}
+    ``model.backbone`` alone with ``spec``; each atomic (:func:`runs.save_run`). Weights with a
+    NaN or an infinity are never written over a good checkpoint."""
+    weights = model.state_dict()
+    bad = non_finite_entries(weights)
+    if bad:
+        raise TrainingError(f"not saving: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); "
+                            f"{kept_checkpoint(out)}")
+    state = {"format": ckpt.FORMAT, "version": 1, "config": config, "epoch": epoch, "model": weights, **extra}
     save_run(out, state, model.backbone, spec)
 
 
@@ -175,6 +197,49 @@ class EpochSums:
                 "seconds": seconds, "train_seconds": train_seconds}
 
 
+class FiniteWatch:
+    """Stops a loop at the first step whose loss is NaN or infinite, without a host sync per step.
+
+    On a CPU the step has run when it returns, so its flag is read at once. On CUDA each step's
+    flag goes to pinned host memory with a non-blocking copy and an event; a flag is read only
+    once its event has passed (:meth:`poll`), or, before anything is saved or logged, all of
+    them (:meth:`flush`)."""
+
+    def __init__(self, device: torch.device, steps_per_epoch: int, advice: str, out: Path):
+        self.cuda = device.type == "cuda"
+        self.steps, self.advice, self.out = steps_per_epoch, advice, out
+        self.pending: deque = deque()  # (global step, loss, host flag, event)
+
+    def add(self, step: int, loss: Tensor) -> None:
+        ok = torch.isfinite(loss.detach())
+        if not self.cuda:
+            if not bool(ok):
+                self.fail(step, loss)
+            return
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(ok, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((step, loss, host, event))
+        self.poll(block=False)
+
+    def poll(self, block: bool) -> None:
+        while self.pending and (block or self.pending[0][3].query()):
+            step, loss, host, event = self.pending.popleft()
+            event.synchronize()
+            if not bool(host):
+                self.fail(step, loss)
+
+    def flush(self) -> None:
+        self.poll(block=True)
+
+    def fail(self, step: int, loss: Tensor) -> None:
+        epoch, i = divmod(step, self.steps)
+        raise TrainingError(f"loss became {loss.float().item()} at step {i + 1}/{self.steps} of epoch {epoch + 1}, "
+                            f"so the run stopped there; nothing was saved after it: {kept_checkpoint(self.out)}. "
+                            f"{self.advice}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The epoch loop
 
@@ -253,6 +318,7 @@ def _epoch(loop: Loop, epoch: int, first: int, partial: dict,
     loop.model.train()
     steps = loop.schedule.steps_per_epoch
     sums = EpochSums.start(loop.device, partial)
+    watch = FiniteWatch(loop.device, steps, loop.nonfinite_advice, loop.out)
     t0 = time.perf_counter() - float(partial.get("seconds", 0.0))
     lr = 0.0
     for i, item in enumerate(loop.batches(epoch, first), start=first):
@@ -261,13 +327,16 @@ def _epoch(loop: Loop, epoch: int, first: int, partial: dict,
         set_lr(loop.optimizer, lr)
         output = loop.step(step, item, lr)
         sums.add(output)
+        watch.add(step, output["loss"])
         if loop.progress is not None and (i + 1) % loop.log_every == 0:
             loop.progress.set_postfix(loss=f"{output['loss'].item():.4f}", lr=f"{lr:.3g}", refresh=False)  # syncs
             loop.progress.update(loop.log_every)
         if i + 1 < steps and loop.stop.requested:
+            watch.flush()
             seconds = time.perf_counter() - t0
             loop.save(epoch, step + 1, sums.partial(i + 1, seconds, train_seconds + seconds))
             raise _interrupted(loop, f"step {i + 1}/{steps} of epoch {epoch + 1}")
+    watch.flush()
     return sums, time.perf_counter() - t0, lr
 
 
@@ -275,8 +344,9 @@ def _epoch_metrics(loop: Loop, epoch: int, sums: EpochSums, seconds: float, lr: 
     """The epoch's JSON line before evaluation; a non-finite loss stops the run."""
     steps = loop.schedule.steps_per_epoch
     mean_loss = sums.mean_loss(steps)
-    if not math.isfinite(mean_loss):
-        raise TrainingError(f"loss became {mean_loss} in epoch {epoch + 1}; {loop.nonfinite_advice}")
+    if not math.isfinite(mean_loss):  # another rank's (each rank's own steps are watched)
+        raise TrainingError(f"loss became {mean_loss} in epoch {epoch + 1}; nothing was saved after it: "
+                            f"{kept_checkpoint(loop.out)}. {loop.nonfinite_advice}")
     metrics = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "loss": mean_loss, "lr": lr,
                "images_per_s": loop.images_per_epoch / seconds, "seconds": seconds}
     metrics.update(sums.means(steps))

@@ -264,7 +264,7 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
 
     loop = Loop(out=out, model=model, optimizer=optimizer, schedule=schedule, device=device, batches=batches,
                 step=step, save=save, images_per_epoch=min(steps_per_epoch * batch, n),  # what the batches hold
-                nonfinite_advice=f"lower lr (now {cfg.lr:g})", evaluate=evaluate,
+                nonfinite_advice=f"Lower --lr (now {cfg.lr:g}) and start again in a new --out", evaluate=evaluate,
                 describe=lambda m: f" test top-1 {m['test_top1']:.2f}%" if "test_top1" in m else "")
     return run_epochs(loop)
 

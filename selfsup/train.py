@@ -228,8 +228,8 @@ def _loop(run: Run) -> Loop:
                 batches=lambda epoch, first: _batches(run, epoch, first), step=_stepper(run),
                 save=lambda epoch, step, partial: _save(run, epoch, step, partial),
                 images_per_epoch=steps * cfg.train.batch_size,
-                nonfinite_advice=f"stopping. The last good checkpoint in '{out}' is kept: lower optim.lr, "
-                                 f"raise temperature or use train.precision=fp32, then resume or restart",
+                nonfinite_advice="Lower optim.lr, raise the temperature or use train.precision=fp32, and start "
+                                 "again in a new --out",
                 evaluate=run.monitors, describe=run.monitors.describe, warnings=run.monitors.warnings,
                 checkpoint_every=cfg.train.checkpoint_every, max_minutes=cfg.train.max_minutes, stop=run.stop,
                 resume_command=f"selfsup pretrain --out {out} --resume", writer=writer, progress=progress,

@@ -9,6 +9,9 @@ import torch
 from selfsup import checkpoint as ckpt
 from selfsup import losses
 from selfsup.cli import main
+from selfsup.errors import TrainingError
+from selfsup.loop import save_checkpoint
+from selfsup.runs import BackboneSpec
 
 TINY = ["--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progress",
         "--set", "data.image_size=8", "model.width=0.125", "eval.knn_every=1", "eval.knn_k=20",
@@ -80,10 +83,39 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setitem(losses.CONTRASTIVE_LOSSES, "nt_xent", poisoned)
     out = tmp_path / "run"
-    assert main(["pretrain", "--out", str(out), "--epochs", "3", *TINY]) == 1
-    assert "loss became nan in epoch 2" in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(out), "--epochs", "3", "--set", "train.checkpoint_every=1", *TINY]) == 1
+    err = capsys.readouterr().err
+    # stopped at the first bad step (the 23rd call), not at the epoch's end, naming what is kept
+    assert calls["n"] == 23, calls
+    assert "loss became nan at step 1/22 of epoch 2" in err
+    assert f"the checkpoint '{out / 'checkpoint.pt'}' written before it is kept" in err
     assert ckpt.load(out / "checkpoint.pt")["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt.load(out / "backbone.pt").values() if v.is_floating_point())
+
+
+def test_non_finite_loss_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch, capsys):
+    real = losses.nt_xent
+    monkeypatch.setitem(losses.CONTRASTIVE_LOSSES, "nt_xent", lambda z1, z2, t: real(z1, z2, t) * float("inf"))
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--epochs", "2", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "loss became inf at step 1/22 of epoch 1" in err and "there is no checkpoint in" in err
+    assert not (out / "checkpoint.pt").exists() and not (out / "backbone.pt").exists()
+
+
+def test_non_finite_weights_are_never_written_over_a_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--epochs", "1", *TINY]) == 0
+    good = (out / "checkpoint.pt").read_bytes(), (out / "backbone.pt").read_bytes()
+    state = ckpt.load(out / "checkpoint.pt")
+    net = torch.nn.Module()  # save_checkpoint is the one writer every loop's save goes through
+    net.backbone = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.backbone.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=r"not saving: 1 weight tensor\(s\) hold NaN or inf \(first: backbone.weight\); "
+                                            r"the checkpoint .* written before it is kept"):
+        save_checkpoint(out, net, BackboneSpec.from_json(state["meta"], out / "checkpoint.pt"), config=state["config"], epoch=2)
+    assert ((out / "checkpoint.pt").read_bytes(), (out / "backbone.pt").read_bytes()) == good
 
 
 class Payload:
