@@ -14,7 +14,7 @@ from . import distributed as D
 from .config import Config, from_dict
 from .errors import CheckpointError, ConfigError
 from .loop import Position, fresh_out, lock_folder, log, refuse_existing
-from .runs import CHECKPOINT, load_run
+from .runs import CHECKPOINT, load_run, make_consistent
 
 
 def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack) -> tuple[Config, Path, dict | None]:
@@ -33,6 +33,9 @@ def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack) -> tup
         raise CheckpointError(f"--resume: no {CHECKPOINT} in '{out}' to resume from; start the run "
                               f"without --resume")
     _, state = load_run(out, who="--resume:", kind="training")
+    repaired = make_consistent(out, state) if D.is_main() else None
+    if repaired:
+        log(f"repaired '{out}': {repaired}; rewrote it from {CHECKPOINT} (epoch {state['epoch']})")
     saved = from_dict(state["config"])  # the run's own settings; where it runs may change
     ckpt.check_expected(saved.to_dict(), expect, out / CHECKPOINT)
     saved.out = cfg.out

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
@@ -176,6 +177,11 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, Tensor], BackboneSpec]
     return weights, BackboneSpec.from_json(meta, path)
 
 
+def backbone_weights(state: dict) -> dict[str, Tensor]:
+    """The backbone's own weights in a run checkpoint's ``model`` (its ``backbone.`` entries)."""
+    return {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+
+
 def read_backbone(path: Path) -> tuple[dict[str, Tensor], BackboneSpec]:
     """Backbone weights and spec from a run checkpoint (which carries both), a safetensors
     export, or a bare state_dict with its JSON beside it (an export's own, else ``backbone.json``)."""
@@ -183,8 +189,7 @@ def read_backbone(path: Path) -> tuple[dict[str, Tensor], BackboneSpec]:
         return load_safetensors(path)
     state = ckpt.load(path)
     if ckpt.is_run_state(state):
-        weights = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
-        return weights, run_spec(state, path)
+        return backbone_weights(state), run_spec(state, path)
     spec_path = path.with_suffix(".json")
     if not spec_path.exists():
         spec_path = path.with_name(BACKBONE_SPEC)
@@ -232,6 +237,34 @@ def save_backbone(path: Path, weights: dict[str, Tensor], spec: BackboneSpec) ->
     ``.json``); each atomic. OSError (e.g. ENOSPC) passes to the caller, who names the write."""
     ckpt.save_atomic(weights, path)
     ckpt.write_text_atomic(json.dumps(spec.to_json(), indent=1), path.with_suffix(".json"))
+
+
+def make_consistent(out: Path, state: dict) -> str | None:
+    """Re-derive ``backbone.pt`` and ``backbone.json`` from ``checkpoint.pt`` (``state``) when they
+    are missing, unreadable or from another save (a save cut short between the two files, by a
+    SIGKILL or a full disk). Returns what was wrong, or None when they already match."""
+    weights, spec = backbone_weights(state), run_spec(state, out / CHECKPOINT)
+    try:
+        if not (out / BACKBONE).exists() or not (out / BACKBONE_SPEC).exists():
+            raise FileNotFoundError
+        have, have_spec = read_backbone(out / BACKBONE)
+        problem = None
+        if have_spec.to_json() != spec.to_json():
+            problem = f"{BACKBONE_SPEC} described another backbone"
+        elif have.keys() != weights.keys() or not all(torch.equal(have[k], weights[k]) for k in weights):
+            problem = f"{BACKBONE} held other weights than {CHECKPOINT} (a save cut short)"
+    except FileNotFoundError:
+        problem = f"{BACKBONE} or {BACKBONE_SPEC} was missing"
+    except (CheckpointError, OSError, ValueError, RuntimeError) as e:
+        problem = f"{BACKBONE} was unreadable ({str(e)[:120]})"
+    if problem is None:
+        return None
+    try:
+        save_backbone(out / BACKBONE, weights, spec)
+    except OSError as e:
+        raise TrainingError(f"could not repair '{out / BACKBONE}' from {CHECKPOINT} ({problem}): "
+                            f"{e.strerror or e}") from None
+    return problem
 
 
 def save_run(out: Path, state: dict, backbone: nn.Module, spec: BackboneSpec) -> None:

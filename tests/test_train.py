@@ -164,3 +164,24 @@ def test_bad_arguments_give_one_line_and_no_traceback(args, message, tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["missing", "stale", "description missing"])
+def test_resume_repairs_a_backbone_cut_off_from_its_checkpoint(damage, tmp_path, capsys):
+    """A save cut short between checkpoint.pt and backbone.pt (SIGKILL, full disk) is repaired by
+    --resume, even of a finished run, so an eval never reads another epoch's weights."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--epochs", "1", *TINY]) == 0
+    want = ckpt.load(out / "backbone.pt")
+    if damage == "missing":
+        (out / "backbone.pt").unlink()
+    elif damage == "stale":
+        torch.save({k: v + 1 if v.is_floating_point() else v for k, v in want.items()}, out / "backbone.pt")
+    else:
+        (out / "backbone.json").unlink()
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(out), "--resume", "--device", "cpu", "--no-progress"]) == 0
+    assert f"repaired '{out}'" in capsys.readouterr().out
+    got = ckpt.load(out / "backbone.pt")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "backbone.json").read_text())["backbone"] == "resnet18"
