@@ -83,3 +83,13 @@ def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
         module, lambda m: type(m) is nn.BatchNorm2d,
         lambda bn: SplitBatchNorm2d(bn.num_features, num_splits, eps=bn.eps, momentum=bn.momentum,
                                     affine=bn.affine, track_running_stats=bn.track_running_stats))
+
+
+def plain_batchnorm(module: nn.Module) -> nn.Module:
+    """Undo :func:`convert_split_batchnorm`: every :class:`SplitBatchNorm2d` becomes a plain
+    ``nn.BatchNorm2d`` sharing its parameters and buffers (a MoCo backbone fine-tuned or used
+    elsewhere normalises over its whole batch, of any size). Returns the module, in place."""
+    return replace_batchnorm(
+        module, lambda m: isinstance(m, SplitBatchNorm2d),
+        lambda bn: nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                                  track_running_stats=bn.track_running_stats))

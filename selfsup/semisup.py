@@ -43,6 +43,7 @@ from .loader import epoch_permutation
 from .loop import (Loop, Schedule, backward_step, fresh_out, lock_folder, prepare_device, refuse_existing, run_epochs,
                    save_checkpoint)
 from .losses import distill as distill_loss
+from .norm import plain_batchnorm
 from .optim import build_optimizer, param_groups, scale_lr
 from .runs import CONFIG, BackboneSpec, load_run, run_dir, run_spec
 from .train import build_method, pretrain
@@ -183,7 +184,8 @@ def build_classifier(spec: BackboneSpec, method: nn.Module | None = None) -> Cla
             raise ConfigError(f"--from-head-layer {n}: the run's projection head has only "
                               f"{projector.num_layers} layers")
         head = projector.layers_up_to(n)
-    return Classifier(method.backbone, head, spec.num_classes)
+    # MoCo's split BN emulates devices during pre-training only: the classifier uses plain BN
+    return Classifier(plain_batchnorm(method.backbone), head, spec.num_classes)
 
 
 def _run_state(path: str | Path, who: str) -> tuple[Path, dict, BackboneSpec]:

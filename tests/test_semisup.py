@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from selfsup import checkpoint as ckpt
+from selfsup import config
 from selfsup import labels as L
 from selfsup import semisup as S
 from selfsup.cli import main
 from selfsup.config import resolve
 from selfsup.data import DataError, load_data
 from selfsup.evaluate import extract_features
+from selfsup.norm import SplitBatchNorm2d
 from selfsup.optim import build_optimizer
 from selfsup.runs import BackboneSpec
 from selfsup.train import build_method
@@ -222,3 +225,22 @@ def test_semisup_command_runs_every_step_and_writes_its_table(tmp_path, capsys):
                  "--device", "cpu"]) == 0
     assert main(["semisup", "--data", "digits", "--out", str(out), "--set", "finetune.nope=1"]) == 2
     assert "unknown config key 'nope'" in capsys.readouterr().err
+
+
+def test_a_moco_run_fine_tunes_with_plain_batch_norm_at_any_labelled_count(tmp_path, capsys):
+    """MoCo's split BN (8 groups) emulates devices during pre-training only: fine-tuning uses plain
+    BN, so 7 labels per class (70 images, batches not a multiple of 8) train."""
+    pre = tmp_path / "moco"
+    assert main(["pretrain", "--method", "moco", "--out", str(pre), *TINY_PRE, "--epochs", "1",
+                 "--set", "moco.queue_size=128", "moco.shuffle_bn_groups=8"]) == 0
+    assert isinstance(build_method(config.from_dict(ckpt.load(pre / "checkpoint.pt")["config"])).backbone.bn1,
+                      SplitBatchNorm2d)
+    out = tmp_path / "ft"
+    assert main(["finetune", "--checkpoint", str(pre), "--labels", "7", "--out", str(out), "--epochs", "1",
+                 "--batch-size", "30", "--device", "cpu"]) == 0
+    assert "fine-tuned test top-1" in capsys.readouterr().out
+    method = build_method(config.from_dict(ckpt.load(pre / "checkpoint.pt")["config"]))
+    classifier = S.build_classifier(BackboneSpec.from_json(json.loads((out / "backbone.json").read_text()), out),
+                                  method)
+    assert not any(isinstance(m, SplitBatchNorm2d) for m in classifier.modules())
+    assert sum(type(m) is torch.nn.BatchNorm2d for m in classifier.modules()) > 0
