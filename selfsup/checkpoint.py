@@ -7,6 +7,7 @@ Loading uses ``torch.load(weights_only=True)``: tensors and plain containers onl
 """
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,14 @@ def is_run_state(state: Any) -> bool:
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` that leaves either the old or the new file, never a partial one."""
-    write_atomic(path, lambda f: torch.save(obj, f))
+    """``torch.save`` that leaves either the old or the new file, never a partial one.
+
+    It serialises to memory first, then writes the bytes. A full disk then raises ``OSError``
+    (ENOSPC) from the write itself; ``torch.save`` straight into the file raises a
+    ``RuntimeError`` ("unexpected pos") instead, which no caller could tell from a bug."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load(path: str | Path) -> Any:

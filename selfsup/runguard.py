@@ -78,6 +78,11 @@ class RunLock:
                 me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps(me).encode(), 0)
+            except OSError as e:  # e.g. a full disk: give the lock up (unlinked while held) and say so
+                self.path.unlink(missing_ok=True)
+                os.close(fd)
+                raise TrainingError(f"could not write the run lock '{self.path}': {e.strerror or e}; "
+                                    f"nothing in the folder was changed") from None
             except BaseException:
                 os.close(fd)
                 raise
