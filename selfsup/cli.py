@@ -298,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
+    except OSError as e:  # a file-system failure no check foresaw (read-only, full, gone): one line, the file named
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"selfsup: error: could not access{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except Interrupted as e:  # SIGTERM / SIGINT: checkpoint written; 143 / 130 as a shell would report
         print(f"selfsup: {e}", file=sys.stderr)
         return e.exit_code

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from .augment import Augment, crop_flip_view, eval_view
 from .data import DataSplits, ImageDataset, load_data
 from .device import autocast, resolve_device
-from .errors import DataError
+from .errors import DataError, TrainingError
+from .files import write_text_atomic
 from .runs import eval_file, load_backbone, run_dir
 
 
@@ -379,7 +380,11 @@ def evaluate_run(run: str | Path, kind: str, *, data: str, device: str = "auto",
                   "epochs": out["settings"]["epochs"], "lr": out["settings"]["lr"], **out}
     result.update(data=data, checkpoint=str(run), random_init=random_init)
     path = run_dir(run) / eval_file(f"{name}{'_random_init' if random_init else ''}")
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    try:
+        write_text_atomic(json.dumps(result, indent=1) + "\n", path)
+    except OSError as e:  # the result is not lost with its file: it is in the message
+        raise TrainingError(f"{name} top-1 {result['top1']:.2f}% computed, but could not write '{path}': "
+                            f"{e.strerror or e}") from None
     return result, path
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from . import distributed as D
 from .device import autocast_dtype
-from .errors import Interrupted, TrainingError
+from .errors import ConfigError, Interrupted, TrainingError
 from .optim import clip_gradients, set_lr, warmup_cosine
 from .runguard import EXIT_CODES, RunLock, StopSignals
 from .runs import CHECKPOINT, METRICS, BackboneSpec, save_run
@@ -51,6 +51,9 @@ def fresh_out(name: str) -> Path:
 def lock_folder(out: Path, held: ExitStack) -> None:
     """Hold ``out``'s run lock as long as ``held`` and drop temporaries a killed save left. Call
     it before looking at the folder, so two runs cannot both decide to start there."""
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"--out '{out}': '{parent}' is a file, not a folder; choose another --out")
     if D.is_main():
         held.enter_context(RunLock(out))
         ckpt.remove_temporaries(out)
@@ -355,8 +358,12 @@ def _epoch_metrics(loop: Loop, epoch: int, sums: EpochSums, seconds: float, lr: 
 
 def _report(loop: Loop, metrics: dict, scalars: list[str]) -> None:
     """The epoch's line in metrics.jsonl (and TensorBoard), its log line and its warnings."""
-    with open(loop.out / METRICS, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    try:
+        with open(loop.out / METRICS, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    except OSError as e:  # a log line must not cost the trained epoch: warn, and go on to its checkpoint
+        log(f"warning: could not append epoch {metrics['epoch']} to '{loop.out / METRICS}': {e.strerror or e}; "
+            f"training goes on (the epoch's figures are in this log)")
     if loop.writer is not None:
         for key, value in metrics.items():
             if key not in ("epoch", "step", "knn_features"):

@@ -251,3 +251,32 @@ def test_a_real_full_disk_while_repairing_keeps_the_checkpoint(small_disk, capsy
     (disk / "filler").unlink()
     assert main(["pretrain", "--out", str(out), "--resume", "--device", "cpu", "--no-progress"]) == 0
     assert "conv1.weight" in ckpt.load(out / "backbone.pt")
+
+
+@pytest.mark.parametrize("where", ["read-only", "a file", "under a file"])
+def test_an_unusable_out_folder_is_one_line(where, small_disk, tmp_path, capsys):
+    """Real failures: a read-only filesystem (tmpfs mounted ro), and --out naming a file or a
+    path under one."""
+    if where == "read-only":
+        disk = small_disk("1m")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        out, message = disk / "run", "Read-only file system"
+    else:
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" if where == "a file" else tmp_path / "f" / "run"
+        message = f"'{tmp_path / 'f'}' is a file, not a folder"
+    assert main(["pretrain", "--out", str(out), "--epochs", "1", *TINY]) in (1, 2)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_eval_on_a_read_only_run_folder_gives_its_result_in_the_one_line(small_disk, capsys):
+    disk = small_disk("8m")
+    out = disk / "run"
+    assert main(["pretrain", "--out", str(out), "--epochs", "1", *TINY]) == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    capsys.readouterr()
+    assert main(["eval", "knn", "--checkpoint", str(out), "--data", "digits", "--k", "20", "--device", "cpu"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "knn top-1" in err[0] and "% computed, but could not write" in err[0] \
+        and "Read-only file system" in err[0], err
