@@ -204,8 +204,8 @@ def _semisup(a: argparse.Namespace) -> int:
 
 def _pretrain(a: argparse.Namespace) -> int:
     from . import distributed as D
-    from .config import resolve
-    from .presets import preset_names, read_preset
+    from .config import flatten, parse_set, resolve
+    from .presets import load_yaml, preset_names, read_preset
     from .train import pretrain
 
     if a.list_presets:
@@ -240,7 +240,15 @@ def _pretrain(a: argparse.Namespace) -> int:
     if a.resume:  # the saved settings hold: flags naming a different run are a mistake, not an override
         expect = {k: v for k, v in [("method", a.method), ("model.backbone", a.backbone), ("preset", a.preset)]
                   if v is not None}
-        pretrain(cfg, resume=True, expect=expect)
+        changes = {}  # what this command asks to change: refused by name unless resume allows it
+        if a.config:
+            changes.update(flatten(load_yaml(a.config)))
+        for item in a.sets or []:
+            changes.update(flatten(parse_set(item)))
+        where = {"train.device", "train.max_minutes", "train.progress", "out"}  # where it runs: always taken
+        changes.update({k: v for k, v in flatten(overrides).items() if k not in where})
+        changes = {k: v for k, v in changes.items() if k not in where}
+        pretrain(cfg, resume=True, expect=expect, changes=changes)
     else:
         pretrain(cfg)
     D.cleanup()  # leave the torchrun process group cleanly (no-op in a single process)

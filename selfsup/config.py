@@ -292,6 +292,22 @@ def apply_updates(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
+def flatten(updates: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping of settings as dotted keys: ``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in updates.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        elif not isinstance(value, dict):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def nest(key: str, value: Any) -> dict[str, Any]:
+    """``nest("optim.lr", 1)`` -> ``{"optim": {"lr": 1}}``."""
+    return _nest(key, value)
+
+
 def _nest(key: str, value: Any) -> dict[str, Any]:
     out: dict[str, Any] = value
     for part in reversed(key.split(".")):

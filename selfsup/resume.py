@@ -3,6 +3,7 @@ run, or read back on ``--resume`` (the saved settings, then the weights, optimis
 position within the run)."""
 from __future__ import annotations
 
+import copy
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -11,15 +12,53 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import Config, from_dict
+from .config import Config, apply_updates, from_dict, nest, validate
 from .errors import CheckpointError, ConfigError
 from .loop import Position, fresh_out, lock_folder, log, refuse_existing
 from .runs import CHECKPOINT, load_run, make_consistent
 
 
-def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack) -> tuple[Config, Path, dict | None]:
+#: What ``--resume`` may change (with --epochs, --set or --config): the run's length, to extend it
+#: (the lr schedule then follows the new length), and the lr schedule's own settings, which the
+#: loop sets at every step. Everything else is the run's (optimiser state such as momentum and
+#: weight decay comes back from the checkpoint), so a change to it is refused by name.
+RESUMABLE = ("train.epochs", "optim.lr", "optim.final_lr", "optim.warmup_epochs", "optim.lr_scaling",
+             "train.checkpoint_every", "train.log_every")
+
+
+def _get(cfg: Config, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def apply_changes(saved: Config, changes: dict, out: Path, epochs_done: int) -> None:
+    """Apply ``changes`` (dotted keys) to a resumed run's settings, or refuse the first key whose
+    value differs from the run's and that cannot change on resume; say what changed."""
+    trial = copy.deepcopy(saved)
+    for key, value in changes.items():
+        apply_updates(trial, nest(key, value))
+    changed = [k for k in changes if _get(trial, k) != _get(saved, k)]
+    for key in changed:
+        if key not in RESUMABLE:
+            raise ConfigError(f"--resume continues '{out}' with its own settings: {key} cannot change on resume "
+                              f"(only {', '.join(RESUMABLE)} can); start a new run in another --out to change it")
+    validate(trial)
+    if trial.train.epochs < epochs_done:
+        raise ConfigError(f"--resume: train.epochs {trial.train.epochs} is fewer than the {epochs_done} epochs "
+                          f"'{out}' has already trained")
+    for key in changed:
+        note = "; the lr schedule now follows the new length" if key == "train.epochs" else ""
+        log(f"resume: {key} {_get(saved, key)} -> {_get(trial, key)}{note}")
+        apply_updates(saved, nest(key, _get(trial, key)))
+
+
+def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack,
+                changes: dict | None = None) -> tuple[Config, Path, dict | None]:
     """The run's folder, locked; on resume its checkpoint and the saved settings, which hold
-    except where the run is computed (device, progress bar, time limit)."""
+    except where the run is computed (device, progress bar, time limit) and for the
+    :data:`RESUMABLE` ``changes`` (dotted keys)."""
     if not cfg.out:  # a fresh folder per run, so repeating a command never clobbers a run
         if resume:
             raise ConfigError("--resume needs --out DIR, the run to continue")
@@ -41,6 +80,8 @@ def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack) -> tup
     saved.out = cfg.out
     saved.train.device, saved.train.progress = cfg.train.device, cfg.train.progress
     saved.train.max_minutes = cfg.train.max_minutes
+    if changes:
+        apply_changes(saved, changes, out, int(state["epoch"]))
     return saved, out, state
 
 

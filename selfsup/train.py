@@ -143,13 +143,13 @@ class Run:
 
 
 def build_run(cfg: Config, *, resume: bool = False, expect: dict | None = None,
-              stop: StopSignals, held: ExitStack) -> Run:
+              stop: StopSignals, held: ExitStack, changes: dict | None = None) -> Run:
     """Everything a run of ``cfg`` trains with. The folder is locked for as long as ``held``;
     ``resume``: the saved run continues (its settings, weights and position), ``expect``: settings
     it must have. ``stop``: the signals :func:`fit` honours."""
     device = resolve_device(cfg.train.device)
     D.setup(str(device))
-    cfg, out, state = open_folder(cfg, resume, expect or {}, held)
+    cfg, out, state = open_folder(cfg, resume, expect or {}, held, changes)
     dtype = prepare_device(device, cfg.train.precision, cfg.train.seed)
     data = load_images(cfg)
     spec = backbone_spec(cfg, data.size, data.mean, data.std)
@@ -228,8 +228,9 @@ def _loop(run: Run) -> Loop:
                 batches=lambda epoch, first: _batches(run, epoch, first), step=_stepper(run),
                 save=lambda epoch, step, partial: _save(run, epoch, step, partial),
                 images_per_epoch=steps * cfg.train.batch_size,
-                nonfinite_advice="Lower optim.lr, raise the temperature or use train.precision=fp32, and start "
-                                 "again in a new --out",
+                nonfinite_advice=f"Resume from that checkpoint with a lower lr (selfsup pretrain --out {out} --resume "
+                                 f"--set optim.lr=...), or start again in a new --out with a higher temperature "
+                                 f"or train.precision=fp32",
                 evaluate=run.monitors, describe=run.monitors.describe, warnings=run.monitors.warnings,
                 checkpoint_every=cfg.train.checkpoint_every, max_minutes=cfg.train.max_minutes, stop=run.stop,
                 resume_command=f"selfsup pretrain --out {out} --resume", writer=writer, progress=progress,
@@ -279,18 +280,19 @@ def _save(run: Run, epoch: int, step: int, partial: dict | None = None) -> None:
     save_checkpoint(run.out, run.method, run.spec, config=run.cfg.to_dict(), epoch=epoch, **extra)
 
 
-def pretrain(cfg: Config, *, resume: bool = False, expect: dict | None = None) -> dict:
+def pretrain(cfg: Config, *, resume: bool = False, expect: dict | None = None, changes: dict | None = None) -> dict:
     """Pre-train ``cfg.method`` and return the last epoch's metrics (with kNN before/after).
 
     The run folder is locked for the run's duration (:class:`RunLock`). SIGTERM / SIGINT finish
     the current step, checkpoint and raise :class:`Interrupted`. ``expect`` (resume): settings
-    such as ``{"method": "moco"}`` that the saved run must have.
+    such as ``{"method": "moco"}`` that the saved run must have; ``changes``: settings to change
+    on resume, as dotted keys (:data:`selfsup.resume.RESUMABLE`; others are refused by name).
     """
     check_config(cfg)  # the method's own rules too (resolve checks each field only)
     # Not under torchrun: it also sends SIGTERM to tear down a group after a rank died, when the
     # survivors sit in a collective that never returns, so only the default action ends them.
     with StopSignals(enabled=not D.launched_by_torchrun()) as stop, ExitStack() as held:
-        return fit(build_run(cfg, resume=resume, expect=expect, stop=stop, held=held))
+        return fit(build_run(cfg, resume=resume, expect=expect, stop=stop, held=held, changes=changes))
 
 
 def _tensorboard(out: Path):

@@ -185,3 +185,24 @@ def test_resume_repairs_a_backbone_cut_off_from_its_checkpoint(damage, tmp_path,
     got = ckpt.load(out / "backbone.pt")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads((out / "backbone.json").read_text())["backbone"] == "resnet18"
+
+
+def test_resume_extends_a_run_changes_its_lr_and_refuses_other_changes_by_name(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--epochs", "1", *TINY]) == 0
+    resume = ["pretrain", "--out", str(out), "--resume", "--device", "cpu", "--no-progress"]
+    assert main([*resume, "--set", "model.width=0.5"]) == 2
+    assert "model.width cannot change on resume (only train.epochs, optim.lr" in capsys.readouterr().err
+    assert main([*resume, "--batch-size", "32"]) == 2
+    assert "train.batch_size cannot change on resume" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*resume, "--epochs", "2", "--set", "optim.lr=0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "resume: train.epochs 1 -> 2; the lr schedule now follows the new length" in printed
+    assert "resume: optim.lr" in printed and "-> 0.1" in printed
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    state = ckpt.load(out / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["config"]["train"]["epochs"] == 2 and state["config"]["optim"]["lr"] == 0.1
+    assert main([*resume, "--epochs", "1"]) == 2
+    assert "train.epochs 1 is fewer than the 2 epochs" in capsys.readouterr().err
+    assert main([*resume, "--set", "model.width=0.125"]) == 0  # the run's own value: no change, no refusal
