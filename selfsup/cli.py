@@ -245,8 +245,8 @@ def _pretrain(a: argparse.Namespace) -> int:
             changes.update(flatten(load_yaml(a.config)))
         for item in a.sets or []:
             changes.update(flatten(parse_set(item)))
+        changes.update(flatten(overrides))
         where = {"train.device", "train.max_minutes", "train.progress", "out"}  # where it runs: always taken
-        changes.update({k: v for k, v in flatten(overrides).items() if k not in where})
         changes = {k: v for k, v in changes.items() if k not in where}
         pretrain(cfg, resume=True, expect=expect, changes=changes)
     else:

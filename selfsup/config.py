@@ -305,10 +305,6 @@ def flatten(updates: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def nest(key: str, value: Any) -> dict[str, Any]:
     """``nest("optim.lr", 1)`` -> ``{"optim": {"lr": 1}}``."""
-    return _nest(key, value)
-
-
-def _nest(key: str, value: Any) -> dict[str, Any]:
     out: dict[str, Any] = value
     for part in reversed(key.split(".")):
         out = {part: out}
@@ -332,7 +328,7 @@ def parse_set(item: str) -> dict[str, Any]:
             value = float(value)
         except ValueError:
             pass
-    return _nest(key, value)
+    return nest(key, value)
 
 
 def _with_method_defaults(layers: list[dict[str, Any]]) -> Config:

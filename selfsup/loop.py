@@ -96,6 +96,11 @@ def kept_checkpoint(out: Path) -> str:
     return f"there is no checkpoint in '{out}' (none had been written yet)"
 
 
+def nonfinite_stop(what: str, out: Path, advice: str) -> TrainingError:
+    """The error that stops a run on a non-finite loss: where, what is kept, what to do."""
+    return TrainingError(f"{what}; nothing was saved after it: {kept_checkpoint(out)}. {advice}")
+
+
 def non_finite_entries(state: dict[str, Tensor]) -> list[str]:
     """The keys of floating tensors in ``state`` that hold a NaN or an infinity (one host read)."""
     keys = [k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point()]
@@ -238,9 +243,8 @@ class FiniteWatch:
 
     def fail(self, step: int, loss: Tensor) -> None:
         epoch, i = divmod(step, self.steps)
-        raise TrainingError(f"loss became {loss.float().item()} at step {i + 1}/{self.steps} of epoch {epoch + 1}, "
-                            f"so the run stopped there; nothing was saved after it: {kept_checkpoint(self.out)}. "
-                            f"{self.advice}")
+        raise nonfinite_stop(f"loss became {loss.float().item()} at step {i + 1}/{self.steps} of epoch {epoch + 1}, "
+                             f"so the run stopped there", self.out, self.advice)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,8 +352,7 @@ def _epoch_metrics(loop: Loop, epoch: int, sums: EpochSums, seconds: float, lr: 
     steps = loop.schedule.steps_per_epoch
     mean_loss = sums.mean_loss(steps)
     if not math.isfinite(mean_loss):  # another rank's (each rank's own steps are watched)
-        raise TrainingError(f"loss became {mean_loss} in epoch {epoch + 1}; nothing was saved after it: "
-                            f"{kept_checkpoint(loop.out)}. {loop.nonfinite_advice}")
+        raise nonfinite_stop(f"loss became {mean_loss} in epoch {epoch + 1}", loop.out, loop.nonfinite_advice)
     metrics = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "loss": mean_loss, "lr": lr,
                "images_per_s": loop.images_per_epoch / seconds, "seconds": seconds}
     metrics.update(sums.means(steps))

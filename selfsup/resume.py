@@ -12,7 +12,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import Config, apply_updates, from_dict, nest, validate
+from .config import Config, apply_updates, flatten, from_dict, nest, validate
 from .errors import CheckpointError, ConfigError
 from .loop import Position, fresh_out, lock_folder, log, refuse_existing
 from .runs import CHECKPOINT, load_run, make_consistent
@@ -26,32 +26,26 @@ RESUMABLE = ("train.epochs", "optim.lr", "optim.final_lr", "optim.warmup_epochs"
              "train.checkpoint_every", "train.log_every")
 
 
-def _get(cfg: Config, key: str):
-    value = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def apply_changes(saved: Config, changes: dict, out: Path, epochs_done: int) -> None:
-    """Apply ``changes`` (dotted keys) to a resumed run's settings, or refuse the first key whose
-    value differs from the run's and that cannot change on resume; say what changed."""
-    trial = copy.deepcopy(saved)
+def apply_changes(saved: Config, changes: dict, out: Path, epochs_done: int) -> Config:
+    """A resumed run's settings with ``changes`` (dotted keys) applied, or a refusal of the first
+    key whose value differs from the run's and that cannot change on resume; says what changed."""
+    changed_cfg = copy.deepcopy(saved)
     for key, value in changes.items():
-        apply_updates(trial, nest(key, value))
-    changed = [k for k in changes if _get(trial, k) != _get(saved, k)]
+        apply_updates(changed_cfg, nest(key, value))
+    before, after = flatten(saved.to_dict()), flatten(changed_cfg.to_dict())
+    changed = [k for k in changes if before.get(k) != after.get(k)]
     for key in changed:
         if key not in RESUMABLE:
             raise ConfigError(f"--resume continues '{out}' with its own settings: {key} cannot change on resume "
                               f"(only {', '.join(RESUMABLE)} can); start a new run in another --out to change it")
-    validate(trial)
-    if trial.train.epochs < epochs_done:
-        raise ConfigError(f"--resume: train.epochs {trial.train.epochs} is fewer than the {epochs_done} epochs "
+    validate(changed_cfg)
+    if changed_cfg.train.epochs < epochs_done:
+        raise ConfigError(f"--resume: train.epochs {changed_cfg.train.epochs} is fewer than the {epochs_done} epochs "
                           f"'{out}' has already trained")
     for key in changed:
         note = "; the lr schedule now follows the new length" if key == "train.epochs" else ""
-        log(f"resume: {key} {_get(saved, key)} -> {_get(trial, key)}{note}")
-        apply_updates(saved, nest(key, _get(trial, key)))
+        log(f"resume: {key} {before[key]} -> {after[key]}{note}")
+    return changed_cfg
 
 
 def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack,
@@ -81,7 +75,7 @@ def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack,
     saved.train.device, saved.train.progress = cfg.train.device, cfg.train.progress
     saved.train.max_minutes = cfg.train.max_minutes
     if changes:
-        apply_changes(saved, changes, out, int(state["epoch"]))
+        saved = apply_changes(saved, changes, out, int(state["epoch"]))
     return saved, out, state
 
 

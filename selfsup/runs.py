@@ -239,24 +239,28 @@ def save_backbone(path: Path, weights: dict[str, Tensor], spec: BackboneSpec) ->
     ckpt.write_text_atomic(json.dumps(spec.to_json(), indent=1), path.with_suffix(".json"))
 
 
+def _backbone_problem(out: Path, weights: dict[str, Tensor], spec: BackboneSpec) -> str | None:
+    """What is wrong with ``out``'s backbone.pt and backbone.json against the checkpoint's
+    ``weights`` and ``spec``, or None when they match."""
+    if not (out / BACKBONE).exists() or not (out / BACKBONE_SPEC).exists():
+        return f"{BACKBONE} or {BACKBONE_SPEC} was missing"
+    try:
+        have, have_spec = read_backbone(out / BACKBONE)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as e:
+        return f"{BACKBONE} was unreadable ({str(e)[:120]})"
+    if have_spec.to_json() != spec.to_json():
+        return f"{BACKBONE_SPEC} described another backbone"
+    if have.keys() != weights.keys() or not all(torch.equal(have[k], weights[k]) for k in weights):
+        return f"{BACKBONE} held other weights than {CHECKPOINT} (a save cut short)"
+    return None
+
+
 def make_consistent(out: Path, state: dict) -> str | None:
     """Re-derive ``backbone.pt`` and ``backbone.json`` from ``checkpoint.pt`` (``state``) when they
     are missing, unreadable or from another save (a save cut short between the two files, by a
     SIGKILL or a full disk). Returns what was wrong, or None when they already match."""
     weights, spec = backbone_weights(state), run_spec(state, out / CHECKPOINT)
-    try:
-        if not (out / BACKBONE).exists() or not (out / BACKBONE_SPEC).exists():
-            raise FileNotFoundError
-        have, have_spec = read_backbone(out / BACKBONE)
-        problem = None
-        if have_spec.to_json() != spec.to_json():
-            problem = f"{BACKBONE_SPEC} described another backbone"
-        elif have.keys() != weights.keys() or not all(torch.equal(have[k], weights[k]) for k in weights):
-            problem = f"{BACKBONE} held other weights than {CHECKPOINT} (a save cut short)"
-    except FileNotFoundError:
-        problem = f"{BACKBONE} or {BACKBONE_SPEC} was missing"
-    except (CheckpointError, OSError, ValueError, RuntimeError) as e:
-        problem = f"{BACKBONE} was unreadable ({str(e)[:120]})"
+    problem = _backbone_problem(out, weights, spec)
     if problem is None:
         return None
     try:

@@ -271,6 +271,14 @@ def cpu_kind(r: dict) -> str:
     return f"{hw['cpu']} {isa}"
 
 
+def seeds_by_kind(records: list[dict]) -> str:
+    """"KIND (N cores): seed(s) 0, 1; ..." over ``records``."""
+    kinds: dict[str, set] = {}
+    for r in records:
+        kinds.setdefault(f"{cpu_kind(r)} ({r['hardware']['cores']} cores)", set()).add(r["seed"])
+    return "; ".join(f"{k}: seed(s) {', '.join(map(str, sorted(v)))}" for k, v in sorted(kinds.items())) or "–"
+
+
 def meets_rule(ko: list[float], kp: list[float]) -> str:
     """§2 of issue 14: selfsup's mean kNN >= lightly's mean - 1 sd (the pooled sd of both sides' seeds)."""
     if len(ko) < 2 or len(kp) < 2:
@@ -356,7 +364,7 @@ under load above about {hw['cores']} are noisy.
 
 {table(records, *main_cfg)}
 
-- Hardware: {'; '.join(sorted({f"{cpu_kind(r)} ({r['hardware']['cores']} cores): seed(s) " + ', '.join(str(x) for x in sorted({q['seed'] for q in sel if cpu_kind(q) == cpu_kind(r)})) for r in sel})) or '–'}.
+- Hardware: {seeds_by_kind(sel)}.
   kNN is pooled over all seeds (both sides in the same precision on every kind); img/s and the
   speed ratio are given per CPU kind, because they differ by kind.
 - torch: selfsup side {', '.join(ours_torch)}; lightly side {', '.join(peer_torch)}.
