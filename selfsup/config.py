@@ -49,6 +49,10 @@ class ModelConfig:
     sync_bn: bool | None = None     # global BN when distributed (None: the method's default)
     binary_weights: bool = True     # binary backbones: 1-bit weights; False = real weights (S2-BNN step one)
     init_from: str | None = None    # start the backbone from this run folder / checkpoint (S2-BNN step two)
+    patch_size: int = 16            # ViTs: the side of a patch (16 for 224-pixel images; 4 or 8 for 32x32)
+    drop_path: float = 0.0          # ViTs: stochastic depth, rising linearly to this over the blocks (DINO: 0.1);
+                                    # momentum teachers run without it
+    freeze_patch_embed: bool = False  # ViTs: keep the random patch projection fixed (MoCo v3 §4.2's stability fix)
 
 
 @dataclass
@@ -66,6 +70,8 @@ class OptimConfig:
     lr_scaling: str = "linear"      # linear: lr*B/256, sqrt: lr*sqrt(B), none
     momentum: float = 0.9
     weight_decay: float = 1e-6
+    final_weight_decay: float | None = None  # the decayed groups' weight decay rises (or falls) to this on a
+                                    # cosine over the run, per step (DINO's ViT: 0.04 -> 0.4); None: constant
     warmup_epochs: float = 10.0
     final_lr: float = 0.0           # end of the cosine decay, as a fraction of the peak lr
     exclude_bias_and_norm: bool = True  # no weight decay / LARS adaptation on biases and norms
@@ -182,6 +188,33 @@ class DINOConfig:
 
 
 @dataclass
+class BarlowTwinsConfig:
+    lambd: float = 0.0051           # λ, the weight of the off-diagonal (redundancy-reduction) terms
+    bias_lr_ratio: float = 0.024    # lr of biases and BN over that of the weights: the official 0.0048 / 0.2
+
+
+@dataclass
+class VICRegConfig:
+    sim_coeff: float = 25.0         # λ, the invariance (MSE) term
+    std_coeff: float = 25.0         # μ, the variance hinge
+    cov_coeff: float = 1.0          # ν, the covariance term
+
+
+@dataclass
+class MoCoV3Config:
+    temperature: float = 1.0        # τ: the ResNet-50 config's 1.0 (ViT: 0.2)
+    momentum: float = 0.99          # the momentum encoder's EMA, raised to 1 on a cosine (--moco-m-cos)
+    pred_hidden: int | None = None  # the predictor's hidden width (None: model.proj_hidden, MoCo v3's 4096)
+
+
+@dataclass
+class NNCLRConfig:
+    temperature: float = 0.1        # τ of the NT-Xent between nearest neighbours and predictions
+    support_size: int = 98304       # the support set Q of past embeddings (a multiple of the global batch)
+    pred_hidden: int = 4096         # the prediction head's hidden width
+
+
+@dataclass
 class DistillConfig:
     teacher: str | None = None      # run folder or checkpoint.pt of any selfsup pre-training (--teacher)
     mode: str = "s2bnn"             # s2bnn: softmax over embedding dims; seed: over [own embedding, queue]
@@ -213,6 +246,10 @@ class Config:
     simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
     dino: DINOConfig = field(default_factory=DINOConfig)
+    barlow_twins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
+    vicreg: VICRegConfig = field(default_factory=VICRegConfig)
+    mocov3: MoCoV3Config = field(default_factory=MoCoV3Config)
+    nnclr: NNCLRConfig = field(default_factory=NNCLRConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -386,8 +423,9 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 #: The names of selfsup.methods.METHODS and of the backbones in selfsup.backbones (tests/test_config.py
 #: keeps them equal): config is below both, so it names them instead of importing them.
-METHOD_NAMES = ("simclr", "moco", "byol", "simsiam", "swav", "dino", "distill")
-BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "binary-resnet18")
+METHOD_NAMES = ("simclr", "moco", "byol", "simsiam", "swav", "dino", "barlow_twins", "vicreg", "mocov3", "nnclr",
+                "distill")
+BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "binary-resnet18", "vit_tiny", "vit_small", "vit_base")
 
 
 #: the smallest temperature a loss with gradients may use: 40x below the smallest in any recipe
@@ -400,6 +438,7 @@ def student_temperatures(cfg: Config) -> list[tuple[str, float]]:
     """The temperatures that divide logits a gradient flows through, with their keys."""
     return [("simclr.temperature", cfg.simclr.temperature), ("moco.temperature", cfg.moco.temperature),
             ("swav.temperature", cfg.swav.temperature), ("dino.student_temp", cfg.dino.student_temp),
+            ("mocov3.temperature", cfg.mocov3.temperature), ("nnclr.temperature", cfg.nnclr.temperature),
             ("distill.temperature", cfg.distill.temperature)]
 
 
@@ -433,6 +472,10 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.optim.final_lr <= 1, "optim.final_lr must be in [0, 1] (a fraction of the peak lr)"),
         (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (cfg.optim.final_weight_decay is None or cfg.optim.final_weight_decay >= 0,
+         "optim.final_weight_decay must be >= 0 (null: a constant optim.weight_decay)"),
+        (cfg.optim.final_weight_decay is None or cfg.optim.weight_decay > 0,
+         "optim.final_weight_decay schedules the decayed groups' weight decay: it needs optim.weight_decay > 0"),
         (cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
         (cfg.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling must be linear, sqrt or none"),
         (cfg.optim.name in ("lars", "sgd", "adamw"), f"optim.name '{cfg.optim.name}' unknown; choose lars, sgd or adamw"),
@@ -490,6 +533,16 @@ def validate(cfg: Config) -> None:
          "dino.teacher_temp and dino.warmup_teacher_temp must be positive"),
         (cfg.dino.warmup_teacher_temp_epochs >= 0, "dino.warmup_teacher_temp_epochs must be >= 0"),
         (cfg.dino.freeze_last_layer_epochs >= 0, "dino.freeze_last_layer_epochs must be >= 0"),
+        (cfg.model.patch_size >= 1, "model.patch_size must be at least 1"),
+        (0 <= cfg.model.drop_path < 1, "model.drop_path must be in [0, 1)"),
+        (cfg.barlow_twins.lambd >= 0, "barlow_twins.lambd must be >= 0"),
+        (cfg.barlow_twins.bias_lr_ratio > 0, "barlow_twins.bias_lr_ratio must be positive"),
+        (min(cfg.vicreg.sim_coeff, cfg.vicreg.std_coeff, cfg.vicreg.cov_coeff) >= 0,
+         "vicreg.sim_coeff, vicreg.std_coeff and vicreg.cov_coeff must be >= 0"),
+        (0 <= cfg.mocov3.momentum <= 1, "mocov3.momentum must be in [0, 1]"),
+        (cfg.mocov3.pred_hidden is None or cfg.mocov3.pred_hidden >= 1, "mocov3.pred_hidden must be at least 1"),
+        (cfg.nnclr.support_size >= 1, "nnclr.support_size must be at least 1"),
+        (cfg.nnclr.pred_hidden >= 1, "nnclr.pred_hidden must be at least 1"),
         (cfg.distill.mode in ("s2bnn", "seed"), f"distill.mode '{cfg.distill.mode}' unknown; choose s2bnn or seed"),
         (cfg.distill.teacher_temp > 0, "distill.teacher_temp must be positive"),
         (cfg.distill.queue_size >= 1, "distill.queue_size must be at least 1"),

@@ -99,6 +99,32 @@ def gather(x: Tensor) -> Tensor:
     return torch.cat(out, dim=0)
 
 
+class _SumWithGrad(torch.autograd.Function):
+    """All-reduce sum whose backward all-reduces the gradients: every rank computes the same
+    loss from the sum, so each rank's input gets the gradient of the sum of every rank's loss
+    (W times the loss's; DDP's averaging divides by W), as :func:`gather_with_grad`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def sum_with_grad(x: Tensor) -> Tensor:
+    """The sum of ``x`` over ranks, keeping gradients (Barlow Twins' cross-correlation, global
+    statistics); a new tensor, ``x`` itself without a process group."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    return _SumWithGrad.apply(x)
+
+
 def all_reduce_sum(x: Tensor) -> Tensor:
     """In-place sum over ranks (identity without a process group)."""
     if is_distributed() and world_size() > 1:

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .device import autocast_dtype
 from .errors import ConfigError, Interrupted, TrainingError
-from .optim import clip_gradients, set_lr, warmup_cosine
+from .optim import clip_gradients, cosine, set_lr, set_weight_decay, warmup_cosine
 from .runguard import EXIT_CODES, RunLock, StopSignals
 from .runs import CHECKPOINT, METRICS, BackboneSpec, save_run
 
@@ -141,19 +141,24 @@ def backward_step(optimizer: torch.optim.Optimizer, loss: Tensor, clip_grad: flo
 
 @dataclass(frozen=True)
 class Schedule:
-    """The learning rate of each step: linear warm-up, then cosine to ``final_lr``."""
+    """The learning rate of each step: linear warm-up, then cosine to ``final_lr``; and, when
+    ``final_weight_decay`` is set, the decayed groups' weight decay on a cosine from
+    ``weight_decay`` to it (DINO's ViT recipe)."""
     epochs: int
     steps_per_epoch: int
     warmup_steps: int
     peak_lr: float
     final_lr: float = 0.0
     warmup_cut: bool = False  # the warm-up asked for was longer than the run: cut to the run
+    weight_decay: float = 0.0
+    final_weight_decay: float | None = None  # None: the optimiser's weight decay stays as built
 
     @classmethod
     def create(cls, epochs: int, steps_per_epoch: int, warmup_epochs: float, peak_lr: float,
-               final_lr: float = 0.0) -> Schedule:
+               final_lr: float = 0.0, weight_decay: float = 0.0, final_weight_decay: float | None = None) -> Schedule:
         asked, total = round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch
-        return cls(epochs, steps_per_epoch, min(asked, total), peak_lr, final_lr, asked > total)
+        return cls(epochs, steps_per_epoch, min(asked, total), peak_lr, final_lr, asked > total,
+                   weight_decay, final_weight_decay)
 
     @property
     def total_steps(self) -> int:
@@ -161,6 +166,14 @@ class Schedule:
 
     def lr(self, step: int) -> float:
         return warmup_cosine(step, self.total_steps, self.warmup_steps, self.peak_lr, self.final_lr)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set ``step``'s lr (and weight decay, if scheduled) on ``optimizer``; returns the lr."""
+        lr = self.lr(step)
+        set_lr(optimizer, lr)
+        if self.final_weight_decay is not None:
+            set_weight_decay(optimizer, cosine(step, self.total_steps, self.weight_decay, self.final_weight_decay))
+        return lr
 
 
 def accumulate_scalars(sums: dict[str, Tensor], output: dict[str, Tensor]) -> None:
@@ -330,8 +343,7 @@ def _epoch(loop: Loop, epoch: int, first: int, partial: dict,
     lr = 0.0
     for i, item in enumerate(loop.batches(epoch, first), start=first):
         step = epoch * steps + i
-        lr = loop.schedule.lr(step)
-        set_lr(loop.optimizer, lr)
+        lr = loop.schedule.apply(loop.optimizer, step)
         output = loop.step(step, item, lr)
         sums.add(output)
         watch.add(step, output["loss"])

@@ -284,6 +284,91 @@ def _chunked_info_nce(q: Tensor, l_pos: Tensor, queue: Tensor, temperature: floa
 CONTRASTIVE_LOSSES = {"nt_xent": nt_xent, "dcl": dcl, "dclw": dclw}
 
 
+def _cross_batch(anchors: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """Mean over the N local anchors of the cross-entropy of anchor i against the global batch of
+    ``targets``, its positive being target i: -log softmax_j(<a_i, t_j> / T) at j = i.
+    anchors: (N, D) normalised; targets: (M, D) normalised, gathered in rank order."""
+    logits = anchors @ targets.T / temperature  # (N, M)
+    labels = torch.arange(len(anchors), device=anchors.device) + D.rank() * len(anchors)  # (N,)
+    return F.cross_entropy(logits, labels)
+
+
+@float32
+def mocov3(q: Tensor, k: Tensor, temperature: float = 0.2) -> Tensor:
+    """MoCo v3's ctr(q, k) (Chen et al. 2021, Algorithm 1; moco-v3 builder.py): InfoNCE of each
+    query against every key of the global batch, its own key the positive, times 2τ (the
+    official code's scaling, which keeps the gradient's size across temperatures).
+    q: (N, D) predictions; k: (N, D) momentum keys of the other view, a constant."""
+    q = F.normalize(q, dim=1)  # (N, D)
+    k = D.gather(F.normalize(k.detach(), dim=1))  # (M, D), no gradient
+    return _cross_batch(q, k, temperature) * (2 * temperature)
+
+
+@float32
+def nnclr(neighbours: Tensor, p: Tensor, temperature: float = 0.1) -> Tensor:
+    """NNCLR's loss of one direction (Dwibedi et al. 2021, eq. 2 and its pseudocode): the nearest
+    neighbour NN(z_i, Q) of one view's embedding is the anchor, the prediction p_i of the other
+    view its positive, the predictions of the rest of the global batch its negatives.
+    neighbours: (N, D) from the support set, a constant; p: (N, D) predictions."""
+    anchors = F.normalize(neighbours.detach(), dim=1)  # (N, D)
+    p = D.gather_with_grad(F.normalize(p, dim=1))  # (M, D)
+    return _cross_batch(anchors, p, temperature)
+
+
+@torch.no_grad()
+def nearest_neighbours(z: Tensor, support: Tensor) -> Tensor:
+    """NN(z, Q): for each row of ``z`` (N, D) the row of the support set ``support`` (K, D,
+    normalised) with the highest cosine similarity, (N, D); no gradient (NNCLR §3.1)."""
+    z = F.normalize(z.float(), dim=1)  # (N, D)
+    return support[(z @ support.float().T).argmax(dim=1)]  # (N, D)
+
+
+def _batch_standardise(z: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each column of z (N, D) standardised over the global batch with the biased variance, as
+    BatchNorm1d(affine=False) in train mode: (z - mean) / sqrt(var + eps), gradients included."""
+    m = len(z) * D.world_size()
+    mean = D.sum_with_grad(z.sum(0)) / m  # (D,)
+    var = D.sum_with_grad((z - mean).pow(2).sum(0)) / m  # (D,) biased
+    return (z - mean) / torch.sqrt(var + eps)  # (N, D)
+
+
+def off_diagonal(x: Tensor) -> Tensor:
+    """The off-diagonal entries of a square matrix x (D, D), flattened: (D*(D-1),)."""
+    d = x.shape[0]
+    return x.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
+
+
+@float32
+def barlow_twins(z1: Tensor, z2: Tensor, lambd: float = 0.0051) -> Tensor:
+    """Barlow Twins (Zbontar et al. 2021, eq. 1): with each view standardised over the global
+    batch (the official code's BatchNorm1d without affine), the cross-correlation
+    C = z1ᵀ z2 / M (D, D) is pushed to the identity: Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij².
+    Distributed, C is the sum of every rank's share with its gradient (each rank's loss is the
+    whole batch's; no 1/world_size scaling). z1, z2: (N, D) projections."""
+    m = len(z1) * D.world_size()
+    c = D.sum_with_grad(_batch_standardise(z1).T @ _batch_standardise(z2)) / m  # (D, D)
+    on_diag = (1 - torch.diagonal(c)).pow(2).sum()
+    off_diag = off_diagonal(c).pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+@float32
+def vicreg(z1: Tensor, z2: Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+           cov_coeff: float = 1.0) -> Tensor:
+    """VICReg (Bardes et al. 2022, eq. 6; main_vicreg.py): λ s(z1, z2) + μ [v(z1) + v(z2)] / 2 +
+    ν [c(z1) + c(z2)], with s the MSE of this rank's pairs, v the mean over dimensions of
+    relu(1 - sqrt(Var + 1e-4)), c the squared off-diagonal covariances (N - 1 normalised) over D,
+    the variance and covariance over the global batch (gathered with gradients). z1, z2: (N, D)."""
+    invariance = F.mse_loss(z1, z2)
+    x, y = D.gather_with_grad(z1), D.gather_with_grad(z2)  # (M, D) each
+    x, y = x - x.mean(0), y - y.mean(0)
+    variance = (F.relu(1 - torch.sqrt(x.var(0) + 1e-4)).mean() + F.relu(1 - torch.sqrt(y.var(0) + 1e-4)).mean()) / 2
+    d = x.shape[1]
+    cov_x, cov_y = x.T @ x / (len(x) - 1), y.T @ y / (len(y) - 1)  # (D, D)
+    covariance = off_diagonal(cov_x).pow(2).sum() / d + off_diagonal(cov_y).pow(2).sum() / d
+    return sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+
+
 # ---------------------------------------------------------------------------------------------
 # Without negatives: BYOL, SimSiam and SwAV. The targets (z, codes) are constants: the
 # stop-gradient is part of each loss, not something a caller must remember.

@@ -169,6 +169,14 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
     return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def cosine(step: int, total_steps: int, start: float, end: float) -> float:
+    """``start`` at step 0 to ``end`` at ``total_steps`` on a half cosine, then ``end`` (DINO's
+    ``cosine_scheduler`` without warm-up: the weight decay 0.04 -> 0.4, per step)."""
+    if step >= total_steps:
+        return end
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * step / total_steps))
+
+
 def linear_warmup(step: int, warmup_steps: float, start: float, end: float) -> float:
     """``start`` at step 0, linear to ``end`` at ``warmup_steps``, then ``end`` (DINO's
     ``teacher_temp_schedule``, per step)."""
@@ -181,6 +189,14 @@ def freeze_steps(epochs: float, steps_per_epoch: int, steps: int | None = None) 
     """How many first steps a module gets no gradient: ``steps`` if given, else ``epochs`` of
     ``steps_per_epoch``, rounded (SwAV's ``freeze_prototypes_niters``)."""
     return steps if steps is not None else round(epochs * steps_per_epoch)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Set the weight decay of every group that has one (its first value > 0) to ``weight_decay``;
+    biases and norms (weight decay 0) keep none (DINO's regularised group only)."""
+    for group in optimizer.param_groups:
+        if group.setdefault("initial_weight_decay", group["weight_decay"]) > 0:
+            group["weight_decay"] = weight_decay
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -15,11 +15,13 @@ fi
 # imports need (found by trying them).
 "$VENV/bin/pip" install -q --no-deps lightly==1.6.0
 "$VENV/bin/pip" install -q --no-deps -r "$(dirname "$0")/requirements-peer.txt"
+# timm, for the ViT exports' interop test (tests/test_vit.py loads them into timm's ViTs)
+"$VENV/bin/pip" install -q timm==1.0.31
 "$VENV/bin/python" - <<'PY'
-import torch, torchvision, lightly
+import torch, torchvision, lightly, timm
 import lightly.loss, lightly.models.modules.heads, lightly.models.utils, lightly.transforms
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import cosine_schedule
 print("peer venv ok: torch", torch.__version__, "torchvision", torchvision.__version__,
-      "lightly", lightly.__version__)
+      "lightly", lightly.__version__, "timm", timm.__version__)
 PY

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 from ..config import Config, check_placeholders, validate
+from .barlow_twins import BarlowTwins
 from .base import METHODS, Method, StepInfo
 from .byol import BYOL
 from .dino import DINO
 from .distill import Distill
 from .moco import MoCo
+from .mocov3 import MoCoV3
+from .nnclr import NNCLR
 from .simclr import SimCLR
 from .simsiam import SimSiam
 from .swav import SwAV
+from .vicreg import VICReg
 
 METHODS.update({
     "simclr": SimCLR,
@@ -18,6 +22,10 @@ METHODS.update({
     "simsiam": SimSiam,
     "swav": SwAV,
     "dino": DINO,
+    "barlow_twins": BarlowTwins,
+    "vicreg": VICReg,
+    "mocov3": MoCoV3,
+    "nnclr": NNCLR,
     "distill": Distill,
 })
 
@@ -33,5 +41,5 @@ def check_config(cfg: Config) -> Config:
     return cfg
 
 
-__all__ = ["BYOL", "DINO", "Distill", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "StepInfo", "SwAV",
-           "check_config"]
+__all__ = ["BYOL", "DINO", "BarlowTwins", "Distill", "METHODS", "Method", "MoCo", "MoCoV3", "NNCLR", "SimCLR",
+           "SimSiam", "StepInfo", "SwAV", "VICReg", "check_config"]

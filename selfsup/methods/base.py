@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..augment import Augment, ViewConfig, multi_crop_views
-from ..config import AugConfig, Config, MultiCropConfig
+from ..augment import Augment, ViewConfig, byol_view, multi_crop_views
+from ..config import AugConfig, Config, ConfigError, MultiCropConfig
 from ..optim import param_groups
 
 
@@ -75,6 +75,20 @@ class Method(nn.Module):
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def asymmetric_views(self, size: int, mean, std) -> tuple[ViewConfig, ViewConfig]:
+        """BYOL's two views (BYOL Table 6: blur 1.0 / 0.1, solarisation 0 / 0.2), the recipe of
+        BYOL, DINO, Barlow Twins, VICReg, MoCo v3 and NNCLR; blur only if ``aug.blur``."""
+        a = self.aug
+        v1, v2 = (byol_view(size, i, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std) for i in (1, 2))
+        return v1, v2
+
+    @staticmethod
+    def require_two_views(cfg: Config) -> None:
+        """Refuse multi-crop for a method whose loss compares exactly two views."""
+        if cfg.multicrop.global_crops != 2 or cfg.multicrop.local_crops:
+            raise ConfigError(f"{cfg.method} takes exactly two views; multicrop.global_crops=2 and "
+                              f"multicrop.local_crops=0 (multi-crop is for simclr, byol, simsiam, swav and dino)")
 
     def multi_crop(self, global_views: list[ViewConfig], local_from: ViewConfig | None = None) -> list[Augment]:
         """The global views, then ``multicrop.local_crops`` local views of ``local_from``

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..augment import Augment, byol_view
+from ..augment import Augment
 from ..config import Config
 from ..heads import mlp
 from ..losses import byol
@@ -50,9 +50,8 @@ class BYOL(Method):
                    momentum=c.momentum, per_view_bn=c.per_view_bn, **cls.shared_settings(cfg))
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
-        a, n = self.aug, self.multicrop.global_crops
-        v1, v2 = (byol_view(size, i, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
-                  for i in (1, 2))
+        n = self.multicrop.global_crops
+        v1, v2 = self.asymmetric_views(size, mean, std)
         return self.multi_crop([(v1, v2)[i % 2] for i in range(n)], local_from=v2)
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..augment import Augment, byol_view
+from ..augment import Augment
 from ..config import Config
 from ..heads import mlp
 from ..losses import dino
@@ -116,8 +116,7 @@ class DINO(Method):
     def augmentations(self, size: int, mean, std) -> list[Augment]:
         # DINO's crops are BYOL's asymmetric pair (blur 1.0 / 0.1, solarise 0 / 0.2); locals blur 0.5
         a, n = self.aug, self.multicrop.global_crops
-        v1, v2 = (byol_view(size, i, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
-                  for i in (1, 2))
+        v1, v2 = self.asymmetric_views(size, mean, std)
         local = dataclasses.replace(v1, blur_p=0.5 if a.blur else 0.0)
         return self.multi_crop([(v1, v2)[i % 2] for i in range(n)], local_from=local)
 

@@ -1,0 +1,45 @@
+"""VICReg (Bardes et al., 2022): variance-invariance-covariance regularisation. Two views'
+embeddings are pulled together (MSE), each dimension's standard deviation over the batch is held
+above 1 by a hinge, and the dimensions are decorrelated (VICReg §3, eq. 6; main_vicreg.py).
+
+As the official code: the expander is Linear-BN-ReLU layers and a last Linear without bias
+(8192-8192-8192 on ImageNet), each view runs through the networks alone, the views are BYOL's
+pair, and the variance and covariance are over the global batch (:func:`selfsup.losses.vicreg`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..augment import Augment
+from ..config import Config
+from ..heads import mlp
+from ..losses import vicreg
+from .base import Method
+
+
+class VICReg(Method):
+    def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, layers: int, sim_coeff: float,
+                 std_coeff: float, cov_coeff: float, **shared: Any):
+        """dim, hidden_dim (None: the backbone's width), layers: the expander; sim_coeff λ,
+        std_coeff μ, cov_coeff ν: the weights of the invariance, variance and covariance terms."""
+        super().__init__(backbone, **shared)
+        self.projector = mlp(backbone.num_features, hidden_dim or backbone.num_features, dim, layers, bias=False)
+        self.coeffs = dict(sim_coeff=sim_coeff, std_coeff=std_coeff, cov_coeff=cov_coeff)
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> "VICReg":
+        m, c = cfg.model, cfg.vicreg
+        return cls(backbone, dim=m.proj_dim, hidden_dim=m.proj_hidden, layers=m.proj_layers, sim_coeff=c.sim_coeff,
+                   std_coeff=c.std_coeff, cov_coeff=c.cov_coeff, **cls.shared_settings(cfg))
+
+    check = staticmethod(Method.require_two_views)
+
+    def augmentations(self, size: int, mean, std) -> list[Augment]:
+        return [Augment(v) for v in self.asymmetric_views(size, mean, std)]
+
+    def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
+        z1, z2 = (self.projector(self.backbone(v)) for v in views)  # (N, D) each, BN per view
+        return {"loss": vicreg(z1, z2, **self.coeffs), "embedding": torch.cat([z1, z2])}
