@@ -1,6 +1,8 @@
-"""ResNet encoders f(·) that return pooled features (SimCLR §2.1: h = f(x) after average pooling).
+"""Encoders f(·) that return pooled features (SimCLR §2.1: h = f(x) after average pooling):
+the ResNets here, the 1-bit ResNet of ``binary.py`` and the ViTs of ``vit.py`` (their [CLS]
+token), all built by name with :func:`build_backbone`.
 
-Parameter and buffer names and shapes follow torchvision's ``resnet18/34/50`` (v1.5: the
+The ResNets' parameter and buffer names and shapes follow torchvision's ``resnet18/34/50`` (v1.5: the
 Bottleneck's stride sits on its 3×3 conv), so ``state_dict()`` loads into the torchvision model
 with ``strict=False`` and only ``fc.weight``/``fc.bias`` missing. There is no ``fc``: the
 encoder ends at the global average pool.
@@ -11,6 +13,15 @@ and (4×). torchvision's ``wide_resnet50_2`` is a different network: it widens o
 
 Every conv is a :class:`conv.Conv2d`: a strided conv on a map one or two pixels wide runs in
 fp32 under CPU bf16 autocast, where oneDNN's kernel returns wrong weight gradients.
+
+The ViTs (``vit_tiny``, ``vit_small``, ``vit_base``) use timm's names instead (``vit.py``). Each
+argument of :func:`build_backbone` belongs to one family: ``width``, ``cifar_stem`` and
+``zero_init_residual`` to the ResNets; ``patch_size``, ``image_size``, ``drop_path`` and
+``freeze_patch_embed`` to the ViTs. A ViT refuses a width other than 1, and ignores
+``cifar_stem`` and ``zero_init_residual`` (the config's defaults and the method recipes set them
+for every backbone; a ViT has no stem to change and no residual BN); a ResNet refuses a
+non-default ``patch_size``, ``drop_path`` or ``freeze_patch_embed``, and ignores ``image_size``
+(it takes any input size).
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ from torch import Tensor, nn
 
 from .binary import binary_resnet18
 from .conv import Conv2d
+from .vit import VIT_SIZES, vision_transformer
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -144,20 +156,49 @@ BACKBONES: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, i
 #: 1-bit backbones (binary.py), built as ``fn(width=, cifar_stem=, binary_weights=)``.
 BINARY_BACKBONES: dict[str, Callable[..., nn.Module]] = {"binary-resnet18": binary_resnet18}
 
+#: every name :func:`build_backbone` builds: the ResNets, the binary ResNets, the ViTs (vit.VIT_SIZES)
+NAMES: tuple[str, ...] = (*BACKBONES, *BINARY_BACKBONES, *VIT_SIZES)
+
+VIT_IMAGE_SIZE = 224  # the side a ViT's position embeddings are learned for when none is given
+
+
+def is_vit(name: str) -> bool:
+    """Whether the backbone ``name`` is a Vision Transformer (patches, position embeddings)."""
+    return name in VIT_SIZES
+
 
 def build_backbone(name: str, *, width: float = 1.0, cifar_stem: bool = False,
-                   zero_init_residual: bool = False, binary_weights: bool = True) -> nn.Module:
+                   zero_init_residual: bool = False, binary_weights: bool = True, patch_size: int = 16,
+                   image_size: int | None = None, drop_path: float = 0.0,
+                   freeze_patch_embed: bool = False) -> nn.Module:
     """Build an encoder by name; ``width=0.25`` gives a 16-channel stem for CPU runs.
 
     ``binary_weights`` is for binary backbones only: False keeps real weights behind the
-    binary activations (S2-BNN's step one).
+    binary activations (S2-BNN's step one). ViTs: ``patch_size`` p, ``image_size`` the input side
+    the position embeddings are learned for (None: 224; a multiple of p), ``drop_path`` the
+    last block's stochastic depth, ``freeze_patch_embed`` MoCo v3's fixed patch projection.
+    Which arguments each family refuses or ignores: the module docstring.
     """
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
+    if name in VIT_SIZES:
+        if width != 1:
+            raise ValueError(f"width {width:g} applies to ResNets only; a {name} has a fixed width "
+                             f"(choose vit_tiny, vit_small or vit_base instead)")
+        if not binary_weights:
+            raise ValueError(f"binary_weights=False applies to binary backbones only, not {name!r}")
+        return vision_transformer(name, img_size=VIT_IMAGE_SIZE if image_size is None else image_size,
+                                  patch_size=patch_size, drop_path=drop_path, freeze_patch_embed=freeze_patch_embed)
+    vit_only = {"patch_size": (patch_size, 16), "drop_path": (drop_path, 0.0),
+                "freeze_patch_embed": (freeze_patch_embed, False)}
+    for arg, (value, default) in vit_only.items():
+        if value != default:
+            raise ValueError(f"{arg}={value} applies to ViTs only ({', '.join(VIT_SIZES)}), not {name!r}; "
+                             f"leave it at {default}")
     if name in BINARY_BACKBONES:
         return BINARY_BACKBONES[name](width=width, cifar_stem=cifar_stem, binary_weights=binary_weights)
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join([*BACKBONES, *BINARY_BACKBONES])}")
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(NAMES)}")
     if not binary_weights:
         raise ValueError(f"binary_weights=False applies to binary backbones only, not {name!r}")
     block, layers = BACKBONES[name]

@@ -19,6 +19,22 @@ binarisation scales torchvision has no place for), have no torchvision counterpa
 ``torchvision`` refuses them; export those as safetensors and load them with
 ``selfsup.load_backbone``. Their description says ``"layout": "selfsup"`` (for ResNets at other
 widths: torchvision's names, other shapes), never ``"torchvision"``.
+
+ViTs (``vit_tiny``, ``vit_small``, ``vit_base``) have timm's names and shapes (``vit.py``), so
+both formats write them as they are, described as ``"layout": "timm"`` (no ``stem``: the CIFAR
+stem is a ResNet's). They load into timm's ``VisionTransformer`` with ``strict=True``: nothing
+missing, since with ``num_classes=0`` its head is an identity and its features are the normed
+[CLS] token, ours. Build it for the export's ``patch_size`` and ``image_size`` (the training
+views' side, which the position embeddings are learned for)::
+
+    net = timm.create_model("vit_small_patch16_224", num_classes=0)          # patch 16, 224 px
+    net = timm.create_model("vit_tiny_patch16_224", num_classes=0,           # CIFAR: patch 4, 32 px
+                            img_size=32, patch_size=4)
+    net.load_state_dict(torch.load("backbone-torchvision.pt", weights_only=True), strict=True)
+
+(or ``safetensors.torch.load_file("backbone.safetensors")``). timm then takes inputs of exactly
+``image_size`` pixels; ``selfsup.load_backbone`` also takes other sides, resampling the position
+embeddings.
 """
 from __future__ import annotations
 
@@ -29,7 +45,7 @@ from pathlib import Path
 from torch import nn
 
 from . import checkpoint as ckpt
-from .backbones import BACKBONES
+from .backbones import BACKBONES, is_vit
 from .errors import CheckpointError, ConfigError
 from .runs import EXPORTS, META_KEY, load_backbone, require_safetensors, run_dir, save_backbone
 
@@ -50,7 +66,8 @@ def export_backbone(run: str | Path, fmt: str = "torchvision", out: str | Path |
     if fmt not in FORMATS:
         raise ConfigError(f"export format '{fmt}' unknown; choose {' or '.join(FORMATS)}")
     backbone, spec = load_backbone(run)
-    if spec.backbone not in BACKBONES:
+    vit = is_vit(spec.backbone)
+    if spec.backbone not in BACKBONES and not vit:
         if fmt == "torchvision":
             raise ConfigError(f"'{run}' is a {spec.backbone}, which has no torchvision counterpart (its layers "
                               f"and parameter names are selfsup's own); use --format safetensors and "
@@ -60,8 +77,12 @@ def export_backbone(run: str | Path, fmt: str = "torchvision", out: str | Path |
                           f"torchvision counterpart (only width 1 fits torchvision.models."
                           f"{spec.backbone}); use --format safetensors and selfsup.load_backbone")
     out = Path(out) if out else run_dir(run) / EXPORTS[fmt]
-    layout = "torchvision" if spec.backbone in BACKBONES and spec.width == 1 else "selfsup"
-    spec = dataclasses.replace(spec, format=fmt, layout=layout, stem="cifar" if spec.cifar_stem else "standard")
+    if vit:
+        layout, stem = "timm", None
+    else:
+        layout = "torchvision" if spec.backbone in BACKBONES and spec.width == 1 else "selfsup"
+        stem = "cifar" if spec.cifar_stem else "standard"
+    spec = dataclasses.replace(spec, format=fmt, layout=layout, stem=stem)
     weights = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     try:
         if fmt == "torchvision":

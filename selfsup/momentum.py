@@ -4,6 +4,7 @@ and DINO's teacher are the same EMA).
 The momentum encoder is a frozen copy of the online networks that follows them by an
 exponential moving average of the *parameters*: θ_k <- m θ_k + (1 - m) θ_q. Buffers (BN running
 statistics) are not averaged; the copy keeps its own, from its own forward passes in train mode.
+Copies run without drop path (a ViT student's stochastic depth; DINO's teacher has none).
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .vit import without_drop_path
+
 
 def momentum_copy(*modules: nn.Module) -> nn.Sequential:
     """Frozen deep copies of ``modules`` chained in order: calling the result runs them one
     after another (e.g. backbone then head). It never receives gradients."""
-    teacher = nn.Sequential(*(copy.deepcopy(m) for m in modules))
+    teacher = without_drop_path(nn.Sequential(*(copy.deepcopy(m) for m in modules)))
     teacher.requires_grad_(False)
     return teacher
 
@@ -61,6 +64,7 @@ class MomentumTeacher(nn.Sequential):
 
     def __init__(self, *students: nn.Module):
         super().__init__(*(copy.deepcopy(m) for m in students))
+        without_drop_path(self)
         self.requires_grad_(False)
         self.momentum: float | None = None  # the τ of the last update
         self._students = students  # a tuple is not registered: the students are saved once, by their owner

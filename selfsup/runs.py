@@ -5,8 +5,8 @@ A run folder (``selfsup pretrain --out DIR``; ``finetune`` and ``distill`` write
 
 - ``checkpoint.pt`` — the whole training state: ``format``, ``config``, ``epoch``, ``step``,
   ``model``, ``optimizer``, the RNG states and ``meta`` (the backbone's spec as a dict);
-- ``backbone.pt`` + ``backbone.json`` — the backbone's ``state_dict`` alone (torchvision names)
-  and its spec, which is all an evaluation needs (:func:`load_backbone`);
+- ``backbone.pt`` + ``backbone.json`` — the backbone's ``state_dict`` alone (torchvision names;
+  timm's for ViTs) and its spec, which is all an evaluation needs (:func:`load_backbone`);
 - ``config.yaml`` (the resolved settings), ``metrics.jsonl`` (one JSON line per epoch),
   ``run.lock`` (held while a run writes the folder), ``tensorboard/`` (train.tensorboard=true)
   and the results of ``selfsup eval`` (:func:`eval_file`).
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .backbones import build_backbone
+from .backbones import build_backbone, is_vit
 from .errors import CheckpointError, ConfigError, TrainingError
 
 CHECKPOINT = "checkpoint.pt"
@@ -56,7 +56,8 @@ class BackboneSpec:
     width: float
     cifar_stem: bool
     binary_weights: bool = True               # binary backbones: 1-bit weights too (absent in old files)
-    image_size: int                           # side of the views the backbone was trained on
+    patch_size: int | None = None             # ViTs: the side of a patch (None for ResNets and in old files)
+    image_size: int                           # side of the views the backbone was trained on (a ViT's pos grid)
     data_image_size: int | None = None        # the run's data.image_size: load its data at this size
     mean: tuple[float, ...]                   # per-channel normalisation of the views
     std: tuple[float, ...]
@@ -71,8 +72,8 @@ class BackboneSpec:
     teacher: str | None = None                # a distilled student's teacher run
     # an export's (selfsup export)
     format: str | None = None                 # "torchvision" or "safetensors"
-    layout: str | None = None                 # "torchvision" or "selfsup" (parameter names and shapes)
-    stem: str | None = None                   # "cifar" or "standard"
+    layout: str | None = None                 # "torchvision", "selfsup" or "timm" (ViTs): names and shapes
+    stem: str | None = None                   # ResNets: "cifar" or "standard"
     extra: dict = field(default_factory=dict)  # keys this version does not know, written back as read
 
     REQUIRED = ("backbone", "width", "cifar_stem", "image_size", "mean", "std")
@@ -88,6 +89,15 @@ class BackboneSpec:
             if f.name != "extra" and (value is not None or f.name in self.ALWAYS):
                 out[f.name] = list(value) if f.name in ("mean", "std") else value
         return {**out, **self.extra}
+
+    def vit_args(self) -> dict[str, int]:
+        """``build_backbone``'s ViT arguments for this backbone: its patch size (if recorded) and
+        the side of its training views, which its position embeddings are learned for; none for
+        other backbones (a ResNet student's spec may carry its ViT teacher's patch size)."""
+        if not is_vit(self.backbone):
+            return {}
+        patch = {} if self.patch_size is None else {"patch_size": self.patch_size}
+        return {"image_size": self.image_size, **patch}
 
     @classmethod
     def from_json(cls, obj: Any, source: str | Path) -> BackboneSpec:
@@ -220,11 +230,13 @@ def load_backbone(path: str | Path, *, random_init: bool = False) -> tuple[nn.Mo
                               f"its {CHECKPOINT} or its {BACKBONE})")
     weights, spec = read_backbone(path)
     backbone = build_backbone(spec.backbone, width=spec.width, cifar_stem=spec.cifar_stem,
-                              binary_weights=spec.binary_weights)
+                              binary_weights=spec.binary_weights, **spec.vit_args())
     if not random_init:
-        stem = "CIFAR" if spec.cifar_stem else "standard"
-        ckpt.load_weights(backbone, weights, path, f"a {spec.backbone} (width {spec.width:g}, "
-                                                   f"{stem} stem) as its metadata says")
+        if is_vit(spec.backbone):
+            about = f"patch {backbone.patch_size}, position embeddings for {spec.image_size}-pixel views"
+        else:
+            about = f"width {spec.width:g}, {'CIFAR' if spec.cifar_stem else 'standard'} stem"
+        ckpt.load_weights(backbone, weights, path, f"a {spec.backbone} ({about}) as its metadata says")
     return backbone, spec
 
 

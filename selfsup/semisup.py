@@ -172,7 +172,7 @@ def build_classifier(spec: BackboneSpec, method: nn.Module | None = None) -> Cla
     if method is None and (n or spec.pretrain_config):
         method = build_method(from_dict(spec.pretrain_config))
     if method is None:
-        backbone = build_backbone(spec.backbone, width=spec.width, cifar_stem=spec.cifar_stem)
+        backbone = build_backbone(spec.backbone, width=spec.width, cifar_stem=spec.cifar_stem, **spec.vit_args())
         return Classifier(backbone, nn.Sequential(), spec.num_classes)
     head = nn.Sequential()
     if n:

@@ -20,8 +20,9 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .backbones import build_backbone
+from .backbones import build_backbone, is_vit
 from .config import Config, dump, from_dict
+from .data import builtin_image_size
 from .device import autocast, resolve_device
 from .epoch_end import Monitors, build_monitors
 from .errors import CheckpointError, ConfigError
@@ -39,8 +40,16 @@ from .stream import StreamLoader
 
 def build_method(cfg: Config) -> Method:
     m = cfg.model
+    view_side = None  # a ViT learns its position embeddings for this side: the views' (as feed.load_images)
+    if is_vit(m.backbone):
+        view_side = cfg.aug.size or cfg.data.image_size or builtin_image_size(cfg.data.source)
+        if view_side is None:
+            raise ConfigError(f"model.backbone {m.backbone} needs the side of the training views before "
+                              f"'{cfg.data.source}' is read, for its position embeddings: set aug.size "
+                              f"(e.g. aug.size=224) or data.image_size")
     backbone = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem, binary_weights=m.binary_weights,
-                              zero_init_residual=m.zero_init_residual)
+                              zero_init_residual=m.zero_init_residual, patch_size=m.patch_size,
+                              image_size=view_side, drop_path=m.drop_path, freeze_patch_embed=m.freeze_patch_embed)
     if m.init_from:  # e.g. S2-BNN's step two from step one; before any teacher copies the backbone
         source, spec = load_backbone(m.init_from)
         try:
@@ -73,6 +82,7 @@ def backbone_spec(cfg: Config, size: int, mean, std) -> BackboneSpec:
     training (``size``: the views' side; ``mean``, ``std``: their normalisation)."""
     return BackboneSpec(backbone=cfg.model.backbone, width=cfg.model.width, cifar_stem=cfg.model.cifar_stem,
                         binary_weights=cfg.model.binary_weights, image_size=size,
+                        patch_size=cfg.model.patch_size if is_vit(cfg.model.backbone) else None,
                         data_image_size=cfg.data.image_size, mean=tuple(mean), std=tuple(std),
                         method=cfg.method, data=cfg.data.source)
 
@@ -170,10 +180,11 @@ def build_run(cfg: Config, *, resume: bool = False, expect: dict | None = None,
 
 
 def _schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
-    """Warm-up + cosine from the peak lr of the global batch (optim.lr_scaling) to optim.final_lr of it."""
+    """Warm-up + cosine from the peak lr of the global batch (optim.lr_scaling) to optim.final_lr of it;
+    the weight decay's cosine to optim.final_weight_decay if set."""
     peak = peak_lr(cfg)
     schedule = Schedule.create(cfg.train.epochs, steps_per_epoch, cfg.optim.warmup_epochs, peak,
-                               cfg.optim.final_lr * peak)
+                               cfg.optim.final_lr * peak, cfg.optim.weight_decay, cfg.optim.final_weight_decay)
     if schedule.warmup_cut:  # a short run of a long recipe: warm up over the whole run
         log(f"note: optim.warmup_epochs={cfg.optim.warmup_epochs:g} exceeds the run; warming up "
             f"over all {cfg.train.epochs} epochs")

@@ -24,7 +24,7 @@ DOC = ROOT / "docs" / "architecture.md"
 #: own __init__.py.
 LAYERS: list[list[str]] = [
     # 0. ground floor: building blocks with no knowledge of runs or settings
-    ["errors", "files", "conv", "norm", "binary", "backbones", "distributed", "losses", "augment", "heads",
+    ["errors", "files", "conv", "norm", "binary", "vit", "backbones", "distributed", "losses", "augment", "heads",
      "momentum", "optim", "checkpoint", "monitor", "loader"],
     # 1. settings and data
     ["presets", "config", "data", "labels", "stream"],

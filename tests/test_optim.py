@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.optim import LARS, build_optimizer, clip_gradients, param_groups, scale_lr, set_lr, warmup_cosine
+from selfsup.loop import Schedule
+from selfsup.optim import LARS, build_optimizer, clip_gradients, cosine, param_groups, scale_lr, set_lr, warmup_cosine
 
 
 def _reference_lars(params, grads_per_step, lr, momentum, wd, eta, nesterov, exclude):
@@ -187,3 +188,22 @@ def test_dino_clips_per_parameter_by_default():
     assert build_method(resolve(sets=["method=dino", "model.width=0.125"])).clip_grad_mode_default == "per_param"
     assert build_method(resolve(sets=["model.width=0.125"])).clip_grad_mode_default == "global"
     assert resolve(preset_name="cifar10-dino").optim.clip_grad_mode == "per_param"
+
+
+def test_weight_decay_cosine_reaches_its_end_on_the_decayed_groups_only():
+    """DINO's ViT recipe: wd 0.04 -> 0.4 on a cosine per step, biases and norms kept at 0."""
+    assert cosine(0, 10, 0.04, 0.4) == pytest.approx(0.04)
+    assert cosine(5, 10, 0.04, 0.4) == pytest.approx(0.22)  # half-way: the mean
+    assert cosine(10, 10, 0.04, 0.4) == cosine(12, 10, 0.04, 0.4) == 0.4
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    optimizer = build_optimizer("adamw", param_groups(model, 0.04), lr=1e-3)
+    schedule = Schedule.create(2, 5, 1, 1e-3, 0.0, weight_decay=0.04, final_weight_decay=0.4)
+    seen = []
+    for step in range(10):
+        schedule.apply(optimizer, step)
+        seen.append([g["weight_decay"] for g in optimizer.param_groups])
+    assert [s[0] for s in seen] == pytest.approx([cosine(k, 10, 0.04, 0.4) for k in range(10)])
+    assert all(s[1] == 0.0 for s in seen)  # the bias / norm group
+    constant = build_optimizer("adamw", param_groups(model, 0.04), lr=1e-3)
+    Schedule.create(2, 5, 1, 1e-3).apply(constant, 7)  # no final_weight_decay: untouched
+    assert [g["weight_decay"] for g in constant.param_groups] == [0.04, 0.0]

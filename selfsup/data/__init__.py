@@ -36,15 +36,15 @@ The package, one subsystem per module (each imports only the ones above it):
 * :mod:`.sources` -- what a path holds (``inspect_source``) and how it is decoded (``decode_source``);
 * :mod:`.cache` -- the cache entries: keys, ``meta.json``, writing, opening, removing stale ones;
 * :mod:`.download` -- the official archives behind ``cifar10``/``cifar100``/``stl10``, md5-verified;
-* :mod:`.load` -- ``load_data``, which ties them together.
+* :mod:`.load` -- ``load_data``, which ties them together, and ``builtin_image_size``.
 """
 from .cache import default_cache_dir
 from .datasets import DataError, DataSplits, ImageDataset
 from .decode import decode_image, open_regular, to_rgb
 from .folders import IMAGE_EXTENSIONS, is_hidden_name, is_image_name, scan_image_folder
-from .load import load_data
+from .load import builtin_image_size, load_data
 from .memory import available_memory
 
-__all__ = ["DataError", "ImageDataset", "DataSplits", "load_data", "default_cache_dir", "IMAGE_EXTENSIONS",
-           "available_memory", "decode_image", "to_rgb", "open_regular", "is_image_name", "is_hidden_name",
-           "scan_image_folder"]
+__all__ = ["DataError", "ImageDataset", "DataSplits", "load_data", "builtin_image_size", "default_cache_dir",
+           "IMAGE_EXTENSIONS", "available_memory", "decode_image", "to_rgb", "open_regular", "is_image_name",
+           "is_hidden_name", "scan_image_folder"]

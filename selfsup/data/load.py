@@ -13,7 +13,7 @@ from .cache import (cache_key, default_cache_dir, make_meta, open_cache, read_me
                     splits_in_memory, write_cache)
 from .datasets import DataError, DataSplits
 from .download import REMOTES, fetch
-from .releases import DIGITS_SIZE, load_digits
+from .releases import BUILTIN_SIZES, DIGITS_SIZE, load_digits
 from .sources import decode_source, inspect_source
 
 log = logging.getLogger(__package__)  # "selfsup.data": one logger for the whole package
@@ -102,6 +102,13 @@ def load_data(
         raise DataError(_no_unlabeled(text, decoded.fmt))
     log.info("decoded %s in %.1f s (%s); %s", src.path, time.perf_counter() - t0, _describe(splits), where)
     return splits
+
+
+def builtin_image_size(spec: str) -> int | None:
+    """The side of the images ``load_data(spec)`` gives without ``image_size`` when ``spec`` names
+    a built-in source (``digits``, ``cifar10``, ``cifar100``, ``stl10``); None for a path, whose
+    images are known only once read."""
+    return BUILTIN_SIZES.get(spec.strip().lower())
 
 
 def _no_unlabeled(spec: str, fmt: str) -> str:

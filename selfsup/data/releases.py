@@ -24,6 +24,8 @@ CIFAR100_FILES = frozenset({"meta", "train", "test"})
 STL_FILES = frozenset({"train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin",
                        "class_names.txt"})
 _STL_SIZE = 96
+#: the side of each built-in source's images when no image_size is given (CIFAR's pickles hold 32x32)
+BUILTIN_SIZES: dict[str, int] = {"digits": DIGITS_SIZE, "cifar10": 32, "cifar100": 32, "stl10": _STL_SIZE}
 _STL_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 
 

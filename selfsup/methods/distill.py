@@ -50,7 +50,7 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, BackboneSpec]:
     about = f"a {saved.method} {m.backbone} (width {m.width})"
     try:
         backbone = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem,
-                                  binary_weights=m.binary_weights)
+                                  binary_weights=m.binary_weights, **run_spec(state, file).vit_args())
         method = METHODS[saved.method].from_config(saved, backbone)
         method.load_state_dict(state["model"])
     except (RuntimeError, KeyError, ValueError) as e:
