@@ -302,3 +302,32 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(ranks, method):
         assert got["state"].keys() == one["state"].keys()
         for k, v in one["state"].items():
             torch.testing.assert_close(got["state"][k].double(), v.double(), rtol=1e-7, atol=1e-9, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ViT recipes
+
+def test_dino_with_a_vit_teacher_has_no_drop_path_and_local_crops_share_the_network():
+    cfg = check_config(resolve(preset_name="cifar10-dino-vit-tiny", overrides={
+        "model": {"patch_size": 8}, "aug": {"size": 16}, "multicrop": {"local_crops": 2, "local_size": 8},
+        "dino": {"out_dim": 64}, "train": {"batch_size": 4}}))
+    model = build_method(cfg)
+    student = [m.drop_prob for m in model.backbone.modules() if hasattr(m, "drop_prob")]
+    teacher = [m.drop_prob for m in model.teacher.modules() if hasattr(m, "drop_prob")]
+    assert max(student) == pytest.approx(0.1) and set(teacher) == {0.0}
+    views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
+    out = model(views)  # 2x2 and 1x1 grids of 8-pixel patches through one ViT
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.backbone.pos_embed.grad is not None
+
+
+def test_mocov3_vit_recipe_freezes_the_patch_projection_and_ends_the_predictor_in_bn():
+    cfg = check_config(resolve(preset_name="cifar10-mocov3-vit-tiny", overrides={
+        "model": {"patch_size": 8, "proj_hidden": 32}, "aug": {"size": 16}, "train": {"batch_size": 4}}))
+    model = build_method(cfg)
+    assert isinstance(model.predictor[-1][-1], nn.BatchNorm1d) and not model.predictor[-1][-1].affine
+    out = model([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)])
+    out["loss"].backward()
+    proj = model.backbone.patch_embed.proj
+    assert proj.weight.grad is None and not proj.weight.requires_grad
+    assert all(id(proj.weight) not in {id(p) for p in g["params"]} for g in model.param_groups(1.0))

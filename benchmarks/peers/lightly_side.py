@@ -8,10 +8,11 @@ SPEC (written by run.py) holds selfsup's resolved config of the matching selfsup
 decoded training images (.npy), the initial backbone state_dict both sides start from, and the
 selfsup checkout whose backbone is built here. Everything method-specific comes from lightly:
 its transforms (torchvision, through a DataLoader with workers), projection/prediction heads,
-losses, momentum helpers (update_momentum, cosine_schedule, batch_shuffle), LARS, the
-cosine-warm-up scheduler and weight-decay grouping, used as lightly's CIFAR-10 benchmark and
-examples use them. The backbone is ours (same architecture and initial weights), so the run
-folder it writes (backbone.pt + backbone.json) is evaluated by ``selfsup eval knn``.
+losses, momentum helpers (update_momentum, cosine_schedule, batch_shuffle), memory banks
+(NNCLR's nearest-neighbour support set), LARS, the cosine-warm-up scheduler and weight-decay
+grouping, used as lightly's CIFAR-10 benchmark and examples use them. The backbone is ours
+(same architecture, a ResNet or a ViT, and the same initial weights), so the run folder it
+writes (backbone.pt + backbone.json) is evaluated by ``selfsup eval knn``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from lightly import loss as L
 from lightly.models import utils as U
+from lightly.models.modules import NNMemoryBankModule
 from lightly.models.modules import heads as H
 from lightly import transforms as T
 from lightly.utils.lars import LARS
@@ -47,6 +49,13 @@ def hp(cfg: dict, *keys: str):
         else:
             return node
     raise KeyError(f"none of {keys} in selfsup's config")
+
+
+def fixed_layers(cfg: dict, head: str, layers: int = 3) -> None:
+    """Refuse a model.proj_layers that lightly's ``head`` (a fixed depth) cannot build."""
+    if cfg["model"]["proj_layers"] != layers:
+        raise SystemExit(f"lightly_side: lightly's {head} has {layers} layers, selfsup's config "
+                         f"model.proj_layers {cfg['model']['proj_layers']}")
 
 
 class Images(torch.utils.data.Dataset):
@@ -109,8 +118,24 @@ class Peer(nn.Module):
                                                n_steps_frozen_prototypes=frozen_steps)
             self.criterion = L.SwaVLoss(temperature=hp(cfg, "swav.temperature", "temperature"),
                                         sinkhorn_iterations=s["sinkhorn_iterations"], sinkhorn_epsilon=s["epsilon"])
+        elif method == "barlow_twins":
+            fixed_layers(cfg, "BarlowTwinsProjectionHead")
+            self.head = H.BarlowTwinsProjectionHead(feat, hidden, m["proj_dim"])
+            self.criterion = L.BarlowTwinsLoss(lambda_param=cfg["barlow_twins"]["lambd"], gather_distributed=False)
+        elif method == "vicreg":
+            v = cfg["vicreg"]
+            self.head = H.VICRegProjectionHead(feat, hidden, m["proj_dim"], num_layers=m["proj_layers"])
+            self.criterion = L.VICRegLoss(lambda_param=v["sim_coeff"], mu_param=v["std_coeff"], nu_param=v["cov_coeff"])
+        elif method == "nnclr":
+            c = cfg["nnclr"]
+            fixed_layers(cfg, "NNCLRProjectionHead")
+            self.head = H.NNCLRProjectionHead(feat, hidden, m["proj_dim"])
+            self.predictor = H.NNCLRPredictionHead(m["proj_dim"], c["pred_hidden"], m["proj_dim"])
+            self.memory_bank = NNMemoryBankModule(size=(c["support_size"], m["proj_dim"]))
+            self.criterion = L.NTXentLoss(temperature=hp(cfg, "nnclr.temperature", "temperature"))
         elif method == "dino":
             d = cfg["dino"]
+            fixed_layers(cfg, "DINOProjectionHead")
             head = lambda: H.DINOProjectionHead(feat, hidden, d["bottleneck_dim"], d["out_dim"],  # noqa: E731
                                                 batch_norm=d["head_bn"], norm_last_layer=d["norm_last_layer"],
                                                 freeze_last_layer=int(round(d["freeze_last_layer_epochs"])))
@@ -129,9 +154,10 @@ class Peer(nn.Module):
             raise SystemExit(f"lightly_side: no lightly recipe for method {method!r}")
 
     def _momentum_copies(self, *names: str) -> None:
-        for name in names:
+        from selfsup.vit import without_drop_path  # ours, as the backbone: a momentum copy runs without
+        for name in names:                         # stochastic depth (a no-op for a ResNet)
             online = getattr(self, name)
-            target = copy.deepcopy(online)
+            target = without_drop_path(copy.deepcopy(online))
             U.deactivate_requires_grad(target)
             setattr(self, name + "_momentum", target)
             self.momentum_pairs.append((online, target))
@@ -172,6 +198,15 @@ class Peer(nn.Module):
             z0, z1 = (self.head(f(v)) for v in views[:2])
             p0, p1 = self.predictor(z0), self.predictor(z1)
             return 0.5 * (self.criterion(p0, z1.detach()) + self.criterion(p1, z0.detach()))
+        if self.method in ("barlow_twins", "vicreg"):
+            z0, z1 = (self.head(f(v)) for v in views[:2])  # each view alone: BN per view, as selfsup
+            return self.criterion(z0, z1)
+        if self.method == "nnclr":  # lightly's NNCLR example: the second view's projections enter the bank
+            z0, z1 = (self.head(f(v)) for v in views[:2])
+            p0, p1 = self.predictor(z0), self.predictor(z1)
+            nn0 = self.memory_bank(z0.detach(), update=False)
+            nn1 = self.memory_bank(z1.detach(), update=True)
+            return 0.5 * (self.criterion(nn0, p1) + self.criterion(nn1, p0))
         if self.method == "swav":
             self.prototypes.normalize()
             z = [nn.functional.normalize(self.head(f(v)), dim=1, p=2) for v in views]
@@ -191,6 +226,19 @@ class Peer(nn.Module):
             self.head.cancel_last_layer_gradients(current_epoch=step // self.spe)
 
 
+#: methods whose two views are BYOL's asymmetric pair in selfsup (``Method.asymmetric_views``); lightly
+#: has its own transforms for some (VICRegTransform, ...), but both sides must run the same recipe
+BYOL_VIEWS = ("byol", "barlow_twins", "vicreg", "nnclr")
+
+
+def byol_views(cfg: dict, size: int, normalize: dict):
+    """lightly's BYOLTransform: view 1 blur 1.0, view 2 blur 0.1 and solarisation 0.2 (blur only if aug.blur)."""
+    a = cfg["aug"]
+    kw = dict(input_size=size, min_scale=a["scale_min"], normalize=normalize)
+    return T.BYOLTransform(view_1_transform=T.BYOLView1Transform(gaussian_blur=1.0 if a["blur"] else 0.0, **kw),
+                           view_2_transform=T.BYOLView2Transform(gaussian_blur=0.1 if a["blur"] else 0.0, **kw))
+
+
 def transform(method: str, cfg: dict, size: int, normalize: dict):
     a, mc = cfg["aug"], cfg["multicrop"]
     blur = 0.5 if a["blur"] else 0.0
@@ -199,10 +247,8 @@ def transform(method: str, cfg: dict, size: int, normalize: dict):
                                  gaussian_blur=blur, normalize=normalize)
     if method == "moco":  # v2: jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2
         return T.MoCoV2Transform(input_size=size, min_scale=a["scale_min"], gaussian_blur=blur, normalize=normalize)
-    if method == "byol":
-        kw = dict(input_size=size, min_scale=a["scale_min"], normalize=normalize)
-        return T.BYOLTransform(view_1_transform=T.BYOLView1Transform(gaussian_blur=1.0 if a["blur"] else 0.0, **kw),
-                               view_2_transform=T.BYOLView2Transform(gaussian_blur=0.1 if a["blur"] else 0.0, **kw))
+    if method in BYOL_VIEWS:
+        return byol_views(cfg, size, normalize)
     if method == "simsiam":
         return T.SimSiamTransform(input_size=size, min_scale=a["scale_min"], gaussian_blur=blur, normalize=normalize)
     local = mc["local_size"] or round(size * 96 / 224)
@@ -227,6 +273,9 @@ def optimizer(method: str, cfg: dict, model: Peer, peak_lr: float):
         decay, no_decay = U.get_weight_decay_parameters([trainable])
         groups = [{"params": decay, "weight_decay": o["weight_decay"]},
                   {"params": no_decay, "weight_decay": 0.0}]
+        if method == "barlow_twins":  # biases and BN at bias_lr_ratio of the lr (LARS skips their trust ratio:
+            # weight decay 0); the scheduler scales each group's own lr
+            groups[1]["lr"] = peak_lr * cfg["barlow_twins"]["bias_lr_ratio"]
     else:
         groups = [{"params": [p for p in trainable.parameters()], "weight_decay": o["weight_decay"]}]
     if method == "simsiam" and cfg["simsiam"]["fix_pred_lr"]:
@@ -239,14 +288,14 @@ def optimizer(method: str, cfg: dict, model: Peer, peak_lr: float):
         return LARS(groups, lr=peak_lr, momentum=o["momentum"])  # wd 0 groups skip the trust ratio
     if o["name"] == "sgd":
         return torch.optim.SGD(groups, lr=peak_lr, momentum=o["momentum"])
-    return torch.optim.AdamW(groups, lr=peak_lr)
+    return torch.optim.AdamW(groups, lr=peak_lr)  # each group's own weight decay (none on biases and norms)
 
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     cfg, method, out = spec["config"], spec["method"], Path(spec["out"])
     sys.path.insert(0, spec["checkout"])
-    from selfsup.backbones import build_backbone  # ours: only torch is needed
+    from selfsup.backbones import build_backbone, is_vit  # ours: only torch is needed
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
@@ -254,8 +303,11 @@ def main(spec_path: str) -> None:
     if spec["flush_denormal"] and device.type == "cpu":
         torch.set_flush_denormal(True)
     m = cfg["model"]
+    # as selfsup.train.build_method: every family's arguments (a ViT's position embeddings for the views' side)
     backbone = build_backbone(m["backbone"], width=m["width"], cifar_stem=m["cifar_stem"],
-                              zero_init_residual=m["zero_init_residual"])
+                              binary_weights=m["binary_weights"], zero_init_residual=m["zero_init_residual"],
+                              patch_size=m["patch_size"], image_size=spec["size"] if is_vit(m["backbone"]) else None,
+                              drop_path=m["drop_path"], freeze_patch_embed=m["freeze_patch_embed"])
     backbone.load_state_dict(torch.load(spec["init"], map_location="cpu"))
     images = np.load(spec["images"], mmap_mode="r")
     b, epochs = cfg["train"]["batch_size"], cfg["train"]["epochs"]
@@ -273,7 +325,12 @@ def main(spec_path: str) -> None:
     warmup = min(round(cfg["optim"]["warmup_epochs"] * spe), total)
     sched = CosineWarmupScheduler(opt, warmup_epochs=warmup, max_epochs=total,
                                   end_value=cfg["optim"]["final_lr"])
-    clip = cfg["optim"]["clip_grad"]
+    o = cfg["optim"]
+    decayed = [grp for grp in opt.param_groups if grp["weight_decay"] > 0]  # DINO's regularised group only
+    clip = o["clip_grad"]
+    if clip:
+        from selfsup.methods import METHODS  # the method's own default mode, as selfsup's loop resolves it
+        clip_mode = o["clip_grad_mode"] or METHODS[cfg["method"]].clip_grad_mode_default
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else None
     losses, step = [], 0
     t0 = time.perf_counter()
@@ -289,7 +346,16 @@ def main(spec_path: str) -> None:
             loss.backward()
             model.after_backward(step)
             if clip:
-                nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], clip)
+                params = [p for grp in opt.param_groups for p in grp["params"] if p.grad is not None]
+                if clip_mode == "per_param":  # each parameter's own norm: DINO's utils.clip_gradients
+                    for p in params:
+                        nn.utils.clip_grad_norm_(p, clip)
+                else:
+                    nn.utils.clip_grad_norm_(params, clip)
+            if o.get("final_weight_decay") is not None:  # the step's weight decay beside its lr (DINO's ViT)
+                wd = cosine_schedule(step, total, o["weight_decay"], o["final_weight_decay"])
+                for grp in decayed:
+                    grp["weight_decay"] = wd
             opt.step()
             sched.step()
             for grp in opt.param_groups:

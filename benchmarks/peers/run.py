@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import os
 import platform
@@ -48,9 +47,19 @@ TABLE: dict[str, tuple[str, list[str]]] = {
     "dino": ("cifar10-dino", ["dino.freeze_last_layer_epochs=0"]),
     "dcl": ("cifar10-simclr-dcl", []),
     "dclw": ("cifar10-simclr-dclw", []),
+    "barlow_twins": ("cifar10-barlow-twins", []),
+    "vicreg": ("cifar10-vicreg", []),
+    # the preset's support set of 65536 fills after 256 steps of 256, so in a peer run of 100 steps the
+    # neighbours would be the random initial vectors throughout; 8192 fills after 32 steps of 256 and is a
+    # multiple of the batch (selfsup's queue takes whole batches); lightly's bank reads the same size
+    "nnclr": ("cifar10-nnclr", ["nnclr.support_size=8192"]),
+    "dino_vit": ("cifar10-dino-vit-tiny", ["dino.freeze_last_layer_epochs=0"]),  # as dino's row
 }
 NAMES = {"simclr": "SimCLR", "moco": "MoCo v2", "byol": "BYOL", "simsiam": "SimSiam", "swav": "SwAV (multi-crop)",
-         "dino": "DINO", "dcl": "DCL", "dclw": "DCLW"}
+         "dino": "DINO", "dcl": "DCL", "dclw": "DCLW", "barlow_twins": "Barlow Twins", "vicreg": "VICReg",
+         "nnclr": "NNCLR", "dino_vit": "DINO (ViT-Tiny/4)"}
+# the lightly side's recipe of a row whose key is not one (the same method on another backbone)
+PEER_METHOD = {"dino_vit": "dino"}
 
 
 def default_data() -> Path:
@@ -154,25 +163,28 @@ def knn(run: Path, source: str, env: dict, log: Path, device: str) -> float | No
 def one_pair(a, method: str, seed: int, source: str, epochs: int, images_npy: Path, mean, std, size: int,
              env: dict, common: dict) -> list[dict]:
     import torch
-    from selfsup.backbones import build_backbone
+    from selfsup.backbones import is_vit
     from selfsup.config import resolve
     from selfsup.optim import scale_lr
     from selfsup.device import autocast_dtype
-    from selfsup.train import backbone_spec
+    from selfsup.train import backbone_spec, build_method
 
     preset, extra = TABLE[method]
-    sets = [f"data.source={source}", f"train.epochs={epochs}", f"train.batch_size={a.batch}",
-            f"train.seed={seed}", f"model.width={a.width}", f"train.precision={a.precision}", f"train.device={a.device}",
-            "eval.knn_every=0", f"train.checkpoint_every={epochs}", "train.progress=false", *extra]
+    # --width is a ResNet's (a ViT's width is fixed); a ViT's position embeddings need the views' side
+    # before a path's images are read (a built-in source's is known)
+    vit = is_vit(resolve(preset_name=preset, sets=extra).model.backbone)
+    sets = [f"data.source={source}", f"train.epochs={epochs}", f"train.batch_size={a.batch}", f"train.seed={seed}",
+            f"aug.size={size}" if vit else f"model.width={a.width}", f"train.precision={a.precision}",
+            f"train.device={a.device}", "eval.knn_every=0", f"train.checkpoint_every={epochs}", "train.progress=false",
+            *extra]
     cfg = resolve(preset_name=preset, sets=sets)
     root = Path(a.work) / f"{method}-s{seed}-{a.steps}st-w{a.width:g}"
     if root.exists():
         import shutil
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    torch.manual_seed(seed)  # one initial backbone, loaded by both sides
-    m = cfg.model
-    init = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem, zero_init_residual=m.zero_init_residual)
+    torch.manual_seed(seed)  # one initial backbone, loaded by both sides: the one selfsup builds from cfg
+    init = build_method(cfg).backbone
     meta = backbone_spec(cfg, size, mean, std).to_json()
     torch.save(init.state_dict(), root / "init.pt")
     (root / "init.json").write_text(json.dumps(meta, indent=1))
@@ -185,7 +197,8 @@ def one_pair(a, method: str, seed: int, source: str, epochs: int, images_npy: Pa
     load0 = os.getloadavg()
     wall, rc = run_logged(cmd, root / "selfsup.log", env)
     load1 = os.getloadavg()
-    rec = {**common, "side": "selfsup", "method": method, "seed": seed, "rc": rc, "wall_s": round(wall, 1),
+    rec = {**common, "side": "selfsup", "method": method, "backbone": cfg.model.backbone, "seed": seed, "rc": rc,
+           "wall_s": round(wall, 1),
            "load_before": load0, "load_after": load1, "command": " ".join(cmd)}
     if rc == 0:
         epochs_m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -204,7 +217,8 @@ def one_pair(a, method: str, seed: int, source: str, epochs: int, images_npy: Pa
     # lightly
     out = root / "lightly"
     dtype = autocast_dtype(cfg.train.precision, torch.device(a.device))
-    spec = {"method": method, "config": cfg_dict, "out": str(out), "checkout": a.checkout, "init": str(root / "init.pt"),
+    spec = {"method": PEER_METHOD.get(method, method), "config": cfg_dict, "out": str(out), "checkout": a.checkout,
+            "init": str(root / "init.pt"),
             "meta": meta, "images": str(images_npy), "mean": list(mean), "std": list(std), "size": size,
             "seed": seed, "device": a.device, "threads": a.threads, "workers": a.workers, "flush_denormal": True,
             "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
@@ -215,7 +229,8 @@ def one_pair(a, method: str, seed: int, source: str, epochs: int, images_npy: Pa
     load0 = os.getloadavg()
     wall, rc = run_logged(cmd, root / "lightly.log", env)
     load1 = os.getloadavg()
-    rec = {**common, "side": "lightly", "method": method, "seed": seed, "rc": rc, "wall_s": round(wall, 1),
+    rec = {**common, "side": "lightly", "method": method, "backbone": cfg.model.backbone, "seed": seed, "rc": rc,
+           "wall_s": round(wall, 1),
            "load_before": load0, "load_after": load1, "command": " ".join(cmd), "precision": spec["precision"]}
     if rc == 0:
         res = json.loads((out / "lightly_result.json").read_text())
@@ -342,7 +357,8 @@ def write_doc(path: Path, records: list[dict], a) -> None:
 
 This page is written by `benchmarks/peers/run.py` from `benchmarks/peers/runs.jsonl` (every run,
 raw). **It compares implementations at equal steps, not final accuracy**: each run is
-{a.steps} steps of batch {a.batch} (CIFAR-10, ResNet-18 width {a.width:g}, CIFAR stem), a few
+{a.steps} steps of batch {a.batch} (CIFAR-10, ResNet-18 width {a.width:g}, CIFAR stem; the
+{NAMES["dino_vit"]} row: a ViT-Tiny of 4x4 patches, whose width `--width` does not change), a few
 minutes of training, far from any recipe's reported accuracy.
 
 For each method and seed the two sides run one after the other (selfsup, then lightly), on the same
@@ -375,7 +391,16 @@ under load above about {hw['cores']} are noisy.
   BN in every layer), its transforms' jitter/solarisation defaults where selfsup's config has no
   field for them, its momentum update before the step, no split BN in MoCo (lightly's
   `batch_shuffle` on one process), its BYOL/SimSiam loss as `NegativeCosineSimilarity`, and the
-  DataLoader pipeline (PIL per image) against selfsup's batched tensor augmentation.
+  DataLoader pipeline (PIL per image) against selfsup's batched tensor augmentation. Under bf16
+  autocast lightly's losses run in bf16, selfsup's in fp32. Barlow Twins and VICReg: the last Linear
+  of lightly's heads has a bias (selfsup's none; inert, as both losses centre every dimension).
+  NNCLR: lightly's `NTXentLoss` between the neighbours and the predictions is SimCLR's symmetric
+  loss over 2N - 1 candidates (the other neighbours among the negatives), selfsup's the paper's
+  over the N predictions; lightly's bank queues the second view's projections, selfsup's the
+  first's. DINO's weight-decay cosine (ViT: 0.04 -> 0.4) by lightly's `cosine_schedule` reaches its
+  end at the last step, selfsup's (as DINO's `cosine_scheduler`) a step later. Barlow Twins, VICReg
+  and NNCLR train on BYOL's two views on both sides (lightly's `BYOLTransform`, not its
+  `VICRegTransform`), the recipe selfsup uses for them.
 """
     others = sorted({config_of(r) for r in records} - {main_cfg})
     if others:
