@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check of issue 14, section 4: one script, under 8 minutes on one CUDA GPU, everything
-# into one log.
+# The GPU check of issue 14, section 4 (and, with --vit, issue 16's): one script, under 8 minutes
+# (--vit: 9.5) on one CUDA GPU, everything into one log.
 #
 #   bash benchmarks/gpu_check.sh                  # on a CUDA machine; log: $OUT/gpu_check.log or ./gpu_check.log
 #   bash benchmarks/gpu_check.sh --cpu-dry-run    # the same sections on this CPU at tiny sizes
+#   bash benchmarks/gpu_check.sh --vit [--cpu-dry-run]  # issue 16's GPU steps instead: sections 1, 7, 8
 #   DATA=/path/cifar10-jpeg.tar.gz LOG=/tmp/g.log bash benchmarks/gpu_check.sh
 #
 # Sections (each under its own time limit, so the whole stays under 8 minutes; a failed or
@@ -20,11 +21,16 @@
 #   6. a SimCLR run of about 4-5 minutes (cifar10-simclr, epochs sized from section 5's epoch
 #      time): kNN, seconds per epoch, then `selfsup eval linear` on its backbone (and any online
 #      linear-probe figure the run's metrics hold)
+#   7. (--vit) one epoch of DINO ViT-S/16 (imagenet-dino-vits16: 2 x 224 + 8 x 96 crops) on a
+#      generated ImageNet-shaped image folder (random 256-px JPEGs): images/s and peak CUDA memory
+#   8. (--vit) a short CIFAR-10 run of each new method (Barlow Twins, VICReg, MoCo v3, NNCLR on
+#      ResNet-18; DINO and MoCo v3 on the CIFAR ViT-Tiny): kNN against random init, the monitors
 # Published anchors to set beside the figures: a single-file SimCLR reference reaches 11.9 s/epoch
 # on one A100 (ResNet-18, batch 512); lightly's benchmark runs about 25 s/epoch on one A6000.
 set -uo pipefail
 
-DRY=0
+DRY=0; VIT=0
+if [ "${1:-}" = "--vit" ]; then VIT=1; shift; fi
 if [ "${1:-}" = "--cpu-dry-run" ]; then DRY=1; shift; fi
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
@@ -34,7 +40,7 @@ LOG="${LOG:-${OUT:+$OUT/}gpu_check.log}"
 WORK="${WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
 CORES="$(nproc)"
 START=$(date +%s)
-BUDGET=$(( DRY ? 2400 : 470 ))  # seconds for the whole script
+BUDGET=$(( DRY ? 2400 : (VIT ? 570 : 470) ))  # seconds for the whole script
 
 if [ -z "${DATA:-}" ]; then
   for d in "$REPO/../shared/data/cifar10-jpeg.tar.gz" "$REPO/shared/data/cifar10-jpeg.tar.gz" \
@@ -81,6 +87,7 @@ if [ $DRY = 0 ] && ! $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_avail
   log "no CUDA device: run with --cpu-dry-run on a CPU machine"; exit 2
 fi
 
+if [ $VIT = 0 ]; then
 section "2. one step of every method: bf16, channels_last" $(( DRY ? 400 : 90 )) \
   $PY benchmarks/run.py --only steps --device $DEVICE --precision bf16 --batch $BATCH --size $SIZE --width $WIDTH \
       --iters 1 --rounds 1 ${STEP_METHODS:+--methods $STEP_METHODS}
@@ -166,5 +173,54 @@ print(f"{len(rows)} metric lines in {run}/metrics.jsonl")
 PY
 section "6b. linear evaluation of that backbone (selfsup eval linear, $LIN_EPOCHS epochs)" 60 \
   $PY -m selfsup eval linear --checkpoint "$WORK/simclr-run" --data "$RUN_DATA" --device $DEVICE --epochs $LIN_EPOCHS
+fi
+
+if [ $VIT = 1 ]; then
+# 7. DINO ViT-S/16 on an ImageNet-shaped folder (dry run: 64-px images, 32-px crops, a few steps)
+if [ $DRY = 1 ]; then INET=(16 64 8 "aug.size=64 data.image_size=64 multicrop.local_size=32 dino.out_dim=256"); \
+else INET=(1024 256 128 ""); fi  # images per class (x 10 classes), side, batch, extra settings
+section "7a. an ImageNet-shaped folder: 10 classes x ${INET[0]} train images of ${INET[1]} px" 60 \
+  $PY - "$WORK/inet" "${INET[0]}" "${INET[1]}" <<'PY'
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+root, per_class, side = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+for split, n in (("train", per_class), ("val", max(2, per_class // 10))):
+    for c in range(10):
+        (root / split / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
+        for i in range(n):  # smooth random images: JPEG-sized like ImageNet's, not noise
+            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((side, side), Image.BICUBIC).save(root / split / f"n{c:08d}" / f"{i}.JPEG", quality=90)
+print("wrote", root)
+PY
+section "7b. one epoch of DINO ViT-S/16 (imagenet-dino-vits16, batch ${INET[2]}): images/s, peak memory" $(( DRY ? 600 : 150 )) \
+  $PY - "$WORK" "$DEVICE" "${INET[2]}" ${INET[3]} <<'PY'
+import json, sys
+from pathlib import Path
+import torch
+from selfsup.cli import main
+work, device, batch, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+rc = main(["pretrain", "--preset", "imagenet-dino-vits16", "--data", str(work / "inet"), "--out", str(work / "dino-vits16"),
+           "--no-progress", "--set", "train.epochs=1", f"train.batch_size={batch}", f"train.device={device}",
+           "eval.knn_every=0", "eval.online_linear=false", "optim.warmup_epochs=0", *extra])
+rows = [json.loads(x) for x in (work / "dino-vits16" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+print(f"rc {rc}; {rows[-1]['images_per_s']:.0f} img/s (2 global + 8 local crops each), loss {rows[-1]['loss']:.4f}, "
+      f"peak CUDA memory {peak:.1f} GiB")
+PY
+# 8. a short run of each new method on CIFAR-10 (dry run: digits, 1 epoch, tiny)
+if [ $DRY = 1 ]; then NEW_DATA=digits; NEW_SETS="train.epochs=1 train.batch_size=32 model.width=0.125"; NEW_SIZE="aug.size=16"; \
+else NEW_DATA="$DATA"; NEW_SETS="train.epochs=2 train.batch_size=256 optim.warmup_epochs=0.2"; NEW_SIZE="aug.size=32"; fi
+for p in cifar10-barlow-twins cifar10-vicreg cifar10-mocov3 cifar10-nnclr cifar10-dino-vit-tiny cifar10-mocov3-vit-tiny; do
+  case $p in *vit*) sets="$NEW_SETS $NEW_SIZE dino.freeze_last_layer_epochs=0.1"; sets="${sets//model.width=0.125/}";;
+             *nnclr*) sets="$NEW_SETS nnclr.support_size=$([ $DRY = 1 ] && echo 128 || echo 8192)";; *) sets="$NEW_SETS";; esac
+  [ "${p%vit-tiny}" = cifar10-mocov3- ] && sets="${sets// dino.freeze_last_layer_epochs=0.1/}"
+  section "8. $p: a short run ($sets)" $(( DRY ? 300 : 55 )) \
+    $PY -m selfsup pretrain --preset $p --data "$NEW_DATA" --out "$WORK/new-$p" --no-progress \
+        --set train.device=$DEVICE eval.knn_every=1 $sets
+done
+fi
 
 log ""; log "# done in $(( $(date +%s) - START ))s; log $LOG; runs under $WORK"
