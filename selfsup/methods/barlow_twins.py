@@ -16,14 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..augment import Augment
 from ..config import Config
 from ..heads import mlp
 from ..losses import barlow_twins
-from .base import Method
+from .base import TwoViewMethod
 
 
-class BarlowTwins(Method):
+class BarlowTwins(TwoViewMethod):
     def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, layers: int, lambd: float,
                  bias_lr_ratio: float, **shared: Any):
         """dim, hidden_dim (None: the backbone's width), layers: the projector (8192, 8192, 3 on
@@ -39,13 +38,8 @@ class BarlowTwins(Method):
                    lambd=cfg.barlow_twins.lambd, bias_lr_ratio=cfg.barlow_twins.bias_lr_ratio,
                    **cls.shared_settings(cfg))
 
-    check = staticmethod(Method.require_two_views)
-
-    def augmentations(self, size: int, mean, std) -> list[Augment]:
-        return [Augment(v) for v in self.asymmetric_views(size, mean, std)]
-
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
-        z1, z2 = (self.projector(self.backbone(v)) for v in views)  # (N, D) each, BN per view
+        z1, z2 = self.project(views)  # (N, D) each, BN per view
         return {"loss": barlow_twins(z1, z2, self.lambd), "embedding": torch.cat([z1, z2])}
 
     def param_groups(self, peak_lr: float) -> list[dict]:

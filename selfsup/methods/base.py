@@ -83,13 +83,6 @@ class Method(nn.Module):
         v1, v2 = (byol_view(size, i, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std) for i in (1, 2))
         return v1, v2
 
-    @staticmethod
-    def require_two_views(cfg: Config) -> None:
-        """Refuse multi-crop for a method whose loss compares exactly two views."""
-        if cfg.multicrop.global_crops != 2 or cfg.multicrop.local_crops:
-            raise ConfigError(f"{cfg.method} takes exactly two views; multicrop.global_crops=2 and "
-                              f"multicrop.local_crops=0 (multi-crop is for simclr, byol, simsiam, swav and dino)")
-
     def multi_crop(self, global_views: list[ViewConfig], local_from: ViewConfig | None = None) -> list[Augment]:
         """The global views, then ``multicrop.local_crops`` local views of ``local_from``
         (default: the first global view), as ``multicrop`` describes them."""
@@ -126,6 +119,26 @@ class Method(nn.Module):
     @torch.no_grad()
     def on_step_end(self, info: StepInfo) -> None:
         """Called after every optimiser step (EMA targets, SwAV's prototype renormalisation)."""
+
+
+class TwoViewMethod(Method):
+    """A method whose loss compares exactly two views, BYOL's asymmetric pair, each sent through
+    the networks alone so that BN normalises it with its own statistics (the official code of
+    Barlow Twins, VICReg, MoCo v3; NNCLR's pseudocode). Subclasses set ``self.projector``."""
+
+    @staticmethod
+    def check(cfg: Config) -> None:
+        if cfg.multicrop.global_crops != 2 or cfg.multicrop.local_crops:
+            raise ConfigError(f"{cfg.method} takes exactly two views; multicrop.global_crops=2 and "
+                              f"multicrop.local_crops=0 (multi-crop is for simclr, byol, simsiam, swav and dino)")
+
+    def augmentations(self, size: int, mean, std) -> list[Augment]:
+        return [Augment(v) for v in self.asymmetric_views(size, mean, std)]
+
+    def project(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """z1, z2 = g(f(x1)), g(f(x2)), one pass per view: (N, D) each."""
+        x1, x2 = views
+        return self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
 
 
 def encode_by_resolution(encoder: Callable[[Tensor], Tensor], views: list[Tensor]) -> Tensor:

@@ -17,15 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..augment import Augment
 from ..config import Config
 from ..heads import mlp
 from ..losses import mocov3
 from ..momentum import MomentumTeacher, momentum_at
-from .base import Method, StepInfo
+from .base import StepInfo, TwoViewMethod
 
 
-class MoCoV3(Method):
+class MoCoV3(TwoViewMethod):
     def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, layers: int,
                  pred_hidden: int | None, pred_last_bn: bool, temperature: float, momentum: float, **shared: Any):
         """dim, hidden_dim (None: the backbone's width; MoCo v3: 256, 4096), layers: the projector;
@@ -47,17 +46,12 @@ class MoCoV3(Method):
                    pred_hidden=c.pred_hidden, pred_last_bn=m.backbone.startswith("vit_"),  # MoCo_ViT's predictor
                    temperature=c.temperature, momentum=c.momentum, **cls.shared_settings(cfg))
 
-    check = staticmethod(Method.require_two_views)
-
-    def augmentations(self, size: int, mean, std) -> list[Augment]:
-        return [Augment(v) for v in self.asymmetric_views(size, mean, std)]
-
     @torch.no_grad()
     def on_step_start(self, info: StepInfo) -> None:
         self.m = momentum_at(info.step, info.total_steps, self.base_m, cosine=True)  # adjust_moco_momentum
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
-        z1, z2 = (self.projector(self.backbone(v)) for v in views)  # (N, D) each
+        z1, z2 = self.project(views)  # (N, D) each
         q1, q2 = self.predictor(z1), self.predictor(z2)  # (N, D) queries
         with torch.no_grad():
             self.momentum_encoder.update(self.m)  # before this step's keys, as the official code

@@ -17,15 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..augment import Augment
 from ..config import Config, ConfigError
 from ..heads import mlp
 from ..losses import nearest_neighbours, nnclr
 from ..momentum import KeyQueue
-from .base import Method
+from .base import TwoViewMethod
 
 
-class NNCLR(Method):
+class NNCLR(TwoViewMethod):
     def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, layers: int, pred_hidden: int,
                  temperature: float, support_size: int, **shared: Any):
         """dim, hidden_dim (None: the backbone's width), layers: the projector; pred_hidden: the
@@ -45,17 +44,14 @@ class NNCLR(Method):
 
     @staticmethod
     def check(cfg: Config) -> None:
-        Method.require_two_views(cfg)
+        TwoViewMethod.check(cfg)
         size, batch = cfg.nnclr.support_size, cfg.train.batch_size
         if size % batch:
             raise ConfigError(f"nnclr.support_size {size} must be a multiple of the embeddings queued per step, "
                               f"{batch} (the global batch); e.g. nnclr.support_size={max(1, size // batch) * batch}")
 
-    def augmentations(self, size: int, mean, std) -> list[Augment]:
-        return [Augment(v) for v in self.asymmetric_views(size, mean, std)]
-
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
-        z1, z2 = (self.projector(self.backbone(v)) for v in views)  # (N, D) each
+        z1, z2 = self.project(views)  # (N, D) each
         p1, p2 = self.predictor(z1), self.predictor(z2)  # (N, D)
         support = self.support.keys  # (K, D); the lookups copy their rows before the push below
         nn1, nn2 = nearest_neighbours(z1, support), nearest_neighbours(z2, support)  # (N, D) each

@@ -13,14 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..augment import Augment
 from ..config import Config
 from ..heads import mlp
 from ..losses import vicreg
-from .base import Method
+from .base import TwoViewMethod
 
 
-class VICReg(Method):
+class VICReg(TwoViewMethod):
     def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, layers: int, sim_coeff: float,
                  std_coeff: float, cov_coeff: float, **shared: Any):
         """dim, hidden_dim (None: the backbone's width), layers: the expander; sim_coeff λ,
@@ -35,11 +34,6 @@ class VICReg(Method):
         return cls(backbone, dim=m.proj_dim, hidden_dim=m.proj_hidden, layers=m.proj_layers, sim_coeff=c.sim_coeff,
                    std_coeff=c.std_coeff, cov_coeff=c.cov_coeff, **cls.shared_settings(cfg))
 
-    check = staticmethod(Method.require_two_views)
-
-    def augmentations(self, size: int, mean, std) -> list[Augment]:
-        return [Augment(v) for v in self.asymmetric_views(size, mean, std)]
-
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
-        z1, z2 = (self.projector(self.backbone(v)) for v in views)  # (N, D) each, BN per view
+        z1, z2 = self.project(views)  # (N, D) each, BN per view
         return {"loss": vicreg(z1, z2, **self.coeffs), "embedding": torch.cat([z1, z2])}
