@@ -103,11 +103,13 @@ def _step_options(q: argparse.ArgumentParser, what: str) -> None:
     q.add_argument("--seed", type=int)
     q.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help=f"any {what} setting, e.g. --set weight_decay=0 eval_every=5 (see selfsup/semisup.py)")
+    q.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly (--epochs and the lr schedule may change)")
 
 
 def _semisup_parsers(sub) -> None:
     ft = sub.add_parser("finetune", help="fine-tune a pre-trained run on a labelled subset (SimCLRv2)")
-    ft.add_argument("--checkpoint", required=True, help="the pre-training run folder")
+    ft.add_argument("--checkpoint", help="the pre-training run folder (required unless --resume)")
     ft.add_argument("--labels", help="1%%, 10%%, a count per class (50) or a file of image indices (default 10%%)")
     ft.add_argument("--label-seed", type=int, help="seed of the labelled subset (default 0)")
     ft.add_argument("--from-head-layer", type=int, dest="head_layers",
@@ -117,7 +119,7 @@ def _semisup_parsers(sub) -> None:
     _step_options(ft, "fine-tuning")
 
     ds = sub.add_parser("distill", help="distil a fine-tuned teacher into a student on all images")
-    ds.add_argument("--teacher", required=True, help="a fine-tuned run folder")
+    ds.add_argument("--teacher", help="a fine-tuned run folder (required unless --resume)")
     ds.add_argument("--student", help="resnet18 | resnet34 | resnet50 (default resnet18)")
     ds.add_argument("--width", type=float, help="the student's width (default: the teacher's)")
     ds.add_argument("--temperature", type=float, help="tau: 1.0 big-to-small (default), 0.1 self-distillation")
@@ -129,7 +131,7 @@ def _semisup_parsers(sub) -> None:
 
     ss = sub.add_parser("semisup", help="SimCLRv2's recipe: pre-train -> fine-tune -> distil, and "
                                         "the supervised-only baseline, into one table")
-    ss.add_argument("--data", required=True)
+    ss.add_argument("--data", help="the labelled source (required unless --resume)")
     ss.add_argument("--labels", default="1%", help="as for finetune (default 1%%)")
     ss.add_argument("--out", help="folder for the steps' runs and results.md/json")
     ss.add_argument("--pretrained", help="start from this pre-training run instead of pre-training")
@@ -138,6 +140,8 @@ def _semisup_parsers(sub) -> None:
     ss.add_argument("--student", help="the distillation student (default resnet18 at the teacher's width)")
     ss.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     ss.add_argument("--no-progress", action="store_true", help="no progress bar while pre-training")
+    ss.add_argument("--resume", action="store_true",
+                    help="continue the recipe in --out with its own settings, each step where it stopped")
     ss.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="STEP.KEY=VALUE",
                     help="settings per step: pretrain.model.width=0.25 finetune.epochs=30 "
                          "distill.temperature=0.1 ...")
@@ -148,23 +152,41 @@ def _step_overrides(a: argparse.Namespace) -> dict:
             "device": a.device, "seed": a.seed}
 
 
-def _finetune(a: argparse.Namespace) -> int:
-    from .semisup import FinetuneConfig, finetune, step_config
+def _run_step(a: argparse.Namespace, cls, run, required: str, **flags) -> dict:
+    """A fine-tuning or distillation from the command line: a fresh run of the flags' settings,
+    or with ``--resume`` the run in ``--out``, where every other flag asks for a change
+    (refused by name unless resume allows it)."""
+    from .config import flatten, parse_set
+    from .semisup import step_config
 
-    cfg = step_config(FinetuneConfig, a.sets, checkpoint=a.checkpoint, labels=a.labels,
-                      label_seed=a.label_seed, head_layers=a.head_layers, random_init=a.random_init,
-                      **_step_overrides(a))
-    result = finetune(cfg)
+    overrides = {**flags, **_step_overrides(a)}
+    if not a.resume:
+        if overrides[required] is None:
+            raise ConfigError(f"--{required} is required (or --resume with --out, to continue a run)")
+        return run(step_config(cls, a.sets, **overrides))
+    if not a.out:
+        raise ConfigError("--resume needs --out DIR (the run to continue)")
+    changes = {}
+    for item in a.sets or []:
+        changes.update(flatten(parse_set(item)))
+    changes.update({k: v for k, v in overrides.items() if v is not None and k not in ("out", "device")})
+    return run(cls(out=a.out, device=a.device or "auto"), resume=True, changes=changes)
+
+
+def _finetune(a: argparse.Namespace) -> int:
+    from .semisup import FinetuneConfig, finetune
+
+    result = _run_step(a, FinetuneConfig, finetune, "checkpoint", checkpoint=a.checkpoint, labels=a.labels,
+                       label_seed=a.label_seed, head_layers=a.head_layers, random_init=a.random_init)
     print(f"fine-tuned test top-1: {result['test_top1']:.2f}% -> {result['out']}")
     return 0
 
 
 def _distill(a: argparse.Namespace) -> int:
-    from .semisup import StudentConfig, distill, step_config
+    from .semisup import StudentConfig, distill
 
-    cfg = step_config(StudentConfig, a.sets, teacher=a.teacher, student=a.student, width=a.width,
-                      temperature=a.temperature, alpha=a.alpha, augment=a.augment, **_step_overrides(a))
-    result = distill(cfg)
+    result = _run_step(a, StudentConfig, distill, "teacher", teacher=a.teacher, student=a.student, width=a.width,
+                       temperature=a.temperature, alpha=a.alpha, augment=a.augment)
     print(f"student test top-1: {result['test_top1']:.2f}% (teacher {result['teacher_top1']:.2f}%) "
           f"-> {result['out']}")
     return 0
@@ -177,6 +199,22 @@ def _semisup(a: argparse.Namespace) -> int:
     from .methods import check_config
     from .semisup import StudentConfig, FinetuneConfig, semisup, step_config
 
+    if a.resume:  # the recipe's own settings (semisup.yaml); only where it runs may change
+        if not a.out:
+            raise ConfigError("--resume needs --out DIR (the semisup run to continue)")
+        given = [flag for flag, v in (("--data", a.data), ("--pretrained", a.pretrained), ("--preset", a.preset),
+                                      ("--student", a.student), ("--set", a.sets),
+                                      ("--labels", a.labels != "1%" or None),
+                                      ("--from-head-layer", a.head_layers != 1 or None)) if v]
+        if given:
+            raise ConfigError(f"--resume continues '{a.out}' with its own settings ({given[0]} cannot change); "
+                              f"start a new recipe in another --out to change them")
+        ft = FinetuneConfig(device=a.device or "auto")
+        semisup(a.out, pretrain_cfg=None, pretrained=None, finetune_cfg=ft, distill_cfg=StudentConfig(), resume=True)
+        print(f"-> {a.out}/results.md")
+        return 0
+    if not a.data:
+        raise ConfigError("--data is required (or --resume with --out, to continue a recipe)")
     sets: dict[str, list[str]] = {"pretrain": [], "finetune": [], "distill": []}
     for item in a.sets:
         step, _, rest = item.partition(".")
@@ -308,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if not isinstance(e, TrainingError) else 1
     except OSError as e:  # a file-system failure no check foresaw (read-only, full, gone): one line, the file named
         where = f" '{e.filename}'" if e.filename else ""
-        print(f"selfsup: error: could not access{where}: {e.strerror or e}", file=sys.stderr)
+        print(f"selfsup: error: could not read or write{where}: {e.strerror or e}", file=sys.stderr)
         return 1
     except Interrupted as e:  # SIGTERM / SIGINT: checkpoint written; 143 / 130 as a shell would report
         print(f"selfsup: {e}", file=sys.stderr)

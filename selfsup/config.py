@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError  # noqa: F401 (defined there; imported from here too)
+from .files import write_text_atomic
 from .presets import LEGACY_TEMPERATURE, load_yaml, method_recipes, preset, upgrade  # noqa: F401 (re-exported)
 
 
@@ -572,5 +573,11 @@ def check_placeholders(cfg: Config) -> None:
                           f"(<root>/train/<class>/*.JPEG and <root>/val/...) or an archive of one")
 
 
+def dumps(cfg: Config) -> str:
+    """``cfg`` as the YAML of a run's ``config.yaml``."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def dump(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """``cfg`` written to ``path`` (atomically: a failed write leaves the previous file)."""
+    write_text_atomic(dumps(cfg), path)

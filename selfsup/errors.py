@@ -24,8 +24,13 @@ class TrainingError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """The run stopped on a signal after writing its checkpoint; ``exit_code`` is 143 or 130."""
+    """The run stopped on a signal (after writing its checkpoint, when training had begun);
+    ``exit_code`` is 143 or 130; ``resume``: the command that continues it."""
 
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, stopped: str, exit_code: int, resume: str = ""):
+        super().__init__(f"{stopped}. Continue with: {resume}" if resume else stopped)
+        self.stopped, self.exit_code, self.resume = stopped, exit_code, resume
+
+    def continued_by(self, resume: str) -> Interrupted:
+        """The same stop, continued by another command (a recipe's, around its step's)."""
+        return Interrupted(self.stopped, self.exit_code, resume)

@@ -46,7 +46,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .backbones import BACKBONES, is_vit
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError, TrainingError
 from .runs import EXPORTS, META_KEY, load_backbone, require_safetensors, run_dir, save_backbone
 
 FORMATS = tuple(EXPORTS)  # torchvision, safetensors
@@ -91,5 +91,5 @@ def export_backbone(run: str | Path, fmt: str = "torchvision", out: str | Path |
             metadata = {META_KEY: json.dumps(spec.to_json())}
             ckpt.write_bytes_atomic(require_safetensors().save(weights, metadata=metadata), out)
     except OSError as e:
-        raise CheckpointError(f"could not write the export '{out}': {e.strerror or e}") from None
+        raise TrainingError(f"could not write the export '{out}': {e.strerror or e}") from None
     return out

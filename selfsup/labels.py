@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import DataError
+from .files import write_text_atomic
 
 LABELS_FILE = "labels.txt"
 
@@ -99,4 +100,4 @@ def select(spec: str, labels: np.ndarray, num_classes: int, *, seed: int = 0) ->
 
 def write_indices(path: str | Path, indices: np.ndarray, *, about: str) -> None:
     """Write ``indices`` in the format :func:`read_indices` reads, with a comment saying whence."""
-    Path(path).write_text(f"# {about}\n" + "".join(f"{i}\n" for i in indices))
+    write_text_atomic(f"# {about}\n" + "".join(f"{i}\n" for i in indices), path)

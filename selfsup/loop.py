@@ -14,8 +14,8 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from .device import autocast_dtype
 from .errors import ConfigError, Interrupted, TrainingError
 from .optim import clip_gradients, cosine, set_lr, set_weight_decay, warmup_cosine
 from .runguard import EXIT_CODES, RunLock, StopSignals
-from .runs import CHECKPOINT, METRICS, BackboneSpec, save_run
+from .runs import CHECKPOINT, CONFIG, METRICS, BackboneSpec, save_run
 
 
 def log(msg: str) -> None:
@@ -46,6 +46,16 @@ def fresh_out(name: str) -> Path:
     """``runs/<name>-<time>``: a new folder per run, so repeating a command never clobbers one."""
     stamp = D.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
     return Path("runs") / f"{name}-{stamp}"
+
+
+@contextmanager
+def guarded() -> Iterator[tuple[StopSignals, ExitStack]]:
+    """What every long command runs under: stop signals that checkpoint (not under torchrun: it
+    also sends SIGTERM to tear down a group after a rank died, when the survivors sit in a
+    collective that never returns, so only the default action ends them) and a stack that holds
+    the run lock (:func:`lock_folder`) and whatever else closes with the run."""
+    with StopSignals(enabled=not D.launched_by_torchrun()) as stop, ExitStack() as held:
+        yield stop, held
 
 
 def lock_folder(out: Path, held: ExitStack) -> None:
@@ -96,9 +106,11 @@ def kept_checkpoint(out: Path) -> str:
     return f"there is no checkpoint in '{out}' (none had been written yet)"
 
 
-def nonfinite_stop(what: str, out: Path, advice: str) -> TrainingError:
-    """The error that stops a run on a non-finite loss: where, what is kept, what to do."""
-    return TrainingError(f"{what}; nothing was saved after it: {kept_checkpoint(out)}. {advice}")
+def nonfinite_stop(what: str, out: Path, advice: tuple[str, str]) -> TrainingError:
+    """The error that stops a run on a non-finite loss: where, what is kept, what to do
+    (``advice``: with a checkpoint to resume from, and without one)."""
+    return TrainingError(f"{what}; nothing was saved after it: {kept_checkpoint(out)}. "
+                         f"{advice[0] if (out / CHECKPOINT).exists() else advice[1]}")
 
 
 def non_finite_entries(state: dict[str, Tensor]) -> list[str]:
@@ -122,6 +134,24 @@ def save_checkpoint(out: Path, model: nn.Module, spec: BackboneSpec, *, config: 
                             f"{kept_checkpoint(out)}")
     state = {"format": ckpt.FORMAT, "version": 1, "config": config, "epoch": epoch, "model": weights, **extra}
     save_run(out, state, model.backbone, spec)
+
+
+def resumable(step: int, optimizer: torch.optim.Optimizer, generators: list[Tensor], partial: dict | None) -> dict:
+    """What a checkpoint holds besides the weights so that ``--resume`` continues the run exactly
+    (:func:`resume.restore`): the global step, the optimiser, each rank's augmentation RNG and,
+    mid-epoch, the partial epoch (:meth:`EpochSums.partial`)."""
+    extra = {"step": step, "optimizer": optimizer.state_dict(), "generator": generators[0], "generators": generators}
+    if partial is not None:
+        extra["partial_epoch"] = partial
+    return extra
+
+
+def start_folder(out: Path, config_text: str, epochs_done: int) -> None:
+    """The folder as a run (re)starts: its settings in ``config.yaml``, and no metric lines of
+    epochs its checkpoint does not hold (a fresh start: none)."""
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.write_text_atomic(config_text, out / CONFIG)
+    truncate_metrics(out / METRICS, epochs_done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +256,7 @@ class FiniteWatch:
     once its event has passed (:meth:`poll`), or, before anything is saved or logged, all of
     them (:meth:`flush`)."""
 
-    def __init__(self, device: torch.device, steps_per_epoch: int, advice: str, out: Path):
+    def __init__(self, device: torch.device, steps_per_epoch: int, advice: tuple[str, str], out: Path):
         self.cuda = device.type == "cuda"
         self.steps, self.advice, self.out = steps_per_epoch, advice, out
         self.pending: deque = deque()  # (global step, loss, host flag, event)
@@ -288,7 +318,8 @@ class Loop:
     step: Callable[[int, Any, float], dict[str, Tensor]]  # (global step, item, lr) -> detached outputs
     save: Callable[[int, int, dict | None], None]         # (epochs done, global step, partial epoch)
     images_per_epoch: int                                 # for the img/s figure
-    nonfinite_advice: str                                 # what to do when the loss is nan / inf
+    nonfinite_advice: tuple[str, str]                     # what to do when the loss is nan / inf: with a
+                                                          # checkpoint to resume from, and without one
     evaluate: Callable[[int, bool], dict] = _nothing      # (epoch, last) -> metrics; every rank calls
     describe: Callable[[dict], str] = lambda m: ""        # the log line's text after "img/s"
     warnings: Callable[[dict], list[str]] = lambda m: []  # lines logged after it
@@ -304,7 +335,11 @@ class Loop:
 def run_epochs(loop: Loop, start: Position | None = None) -> dict:
     """Train from ``start`` to the last epoch, or the first epoch end past ``max_minutes``.
     Returns the epochs' metrics (each epoch's updating the last's)."""
-    start = start or Position()
+    with loop.stop.deferring():  # a stop signal from here on finishes its step first
+        return _run_epochs(loop, start or Position())
+
+
+def _run_epochs(loop: Loop, start: Position) -> dict:
     result: dict = {}
     train_seconds = float(start.partial.get("train_seconds", 0.0))
     epochs, steps = loop.schedule.epochs, loop.schedule.steps_per_epoch
@@ -393,5 +428,5 @@ def _report(loop: Loop, metrics: dict, scalars: list[str]) -> None:
 
 def _interrupted(loop: Loop, where: str) -> Interrupted:
     received = loop.stop.received
-    return Interrupted(f"stopped by {received.name} after {where}; the checkpoint in '{loop.out}' is saved. "
-                       f"Continue with: {loop.resume_command}", EXIT_CODES[received])
+    return Interrupted(f"stopped by {received.name} after {where}; the checkpoint in '{loop.out}' is saved",
+                       EXIT_CODES[received], loop.resume_command)

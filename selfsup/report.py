@@ -28,9 +28,10 @@ import torch
 
 from .data import load_data
 from .device import resolve_device
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import extract_features, nearest_neighbours
-from .runs import EVAL_GLOB, METRICS, load_backbone
+from .files import write_atomic, write_text_atomic
+from .runs import EVAL_GLOB, METRICS, is_number, load_backbone, read_metrics
 
 
 def _pyplot():
@@ -44,53 +45,6 @@ def _pyplot():
     return plt
 
 
-def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def read_metrics(run: Path, notes: list[str] | None = None) -> list[dict]:
-    """The usable rows of ``run/metrics.jsonl``; what was left out is described in ``notes``."""
-    notes = [] if notes is None else notes
-    path = run / METRICS
-    if not path.is_file():
-        raise CheckpointError(f"'{run}' has no {METRICS}; pass a run folder written by selfsup pretrain")
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as e:
-        raise CheckpointError(f"cannot read '{path}': {e.strerror or e}") from None
-    rows = []
-    for n, raw in enumerate(lines, 1):
-        where = f"{path} line {n}"
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except ValueError as e:  # e.g. a last line cut short by a kill: the run's resume drops it too
-            notes.append(f"{where} is not valid JSON ({str(e)[:80]}); left out")
-            continue
-        if not isinstance(row, dict):
-            notes.append(f"{where} is a JSON {type(row).__name__}, not an object; left out")
-            continue
-        epoch, loss = row.get("epoch"), row.get("loss")
-        if not (_number(epoch) and math.isfinite(epoch) and epoch == int(epoch) and epoch >= 0):
-            notes.append(f"{where}: 'epoch' must be a whole number >= 0, got {epoch!r}; left out")
-            continue
-        if not _number(loss):
-            notes.append(f"{where}: 'loss' must be a number, got {loss!r}; left out")
-            continue
-        odd = [k for k, v in row.items() if not _number(v)]
-        if odd:
-            notes.append(f"{where}: {', '.join(f'{k}={row[k]!r}' for k in odd)} not a number; that value left out")
-        bad = [k for k, v in row.items() if _number(v) and not math.isfinite(v)]
-        if bad:
-            notes.append(f"{where}: {', '.join(f'{k}={row[k]}' for k in bad)} (not finite)")
-        rows.append({k: v for k, v in row.items() if k not in odd} | {"epoch": int(epoch)})
-    if not rows:
-        raise CheckpointError(f"'{path}' has no complete epoch yet; report after the first epoch"
-                              + (f" ({notes[-1]})" if notes else ""))
-    return rows
-
-
 def _read_eval(path: Path, notes: list[str]) -> dict | None:
     """An ``eval_*.json`` result, or None (with a note) when it is not one."""
     try:
@@ -98,7 +52,7 @@ def _read_eval(path: Path, notes: list[str]) -> dict | None:
     except (OSError, ValueError) as err:
         notes.append(f"{path} is not readable JSON ({getattr(err, 'strerror', None) or str(err)[:80]}); left out")
         return None
-    if not isinstance(e, dict) or not _number(e.get("top1")):
+    if not isinstance(e, dict) or not is_number(e.get("top1")):
         what = f"top1={e.get('top1')!r}" if isinstance(e, dict) else f"a JSON {type(e).__name__}"
         notes.append(f"{path} is not an evaluation result (an object with a numeric top1; got {what}); left out")
         return None
@@ -175,9 +129,9 @@ def _neighbour_grid(plt, queries: np.ndarray, q_labels: np.ndarray, neighbours: 
 
 def _savefig(plt, fig, path: Path) -> None:
     try:
-        fig.savefig(path, dpi=90)
+        write_atomic(path, lambda f: fig.savefig(f, dpi=90, format="png"))  # a failed write keeps the old figure
     except OSError as e:
-        raise CheckpointError(f"cannot write the report's figure '{path}': {e.strerror or e}") from None
+        raise TrainingError(f"cannot write the report's figure '{path}': {e.strerror or e}") from None
     finally:
         plt.close(fig)
 
@@ -284,7 +238,7 @@ img{{max-width:100%}}figure{{margin:1.5em 0}}figcaption{{color:#555;font-size:90
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     try:
-        out.write_text(page)
+        write_text_atomic(page, out)
     except OSError as e:
-        raise CheckpointError(f"cannot write the report '{out}': {e.strerror or e}") from None
+        raise TrainingError(f"cannot write the report '{out}': {e.strerror or e}") from None
     return out

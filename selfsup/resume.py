@@ -1,9 +1,15 @@
-"""A pre-training run's folder as the run starts: locked, refused when it already holds another
-run, or read back on ``--resume`` (the saved settings, then the weights, optimiser, RNG and the
-position within the run)."""
+"""A run's folder as the run starts, for every long command (``pretrain``, ``finetune``,
+``distill``): locked, refused when it already holds another run, or read back on ``--resume``
+(the saved settings with the changes resume allows, then the weights, optimiser, RNG and the
+position within the run).
+
+:func:`open_run` and :func:`restore` are the mechanism every command shares; :func:`open_folder`
+and :func:`apply_changes` are pre-training's settings on top of it.
+"""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,6 +23,59 @@ from .errors import CheckpointError, ConfigError
 from .loop import Position, fresh_out, lock_folder, log, refuse_existing
 from .runs import CHECKPOINT, load_run, make_consistent
 
+#: The command that wrote a run checkpoint, by its ``kind`` entry (pre-training writes none).
+PRETRAIN = "pretrain"
+
+
+def run_kind(state: dict) -> str:
+    """``pretrain``, ``finetune`` or ``distill``: the command whose ``--resume`` continues ``state``."""
+    return state.get("kind") or PRETRAIN
+
+
+def open_run(out: Path, resume: bool, held: ExitStack, kind: str) -> dict | None:
+    """``out`` locked for as long as ``held``. A fresh run: refused when ``out`` holds another
+    run's checkpoint, and None. On resume: the checkpoint, which must be a ``kind`` run's, with
+    ``backbone.pt`` / ``backbone.json`` re-derived from it when a save was cut short."""
+    lock_folder(out, held)
+    if not resume:
+        refuse_existing(out, "pass --resume to continue it or choose another --out")
+        return None
+    if not (out / CHECKPOINT).exists():
+        raise CheckpointError(f"--resume: no {CHECKPOINT} in '{out}' to resume from; start the run "
+                              f"without --resume")
+    _, state = load_run(out, who="--resume:", kind="training")
+    if run_kind(state) != kind:
+        raise CheckpointError(f"--resume: '{out}' holds a {run_kind(state)} run, not a {kind} run; continue it "
+                              f"with selfsup {run_kind(state)} --out {out} --resume")
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"--resume: '{out / CHECKPOINT}' holds no settings ('config') to continue with")
+    if not isinstance(state.get("epoch"), int) or isinstance(state["epoch"], bool) or state["epoch"] < 0:
+        raise CheckpointError(f"--resume: '{out / CHECKPOINT}' holds no count of epochs done ('epoch': "
+                              f"{state.get('epoch')!r}) to continue from")
+    repaired = make_consistent(out, state) if D.is_main() else None
+    if repaired:
+        log(f"repaired '{out}': {repaired}; rewrote it from {CHECKPOINT} (epoch {state['epoch']})")
+    return state
+
+
+def check_changes(before: dict, after: dict, asked: Iterable[str], resumable: tuple[str, ...], out: Path,
+                  *, epochs_key: str, epochs_done: int) -> list[str]:
+    """The ``asked`` keys whose value differs between a run's flattened settings ``before`` and
+    ``after`` the changes of a ``--resume``; refuses the first one not in ``resumable`` by name,
+    and fewer epochs than ``out`` has trained. Logs what changed."""
+    changed = [k for k in asked if before.get(k) != after.get(k)]
+    for key in changed:
+        if key not in resumable:
+            raise ConfigError(f"--resume continues '{out}' with its own settings: {key} cannot change on resume "
+                              f"(only {', '.join(resumable)} can); start a new run in another --out to change it")
+    if after[epochs_key] < epochs_done:
+        raise ConfigError(f"--resume: {epochs_key} {after[epochs_key]} is fewer than the {epochs_done} epochs "
+                          f"'{out}' has already trained")
+    for key in changed:
+        note = "; the lr schedule now follows the new length" if key == epochs_key else ""
+        log(f"resume: {key} {before[key]} -> {after[key]}{note}")
+    return changed
+
 
 #: What ``--resume`` may change (with --epochs, --set or --config): the run's length, to extend it
 #: (the lr schedule then follows the new length), and the lr schedule's own settings, which the
@@ -27,24 +86,14 @@ RESUMABLE = ("train.epochs", "optim.lr", "optim.final_lr", "optim.warmup_epochs"
 
 
 def apply_changes(saved: Config, changes: dict, out: Path, epochs_done: int) -> Config:
-    """A resumed run's settings with ``changes`` (dotted keys) applied, or a refusal of the first
-    key whose value differs from the run's and that cannot change on resume; says what changed."""
+    """A resumed pre-training run's settings with ``changes`` (dotted keys) applied, or a refusal
+    of the first key that differs from the run's and cannot change on resume (:func:`check_changes`)."""
     changed_cfg = copy.deepcopy(saved)
     for key, value in changes.items():
         apply_updates(changed_cfg, nest(key, value))
-    before, after = flatten(saved.to_dict()), flatten(changed_cfg.to_dict())
-    changed = [k for k in changes if before.get(k) != after.get(k)]
-    for key in changed:
-        if key not in RESUMABLE:
-            raise ConfigError(f"--resume continues '{out}' with its own settings: {key} cannot change on resume "
-                              f"(only {', '.join(RESUMABLE)} can); start a new run in another --out to change it")
     validate(changed_cfg)
-    if changed_cfg.train.epochs < epochs_done:
-        raise ConfigError(f"--resume: train.epochs {changed_cfg.train.epochs} is fewer than the {epochs_done} epochs "
-                          f"'{out}' has already trained")
-    for key in changed:
-        note = "; the lr schedule now follows the new length" if key == "train.epochs" else ""
-        log(f"resume: {key} {before[key]} -> {after[key]}{note}")
+    check_changes(flatten(saved.to_dict()), flatten(changed_cfg.to_dict()), changes, RESUMABLE, out,
+                  epochs_key="train.epochs", epochs_done=epochs_done)
     return changed_cfg
 
 
@@ -58,17 +107,9 @@ def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack,
             raise ConfigError("--resume needs --out DIR, the run to continue")
         cfg.out = str(fresh_out(cfg.preset or cfg.method))
     out = Path(cfg.out)
-    lock_folder(out, held)
-    if not resume:
-        refuse_existing(out, "pass --resume to continue it or choose another --out")
+    state = open_run(out, resume, held, PRETRAIN)
+    if state is None:
         return cfg, out, None
-    if not (out / CHECKPOINT).exists():
-        raise CheckpointError(f"--resume: no {CHECKPOINT} in '{out}' to resume from; start the run "
-                              f"without --resume")
-    _, state = load_run(out, who="--resume:", kind="training")
-    repaired = make_consistent(out, state) if D.is_main() else None
-    if repaired:
-        log(f"repaired '{out}': {repaired}; rewrote it from {CHECKPOINT} (epoch {state['epoch']})")
     saved = from_dict(state["config"])  # the run's own settings; where it runs may change
     ckpt.check_expected(saved.to_dict(), expect, out / CHECKPOINT)
     saved.out = cfg.out
@@ -79,11 +120,16 @@ def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack,
     return saved, out, state
 
 
-def resume_state(cfg: Config, out: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
-            generator: torch.Generator, steps_per_epoch: int) -> Position:
-    """The saved weights, optimiser and augmentation RNG; where in the run to continue."""
-    ckpt.load_weights(model, state["model"], out / CHECKPOINT,
-                      f"a {cfg.method} model with a {cfg.model.backbone} (width {cfg.model.width:g})")
+def restore(state: dict, out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            generator: torch.Generator, steps_per_epoch: int, epochs: int, what: str) -> Position:
+    """The saved weights (of ``what``, named if they do not fit), optimiser and this rank's
+    augmentation RNG (:func:`loop.resumable`); where in the run of ``epochs`` to continue."""
+    ckpt.load_weights(model, state["model"], out / CHECKPOINT, what)
+    if "optimizer" not in state or "generator" not in state:  # a fine-tuning saved only at its end, by selfsup < 0.3
+        if int(state["epoch"]) < epochs:
+            raise CheckpointError(f"--resume: '{out / CHECKPOINT}' holds no optimiser state to continue from "
+                                  f"(an older selfsup saved it at the run's end only); start a new run")
+        return Position(int(state["epoch"]))
     optimizer.load_state_dict(state["optimizer"])
     generators = state.get("generators", [state["generator"]])
     if len(generators) == D.world_size():  # else the fresh per-rank seeds: augmentations cannot repeat
@@ -94,5 +140,5 @@ def resume_state(cfg: Config, out: Path, state: dict, model: nn.Module, optimize
     partial = state.get("partial_epoch") or {}
     start = Position(int(state["epoch"]), int(partial.get("steps", 0)), partial)
     where = f", step {start.step}/{steps_per_epoch} of epoch {start.epoch + 1}" if start.step else ""
-    log(f"resuming '{out}' at epoch {start.epoch}/{cfg.train.epochs}{where}")
+    log(f"resuming '{out}' at epoch {start.epoch}/{epochs}{where}")
     return start

@@ -4,10 +4,12 @@
   second run on the same folder refuses; a lock whose process is gone (same host, pid not
   alive) is stale and taken over, atomically, so a run killed with SIGKILL never blocks its own
   resume and two runs taking it over never both win.
-* :class:`StopSignals` — SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) only raise a flag;
-  the loop finishes the current step, checkpoints and raises :class:`Interrupted`. A second
-  SIGINT interrupts at once (KeyboardInterrupt), for a user who really wants out. Single-process
-  runs only: under torchrun the signals keep their default action (see ``train.pretrain``).
+* :class:`StopSignals` — SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) during training only
+  raise a flag; the loop finishes the current step, checkpoints and raises :class:`Interrupted`.
+  Before training begins (reading data, building the model) and after it ends, where there is no
+  step to finish, they raise :class:`Interrupted` at once. A second SIGINT interrupts at once
+  (KeyboardInterrupt), for a user who really wants out. Single-process runs only: under torchrun
+  the signals keep their default action (see ``train.pretrain``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import Interrupted, TrainingError
@@ -156,14 +160,28 @@ class StopSignals:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.received: signal.Signals | None = None
+        self.deferred = False  # training steps are running: a signal waits for the current one
+        self.phase = "before training began: nothing was trained, and no checkpoint was written or changed"
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now, without a checkpoint
         self.received = signal.Signals(signum)
+        if not self.deferred:  # no step to finish: stop here
+            raise Interrupted(f"stopped by {self.received.name} {self.phase}", EXIT_CODES[self.received])
         print(f"selfsup: {self.received.name} received: finishing the current step and writing a "
               f"checkpoint (Ctrl-C again to stop at once)", flush=True)
+
+    @contextmanager
+    def deferring(self) -> Iterator[None]:
+        """While training steps run: a signal is a request the loop honours between steps."""
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
+            self.phase = "after training ended: its last checkpoint had been written"
 
     @property
     def requested(self) -> bool:

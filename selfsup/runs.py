@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,54 @@ def load_run(path: str | Path, *, who: str, kind: str = "run", hint: str = "",
     if not ckpt.is_run_state(state):
         raise CheckpointError(f"{who} '{file}' is not a selfsup {kind} checkpoint{hint}")
     return file, state
+
+
+def is_number(v: object) -> bool:
+    """A JSON number (an int or a float, not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_metrics(run: Path, notes: list[str] | None = None) -> list[dict]:
+    """The usable rows of ``run/metrics.jsonl``; what was left out is described in ``notes``."""
+    notes = [] if notes is None else notes
+    path = run / METRICS
+    if not path.is_file():
+        raise CheckpointError(f"'{run}' has no {METRICS}; pass a run folder written by selfsup pretrain")
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise CheckpointError(f"cannot read '{path}': {e.strerror or e}") from None
+    rows = []
+    for n, raw in enumerate(lines, 1):
+        where = f"{path} line {n}"
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except ValueError as e:  # e.g. a last line cut short by a kill: the run's resume drops it too
+            notes.append(f"{where} is not valid JSON ({str(e)[:80]}); left out")
+            continue
+        if not isinstance(row, dict):
+            notes.append(f"{where} is a JSON {type(row).__name__}, not an object; left out")
+            continue
+        epoch, loss = row.get("epoch"), row.get("loss")
+        if not (is_number(epoch) and math.isfinite(epoch) and epoch == int(epoch) and epoch >= 0):
+            notes.append(f"{where}: 'epoch' must be a whole number >= 0, got {epoch!r}; left out")
+            continue
+        if not is_number(loss):
+            notes.append(f"{where}: 'loss' must be a number, got {loss!r}; left out")
+            continue
+        odd = [k for k, v in row.items() if not is_number(v)]
+        if odd:
+            notes.append(f"{where}: {', '.join(f'{k}={row[k]!r}' for k in odd)} not a number; that value left out")
+        bad = [k for k, v in row.items() if is_number(v) and not math.isfinite(v)]
+        if bad:
+            notes.append(f"{where}: {', '.join(f'{k}={row[k]}' for k in bad)} (not finite)")
+        rows.append({k: v for k, v in row.items() if k not in odd} | {"epoch": int(epoch)})
+    if not rows:
+        raise CheckpointError(f"'{path}' has no complete epoch yet; report after the first epoch"
+                              + (f" ({notes[-1]})" if notes else ""))
+    return rows
 
 
 def run_spec(state: dict, file: str | Path) -> BackboneSpec:

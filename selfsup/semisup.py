@@ -16,10 +16,12 @@ evaluates its encoder f.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+import math
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,23 +34,31 @@ from torch import Tensor, nn
 from . import labels as L
 from .augment import Augment, crop_flip_view, eval_view
 from .backbones import build_backbone
-from .config import Config, from_dict, parse_set
+from . import checkpoint as ckpt
+from .config import MIN_TEMPERATURE, Config, from_dict, parse_set
 from .config import apply_updates as apply_settings  # the typed --set machinery of run configs
 from .data import ImageDataset, load_data
 from .device import autocast, resolve_device
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from .evaluate import extract_features
 from .heads import ProjectionHead
 from .loader import epoch_permutation
-from .loop import (Loop, Schedule, backward_step, fresh_out, lock_folder, prepare_device, refuse_existing, run_epochs,
-                   save_checkpoint)
+from .loop import (Loop, Position, Schedule, backward_step, fresh_out, guarded, lock_folder, log, prepare_device,
+                   resumable, run_epochs, save_checkpoint, start_folder)
 from .losses import distill as distill_loss
 from .norm import plain_batchnorm
 from .optim import build_optimizer, param_groups, scale_lr
-from .runs import CONFIG, BackboneSpec, load_run, run_dir, run_spec
+from .resume import check_changes, open_run, restore
+from .runguard import StopSignals
+from .runs import CHECKPOINT, BackboneSpec, load_run, read_metrics, run_dir, run_spec
 from .train import build_method, pretrain
 
 RESULTS = "results"  # semisup writes results.json and results.md
+PLAN = "semisup.yaml"  # semisup's settings of every step, read back by its --resume
+
+#: What ``--resume`` of a fine-tuning or distillation may change: its length (the lr schedule then
+#: follows it), the lr schedule's settings and how often it evaluates and checkpoints.
+RESUMABLE = ("epochs", "lr", "lr_scaling", "warmup_epochs", "eval_every", "eval_batch_size", "checkpoint_every")
 
 
 @dataclass
@@ -66,6 +76,7 @@ class StepConfig:
     warmup_epochs: float = 0.0
     crop_scale_min: float = 0.08     # crop + flip augmentation: smallest crop area fraction
     eval_every: int = 1              # epochs between test-split evaluations (always after the last)
+    checkpoint_every: int = 1        # epochs between checkpoints (and always at the end, or on a stop signal)
     eval_batch_size: int = 512
     seed: int = 0
     device: str = "auto"
@@ -111,17 +122,22 @@ def _validate(cfg: StepConfig) -> None:
         (cfg.optimizer in ("lars", "sgd", "adamw"), f"optimizer '{cfg.optimizer}' unknown; choose lars, sgd or adamw"),
         (0 < cfg.crop_scale_min <= 1, "crop_scale_min must be in (0, 1]"),
         (cfg.eval_every >= 1, "eval_every must be at least 1"),
+        (cfg.checkpoint_every >= 1, "checkpoint_every must be at least 1"),
         (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
     ]
     if isinstance(cfg, FinetuneConfig):
         checks.append((cfg.head_layers >= 0, "head_layers (--from-head-layer) must be >= 0"))
     if isinstance(cfg, StudentConfig):
-        checks += [(cfg.temperature > 0, "temperature must be positive"),
+        checks += [(cfg.temperature >= MIN_TEMPERATURE, f"temperature must be at least {MIN_TEMPERATURE:g} (the "
+                                                        f"distillation loss divides logits by it)"),
                    (0 <= cfg.alpha <= 1, "alpha must be in [0, 1]"),
                    (cfg.width is None or cfg.width > 0, "width must be positive")]
+    numbers = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
+    checks += [(math.isfinite(v), f"{name} must be a finite number, got {v}") for name, v in numbers
+               if isinstance(v, float)]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(f"{type(cfg).__name__.removesuffix('Config').lower()}: {message}")
+            raise ConfigError(f"{'distill' if isinstance(cfg, StudentConfig) else 'finetune'}: {message}")
 
 
 def step_config(cls: type[StepConfig], sets: list[str] | None = None, **overrides) -> StepConfig:
@@ -201,7 +217,7 @@ def load_classifier(run: str | Path) -> tuple[Classifier, BackboneSpec, Path]:
         raise CheckpointError(f"'{run}' is a pre-training run, not a fine-tuned one; run "
                               f"`selfsup finetune --checkpoint {run}` first")
     model = build_classifier(spec)
-    model.load_state_dict(state["model"])
+    ckpt.load_weights(model, state["model"], folder / CHECKPOINT, f"the {spec.method} classifier its metadata describes")
     return model, spec, folder
 
 
@@ -209,17 +225,27 @@ def load_classifier(run: str | Path) -> tuple[Classifier, BackboneSpec, Path]:
 # One supervised loop for both steps
 
 
-@contextmanager
-def _run_folder(cfg: StepConfig, kind: str) -> Iterator[Path]:
-    """The step's run folder, locked while in use, with its settings in config.yaml."""
-    with ExitStack() as held:
-        out = Path(cfg.out) if cfg.out else fresh_out(kind)
-        lock_folder(out, held)
-        refuse_existing(out, "choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.out = str(out)
-        (out / CONFIG).write_text(yaml.safe_dump({kind: dataclasses.asdict(cfg)}, sort_keys=False))
-        yield out
+def _open_step(cfg: StepConfig, kind: str, resume: bool, changes: dict | None,
+               held: ExitStack) -> tuple[StepConfig, Path, dict | None]:
+    """The step's folder, locked for as long as ``held`` (:func:`resume.open_run`); on resume its
+    checkpoint and saved settings, where it runs (device) taken from ``cfg`` and the
+    :data:`RESUMABLE` ``changes`` applied (any other is refused by name)."""
+    if resume and not cfg.out:
+        raise ConfigError("--resume needs --out DIR, the run to continue")
+    out = Path(cfg.out) if cfg.out else fresh_out(kind)
+    state = open_run(out, resume, held, kind)
+    if state is not None:
+        saved = type(cfg)()
+        apply_settings(saved, state["config"])
+        saved.device = cfg.device
+        changed = copy.deepcopy(saved)
+        apply_settings(changed, changes or {})
+        _validate(changed)
+        check_changes(dataclasses.asdict(saved), dataclasses.asdict(changed), changes or {}, RESUMABLE, out,
+                      epochs_key="epochs", epochs_done=int(state["epoch"]))
+        cfg = changed
+    cfg.out = str(out)
+    return cfg, out, state
 
 
 @torch.no_grad()
@@ -234,10 +260,11 @@ def top1(model: nn.Module, data: ImageDataset, spec: BackboneSpec, device: torch
 
 def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tensor], n: int, cfg: StepConfig,
          out: Path, kind: str, spec: BackboneSpec, test: ImageDataset, device: torch.device,
-         dtype: torch.dtype | None) -> dict:
+         dtype: torch.dtype | None, state: dict | None, stop: StopSignals) -> dict:
     """Minimise ``batch_loss(indices, generator)`` over seeded permutations of ``n`` items with a
-    warm-up + cosine schedule, in the loop of :mod:`selfsup.loop`; test top-1 every ``eval_every``
-    epochs; after the last, save the run (``kind``, its settings, the classifier). Returns the last metrics."""
+    warm-up + cosine schedule, in the loop of :mod:`selfsup.loop` (from ``state``'s position on
+    resume); test top-1 every ``eval_every`` epochs; a checkpoint every ``checkpoint_every``
+    epochs, at the end and on a stop signal. Returns the last metrics."""
     batch = min(cfg.batch_size, n)
     # a 1 % subset is a few batches: keep the last partial one unless BN cannot take it (1 item)
     steps_per_epoch = n // batch + (n % batch >= 2)
@@ -245,8 +272,12 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
     optimizer = build_optimizer(cfg.optimizer, model.param_groups(cfg.weight_decay), lr=schedule.peak_lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1)
-    print(f"{n} training images, {steps_per_epoch} steps/epoch of {batch}, {cfg.epochs} epochs, "
-          f"peak lr {schedule.peak_lr:.4g}", flush=True)
+    start = Position() if state is None else restore(
+        state, out, model, optimizer, generator, steps_per_epoch, cfg.epochs,
+        f"the {kind} classifier its {CHECKPOINT} describes")
+    start_folder(out, yaml.safe_dump({kind: dataclasses.asdict(cfg)}, sort_keys=False), start.epoch)
+    log(f"{n} training images, {steps_per_epoch} steps/epoch of {batch}, {cfg.epochs} epochs, "
+        f"peak lr {schedule.peak_lr:.4g}")
 
     def batches(epoch: int, first: int):
         perm = epoch_permutation(n, cfg.seed, epoch).to(device)
@@ -261,14 +292,22 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
         due = (epoch + 1) % cfg.eval_every == 0 or last
         return {"test_top1": top1(model, test, spec, device, cfg, dtype)} if due else {}
 
-    def save(epochs: int, step: int, partial: None) -> None:
-        save_checkpoint(out, model, spec, config=dataclasses.asdict(cfg), epoch=epochs, kind=kind)
+    def save(epochs: int, step: int, partial: dict | None) -> None:
+        save_checkpoint(out, model, spec, config=dataclasses.asdict(cfg), epoch=epochs, kind=kind,
+                        **resumable(step, optimizer, [generator.get_state()], partial))
 
+    if start.epoch >= cfg.epochs:  # a finished run: its result again (the weights are the saved ones)
+        log(f"'{out}' has trained all {cfg.epochs} epochs; nothing to resume")
+        return {"epoch": cfg.epochs, **evaluate(cfg.epochs - 1, True)}
+    resume_command = f"selfsup {kind} --out {out} --resume"
     loop = Loop(out=out, model=model, optimizer=optimizer, schedule=schedule, device=device, batches=batches,
                 step=step, save=save, images_per_epoch=min(steps_per_epoch * batch, n),  # what the batches hold
-                nonfinite_advice=f"Lower --lr (now {cfg.lr:g}) and start again in a new --out", evaluate=evaluate,
-                describe=lambda m: f" test top-1 {m['test_top1']:.2f}%" if "test_top1" in m else "")
-    return run_epochs(loop)
+                nonfinite_advice=(f"Resume from that checkpoint with a lower lr ({resume_command} --lr ...), "
+                                  f"or start again in a new --out with a lower --lr (now {cfg.lr:g})",
+                                  f"Start again in a new --out with a lower --lr (now {cfg.lr:g})"),
+                evaluate=evaluate, describe=lambda m: f" test top-1 {m['test_top1']:.2f}%" if "test_top1" in m else "",
+                checkpoint_every=cfg.checkpoint_every, stop=stop, resume_command=resume_command)
+    return run_epochs(loop, start)
 
 
 def _setup(cfg: StepConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -280,38 +319,33 @@ def _setup(cfg: StepConfig) -> tuple[torch.device, torch.dtype | None]:
 # Step 2: fine-tuning
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Fine-tune a pre-training run on a labelled subset (SimCLRv2 §2); returns the last metrics."""
+def finetune(cfg: FinetuneConfig, *, resume: bool = False, changes: dict | None = None) -> dict:
+    """Fine-tune a pre-training run on a labelled subset (SimCLRv2 §2); returns the last metrics.
+    ``resume``: continue the run in ``cfg.out`` (``changes``: settings to change, :data:`RESUMABLE`)."""
     _validate(cfg)
-    device, dtype = _setup(cfg)
-    folder, state, pre_spec = _run_state(cfg.checkpoint, "--checkpoint")
-    if pre_spec.num_classes is not None:
-        raise ConfigError(f"'{cfg.checkpoint}' is already a fine-tuned run; pass the pre-training run")
-    pre_cfg: Config = from_dict(state["config"])
-    method = build_method(pre_cfg)
-    if not cfg.random_init:
-        method.load_state_dict(state["model"])
-    cfg.data = cfg.data or pre_spec.data
-    splits = load_data(cfg.data, image_size=pre_spec.data_image_size)
-    if splits.test is None:
-        raise ConfigError(f"'{cfg.data}' has no labelled test split to evaluate the fine-tuning on")
-    train = splits.train
-    spec = dataclasses.replace(pre_spec, method="finetune", pretrain_method=pre_cfg.method,
-                               pretrain_config=pre_cfg.to_dict(), head_layers=cfg.head_layers,
-                               num_classes=len(train.classes), random_init=cfg.random_init)
-    model = build_classifier(spec, method).to(device, memory_format=torch.channels_last)
-
-    indices = L.select(cfg.labels, train.labels, len(train.classes), seed=cfg.label_seed)  # (M,)
-    with _run_folder(cfg, "finetune") as out:
-        L.write_indices(out / L.LABELS_FILE, indices, about=f"--labels {cfg.labels} --label-seed "
-                        f"{cfg.label_seed}: {len(indices)} indices into the training split of {cfg.data}")
+    with guarded() as (stop, held):
+        cfg, out, state = _open_step(cfg, "finetune", resume, changes, held)
+        device, dtype = _setup(cfg)
+        method, spec, source = (_pretrained(cfg) if state is None else
+                                (None, run_spec(state, out / CHECKPOINT), "its checkpoint"))
+        splits = load_data(cfg.data, image_size=spec.data_image_size)
+        if splits.test is None:
+            raise ConfigError(f"'{cfg.data}' has no labelled test split to evaluate the fine-tuning on")
+        train = splits.train
+        spec = dataclasses.replace(spec, num_classes=len(train.classes))
+        model = build_classifier(spec, method).to(device, memory_format=torch.channels_last)
+        if state is None:
+            indices = L.select(cfg.labels, train.labels, len(train.classes), seed=cfg.label_seed)  # (M,)
+            L.write_indices(out / L.LABELS_FILE, indices, about=f"--labels {cfg.labels} --label-seed "
+                            f"{cfg.label_seed}: {len(indices)} indices into the training split of {cfg.data}")
+        else:  # the subset this run drew, as it wrote it
+            indices = L.read_indices(out / L.LABELS_FILE, len(train))
         images = torch.from_numpy(np.array(train.images[indices])).to(device)  # (M, H, W, 3) uint8
         targets = torch.from_numpy(train.labels[indices]).to(device)             # (M,)
         augment = Augment(crop_flip_view(spec.image_size, scale=(cfg.crop_scale_min, 1.0),
                                          mean=spec.mean, std=spec.std))
-        source = "random initialisation" if cfg.random_init else str(folder)
-        print(f"fine-tuning {spec.backbone} (width {spec.width:g}) + {cfg.head_layers} head "
-              f"layer(s) from {source} on {len(indices)} labelled images ({cfg.labels})", flush=True)
+        log(f"fine-tuning {spec.backbone} (width {spec.width:g}) + {cfg.head_layers} head "
+            f"layer(s) from {source} on {len(indices)} labelled images ({cfg.labels})")
 
         def batch_loss(idx: Tensor, generator: torch.Generator) -> Tensor:
             with torch.no_grad():
@@ -320,38 +354,64 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 logits = model(x)                     # (B, C)
             return F.cross_entropy(logits.float(), targets[idx])
 
-        metrics = _fit(model, batch_loss, len(indices), cfg, out, "finetune", spec, splits.test, device, dtype)
+        metrics = _fit(model, batch_loss, len(indices), cfg, out, "finetune", spec, splits.test, device, dtype,
+                       state, stop)
     return dict(metrics, out=str(out), labelled=len(indices))
+
+
+def _pretrained(cfg: FinetuneConfig) -> tuple[nn.Module, BackboneSpec, str]:
+    """The pre-training run ``cfg.checkpoint``'s network (untrained with ``random_init``), the
+    fine-tuned run's spec but its class count, and where the weights came from; sets ``cfg.data``
+    to the run's source if unset."""
+    folder, state, pre_spec = _run_state(cfg.checkpoint, "--checkpoint")
+    if pre_spec.num_classes is not None:
+        raise ConfigError(f"'{cfg.checkpoint}' is already a fine-tuned run; pass the pre-training run")
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"--checkpoint '{cfg.checkpoint}' holds no settings ('config') to rebuild its "
+                              f"network from")
+    pre_cfg: Config = from_dict(state["config"])
+    method = build_method(pre_cfg)
+    if not cfg.random_init:
+        ckpt.load_weights(method, state["model"], folder / CHECKPOINT,
+                          f"a {pre_cfg.method} model with a {pre_cfg.model.backbone} (width {pre_cfg.model.width:g}) "
+                          f"as its config says")
+    cfg.data = cfg.data or pre_spec.data
+    spec = dataclasses.replace(pre_spec, method="finetune", pretrain_method=pre_cfg.method,
+                               pretrain_config=pre_cfg.to_dict(), head_layers=cfg.head_layers,
+                               random_init=cfg.random_init)
+    return method, spec, "random initialisation" if cfg.random_init else str(folder)
 
 
 # ---------------------------------------------------------------------------------------------
 # Step 3: distillation
 
 
-def distill(cfg: StudentConfig) -> dict:
-    """Distil a fine-tuned teacher into a student on all training images (SimCLRv2 §2 eq. 2)."""
+def distill(cfg: StudentConfig, *, resume: bool = False, changes: dict | None = None) -> dict:
+    """Distil a fine-tuned teacher into a student on all training images (SimCLRv2 §2 eq. 2).
+    ``resume``: continue the run in ``cfg.out`` (``changes``: settings to change, :data:`RESUMABLE`)."""
     _validate(cfg)
-    device, dtype = _setup(cfg)
-    teacher, tspec, tfolder = load_classifier(cfg.teacher)
-    teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)  # fixed
-    cfg.data = cfg.data or tspec.data
-    splits = load_data(cfg.data, image_size=tspec.data_image_size, unlabeled=cfg.unlabeled)
-    if splits.test is None:
-        raise ConfigError(f"'{cfg.data}' has no labelled test split to evaluate the student on")
-    if len(splits.train.classes) != tspec.num_classes:
-        raise ConfigError(f"the teacher '{cfg.teacher}' predicts {tspec.num_classes} classes, "
-                          f"'{cfg.data}' has {len(splits.train.classes)}; distil on the teacher's data")
-    all_images, labels = _distill_images(cfg, splits, tfolder)
-    spec = dataclasses.replace(tspec, method="distill", backbone=cfg.student, width=cfg.width or tspec.width,
-                               head_layers=0, pretrain_config=None, teacher=str(tfolder), random_init=False)
-    student = build_classifier(spec).to(device, memory_format=torch.channels_last)
-    with _run_folder(cfg, "distill") as out:
+    with guarded() as (stop, held):
+        cfg, out, state = _open_step(cfg, "distill", resume, changes, held)
+        device, dtype = _setup(cfg)
+        teacher, tspec, tfolder = load_classifier(cfg.teacher)
+        teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)  # fixed
+        cfg.data = cfg.data or tspec.data
+        splits = load_data(cfg.data, image_size=tspec.data_image_size, unlabeled=cfg.unlabeled)
+        if splits.test is None:
+            raise ConfigError(f"'{cfg.data}' has no labelled test split to evaluate the student on")
+        if len(splits.train.classes) != tspec.num_classes:
+            raise ConfigError(f"the teacher '{cfg.teacher}' predicts {tspec.num_classes} classes, "
+                              f"'{cfg.data}' has {len(splits.train.classes)}; distil on the teacher's data")
+        all_images, labels = _distill_images(cfg, splits, tfolder)
+        spec = dataclasses.replace(tspec, method="distill", backbone=cfg.student, width=cfg.width or tspec.width,
+                                   head_layers=0, pretrain_config=None, teacher=str(tfolder), random_init=False)
+        student = build_classifier(spec).to(device, memory_format=torch.channels_last)
         teacher_top1 = top1(teacher, splits.test, tspec, device, cfg, dtype)
-        print(f"distilling the teacher {tfolder} (test top-1 {teacher_top1:.2f}%) into {cfg.student} "
-              f"(width {spec.width:g}) on {len(all_images)} images, tau {cfg.temperature:g}, "
-              f"alpha {cfg.alpha:g}", flush=True)
+        log(f"distilling the teacher {tfolder} (test top-1 {teacher_top1:.2f}%) into {cfg.student} "
+            f"(width {spec.width:g}) on {len(all_images)} images, tau {cfg.temperature:g}, alpha {cfg.alpha:g}")
         batch_loss = _distill_loss(cfg, teacher, student, spec, all_images, labels, device, dtype)
-        metrics = _fit(student, batch_loss, len(all_images), cfg, out, "distill", spec, splits.test, device, dtype)
+        metrics = _fit(student, batch_loss, len(all_images), cfg, out, "distill", spec, splits.test, device, dtype,
+                       state, stop)
     return dict(metrics, out=str(out), teacher_top1=teacher_top1)
 
 
@@ -411,44 +471,92 @@ def _distill_loss(cfg: StudentConfig, teacher: Classifier, student: Classifier, 
 
 
 def semisup(out: str | Path, *, pretrain_cfg: Config | None, pretrained: str | None,
-            finetune_cfg: FinetuneConfig, distill_cfg: StudentConfig) -> dict:
+            finetune_cfg: FinetuneConfig, distill_cfg: StudentConfig, resume: bool = False) -> dict:
     """Pre-train (unless ``pretrained`` names a run) -> fine-tune -> distil, plus the fine-tuning
-    of a randomly initialised network on the same labels; writes ``results.json`` / ``.md``."""
+    of a randomly initialised network on the same labels; writes ``results.json`` / ``.md``.
+
+    The folder is locked while the recipe runs and its settings are in ``semisup.yaml``.
+    ``resume``: continue the recipe in ``out`` with those settings (where it runs: the
+    ``device`` of ``finetune_cfg``), each step resumed from its checkpoint or started afresh."""
     out = Path(out)
-    if (out / f"{RESULTS}.json").exists():
-        raise TrainingError(f"'{out}' already holds a semisup run ({RESULTS}.json); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    with guarded() as (stop, held):
+        stop.phase = "between the recipe's steps: each step's checkpoint so far is kept"
+        lock_folder(out, held)
+        if resume:
+            pretrain_cfg, pretrained, finetune_cfg, distill_cfg = _read_plan(out, finetune_cfg.device)
+        elif (out / PLAN).exists() or (out / f"{RESULTS}.json").exists():
+            raise TrainingError(f"'{out}' already holds a semisup run ({PLAN}); pass --resume to continue it "
+                                f"or choose another --out")
+        else:
+            if pretrained is None and pretrain_cfg is None:
+                raise ConfigError("semisup needs a pre-training config or --pretrained RUN")
+            plan = {"pretrained": pretrained, "pretrain": None if pretrain_cfg is None else pretrain_cfg.to_dict(),
+                    "finetune": dataclasses.asdict(finetune_cfg), "distill": dataclasses.asdict(distill_cfg)}
+            ckpt.write_text_atomic(yaml.safe_dump(plan, sort_keys=False), out / PLAN)
+        try:
+            table = _recipe(out, pretrain_cfg, pretrained, finetune_cfg, distill_cfg, resume)
+        except Interrupted as e:  # a step's stop: the recipe continues where that step does
+            raise e.continued_by(f"selfsup semisup --out {out} --resume") from None
+    return table
+
+
+def _read_plan(out: Path, device: str) -> tuple[Config | None, str | None, FinetuneConfig, StudentConfig]:
+    """The settings a semisup run in ``out`` started with (its ``semisup.yaml``), on ``device``."""
+    path = out / PLAN
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no {PLAN} in '{out}' to resume from; start the recipe without --resume")
+    try:
+        plan = yaml.safe_load(path.read_text())
+        ft, ds = FinetuneConfig(), StudentConfig()
+        apply_settings(ft, plan["finetune"])
+        apply_settings(ds, plan["distill"])
+        pre = None if plan["pretrain"] is None else from_dict(plan["pretrain"])
+        pretrained = plan["pretrained"]
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"--resume: '{path}' is not the plan a semisup run wrote ({str(e)[:120]})") from None
+    ft.device = ds.device = device
+    if pre is not None:
+        pre.train.device = device
+    return pre, pretrained, ft, ds
+
+
+def _recipe(out: Path, pretrain_cfg: Config | None, pretrained: str | None, finetune_cfg: FinetuneConfig,
+            distill_cfg: StudentConfig, resume: bool) -> dict:
+    """The steps of :func:`semisup` (each resumed when ``resume`` and it has a checkpoint) and the table."""
+    def again(folder: Path) -> bool:
+        return resume and (folder / CHECKPOINT).exists()
+
     rows: list[dict] = []
     if pretrained is None:
-        if pretrain_cfg is None:
-            raise ConfigError("semisup needs a pre-training config or --pretrained RUN")
         pretrain_cfg.out = str(out / "pretrain")
-        result = pretrain(pretrain_cfg)
+        result = pretrain(pretrain_cfg, resume=again(out / "pretrain"))
         pretrained = pretrain_cfg.out
-        rows.append({"step": "1. pre-train (kNN monitor, all labels)", "run": pretrained,
-                     "top1": result.get("knn_top1")})
+        knn = result.get("knn_top1")
+        if knn is None and again(out / "pretrain"):  # finished before: its last epoch's figure
+            knn = read_metrics(out / "pretrain")[-1].get("knn_top1")
+        rows.append({"step": "1. pre-train (kNN monitor, all labels)", "run": pretrained, "top1": knn})
     # one labelled subset for every step: drawn once, then passed on as the file it was written to
     labels = finetune_cfg.labels
     steps = [("2. fine-tune", "finetune", False), ("supervised only (random init)", "supervised", True)]
     for name, folder, random_init in steps:
         cfg = dataclasses.replace(finetune_cfg, checkpoint=str(pretrained), out=str(out / folder),
                                   random_init=random_init, labels=labels)
-        result = finetune(cfg)
+        result = finetune(cfg, resume=again(out / folder))
         labels = str(Path(result["out"]) / L.LABELS_FILE)
         rows.append({"step": name, "run": result["out"], "top1": result["test_top1"],
                      "labelled": result["labelled"]})
     dcfg = dataclasses.replace(distill_cfg, teacher=str(out / "finetune"), out=str(out / "distill"))
-    result = distill(dcfg)
+    result = distill(dcfg, resume=again(out / "distill"))
     rows.append({"step": "3. distil (student)", "run": result["out"], "top1": result["test_top1"]})
 
     table = {"labels": finetune_cfg.labels, "pretrained": str(pretrained), "head_layers": finetune_cfg.head_layers,
              "distill_temperature": distill_cfg.temperature, "distill_alpha": distill_cfg.alpha,
              "rows": rows}
-    (out / f"{RESULTS}.json").write_text(json.dumps(table, indent=1) + "\n")
     lines = [f"Labels: {finetune_cfg.labels}; pre-trained run: {pretrained}", "",
              "| step | test top-1 | run |", "|---|---|---|"]
     lines += [f"| {r['step']} | {_percent(r['top1'])} | {r['run']} |" for r in rows]
-    (out / f"{RESULTS}.md").write_text("\n".join(lines) + "\n")
+    ckpt.write_text_atomic(json.dumps(table, indent=1) + "\n", out / f"{RESULTS}.json")
+    ckpt.write_text_atomic("\n".join(lines) + "\n", out / f"{RESULTS}.md")
     print("\n".join(lines), flush=True)
     return table
 

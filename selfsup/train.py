@@ -21,20 +21,20 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as D
 from .backbones import build_backbone, is_vit
-from .config import Config, dump, from_dict
+from .config import Config, dumps, from_dict
 from .data import builtin_image_size
 from .device import autocast, resolve_device
 from .epoch_end import Monitors, build_monitors
 from .errors import CheckpointError, ConfigError
 from .feed import Images, build_loader, load_images
 from .loader import DeviceLoader
-from .loop import (Loop, Position, Schedule, backward_step, log, prepare_device, run_epochs, save_checkpoint,
-                   truncate_metrics)
+from .loop import (Loop, Position, Schedule, backward_step, guarded, log, prepare_device, resumable, run_epochs,
+                   save_checkpoint, start_folder)
 from .methods import METHODS, Method, StepInfo, check_config
 from .optim import build_optimizer, scale_lr
-from .resume import open_folder, resume_state
+from .resume import open_folder, restore
 from .runguard import StopSignals
-from .runs import CHECKPOINT, CONFIG, METRICS, TENSORBOARD, BackboneSpec, load_backbone, load_run
+from .runs import CHECKPOINT, TENSORBOARD, BackboneSpec, load_backbone, load_run
 from .stream import StreamLoader
 
 
@@ -67,6 +67,9 @@ def load_projector(path: str | Path, *, random_init: bool = False) -> nn.Module:
     ``random_init``: the same head untrained."""
     path, state = load_run(path, who="--features head:", kind="training", beside_backbone=True,
                            hint=f"; head features need the run's {CHECKPOINT}, which holds its projection head")
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"--features head: '{path}' holds no settings ('config') to rebuild its projection "
+                              f"head from")
     cfg = from_dict(state["config"])
     cfg.model.init_from = None  # the saved weights replace whatever the run started from
     method = build_method(cfg)
@@ -167,11 +170,11 @@ def build_run(cfg: Config, *, resume: bool = False, expect: dict | None = None,
     loader, augmentations = build_loader(cfg, data.images, augmentations, device)
     schedule = _schedule(cfg, len(loader))
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + 1 + D.rank())
-    start = Position() if state is None else resume_state(cfg, out, state, method, optimizer, generator, len(loader))
+    start = Position() if state is None else restore(
+        state, out, method, optimizer, generator, len(loader), cfg.train.epochs,
+        f"a {cfg.method} model with a {cfg.model.backbone} (width {cfg.model.width:g})")
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        dump(cfg, out / CONFIG)
-        truncate_metrics(out / METRICS, start.epoch)
+        start_folder(out, dumps(cfg), start.epoch)
     model = _wrap(method, cfg, device)
     monitors = build_monitors(cfg, method, data.splits, len(data.images), (data.size, data.mean, data.std),
                               device, dtype, state)
@@ -239,9 +242,11 @@ def _loop(run: Run) -> Loop:
                 batches=lambda epoch, first: _batches(run, epoch, first), step=_stepper(run),
                 save=lambda epoch, step, partial: _save(run, epoch, step, partial),
                 images_per_epoch=steps * cfg.train.batch_size,
-                nonfinite_advice=f"Resume from that checkpoint with a lower lr (selfsup pretrain --out {out} --resume "
-                                 f"--set optim.lr=...), or start again in a new --out with a higher temperature "
-                                 f"or train.precision=fp32",
+                nonfinite_advice=(f"Resume from that checkpoint with a lower lr (selfsup pretrain --out {out} --resume "
+                                  f"--set optim.lr=...), or start again in a new --out with a higher temperature "
+                                  f"or train.precision=fp32",
+                                  "Start again in a new --out with a lower optim.lr, a higher temperature or "
+                                  "train.precision=fp32"),
                 evaluate=run.monitors, describe=run.monitors.describe, warnings=run.monitors.warnings,
                 checkpoint_every=cfg.train.checkpoint_every, max_minutes=cfg.train.max_minutes, stop=run.stop,
                 resume_command=f"selfsup pretrain --out {out} --resume", writer=writer, progress=progress,
@@ -282,10 +287,7 @@ def _save(run: Run, epoch: int, step: int, partial: dict | None = None) -> None:
     generators = D.all_gather_object(run.generator.get_state())  # each rank's augmentation RNG
     if not D.is_main():
         return
-    extra = {"step": step, "optimizer": run.optimizer.state_dict(), "generator": generators[0],
-             "generators": generators}
-    if partial is not None:
-        extra["partial_epoch"] = partial
+    extra = resumable(step, run.optimizer, generators, partial)
     if run.monitors.probe is not None:
         extra["online_linear"] = run.monitors.probe.run_state()
     save_checkpoint(run.out, run.method, run.spec, config=run.cfg.to_dict(), epoch=epoch, **extra)
@@ -300,9 +302,7 @@ def pretrain(cfg: Config, *, resume: bool = False, expect: dict | None = None, c
     on resume, as dotted keys (:data:`selfsup.resume.RESUMABLE`; others are refused by name).
     """
     check_config(cfg)  # the method's own rules too (resolve checks each field only)
-    # Not under torchrun: it also sends SIGTERM to tear down a group after a rank died, when the
-    # survivors sit in a collective that never returns, so only the default action ends them.
-    with StopSignals(enabled=not D.launched_by_torchrun()) as stop, ExitStack() as held:
+    with guarded() as (stop, held):
         return fit(build_run(cfg, resume=resume, expect=expect, stop=stop, held=held, changes=changes))
 
 

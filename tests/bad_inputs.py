@@ -161,3 +161,38 @@ def build_stream_faults(root: Path) -> dict[str, Path]:
     p["stream_corrupt"] = corrupt
     p["twelve"] = folder(root / "twelve", per_class=6, splits=("train",))
     return p
+
+
+def build_runs(root: Path, pretrained: Path, finetuned: Path) -> dict[str, Path]:
+    """Run folders damaged by hand, from a good pre-training and fine-tuning run: a checkpoint
+    without its settings, with settings of the wrong type, weights of another architecture, no
+    description, a bad epoch count; a semisup folder with a damaged plan, and one already used."""
+    import shutil
+
+    import torch
+
+    p: dict[str, Path] = {}
+    state = torch.load(pretrained / "checkpoint.pt", weights_only=True)
+    variants = {
+        "no_config": {k: v for k, v in state.items() if k != "config"},
+        "text_config": {**state, "config": "nonsense"},
+        "other_weights": {**state, "model": {k: v for k, v in state["model"].items() if "layer4" not in k}},
+        "no_meta": {**state, "meta": None},
+        "bad_epoch": {**state, "epoch": "x"},
+    }
+    for name, variant in variants.items():
+        (root / name).mkdir()
+        torch.save(variant, root / name / "checkpoint.pt")
+        for f in ("backbone.pt", "backbone.json"):
+            shutil.copy(pretrained / f, root / name / f)
+        p[name] = root / name
+    (root / "bad_plan").mkdir()
+    (root / "bad_plan" / "semisup.yaml").write_text("finetune: 3\n")
+    p["bad_plan"] = root / "bad_plan"
+    (root / "used_recipe").mkdir()
+    (root / "used_recipe" / "semisup.yaml").write_text("pretrained: null\n")
+    p["used_recipe"] = root / "used_recipe"
+    (root / "a_file").write_text("x")
+    p["a_file"] = root / "a_file"
+    p["pretrained"], p["finetuned"] = pretrained, finetuned
+    return p

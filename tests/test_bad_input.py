@@ -221,6 +221,81 @@ def test_other_commands(args, message, files, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
+# fine-tuning, distillation, the recipe: damaged runs and what --resume may not change
+
+STEP_CASES = {
+    "finetune from a checkpoint without its settings": (["finetune", "--checkpoint", "{no_config}"],
+                                                        "holds no settings ('config') to rebuild its network"),
+    "finetune from settings that are text": (["finetune", "--checkpoint", "{text_config}"],
+                                             "holds no settings ('config')"),
+    "finetune from another architecture's weights": (["finetune", "--checkpoint", "{other_weights}"],
+                                                     "does not fit a simclr model with a resnet18"),
+    "finetune from a checkpoint without its description": (["finetune", "--checkpoint", "{no_meta}"],
+                                                           "is a JSON NoneType, not an object"),
+    "head features without the settings": (["eval", "knn", "--checkpoint", "{no_config}", "--data", "digits",
+                                            "--features", "head"], "--features head: "),
+    "resume of a bad epoch count": (["pretrain", "--resume", "--out", "{bad_epoch}"],
+                                    "holds no count of epochs done ('epoch': 'x')"),
+    "pretrain resume of a fine-tuned run": (["pretrain", "--resume", "--out", "{finetuned}"],
+                                            "holds a finetune run, not a pretrain run; continue it with selfsup finetune"),
+    "finetune resume of a pre-training run": (["finetune", "--resume", "--out", "{pretrained}"],
+                                              "holds a pretrain run, not a finetune run"),
+    "distill resume of a fine-tuned run": (["distill", "--resume", "--out", "{finetuned}"],
+                                           "holds a finetune run, not a distill run"),
+    "distill resume of an empty folder": (["distill", "--resume", "--out", "{tmp}"], "no checkpoint.pt in"),
+    "finetune resume without --out": (["finetune", "--resume"], "--resume needs --out DIR"),
+    "finetune without --checkpoint": (["finetune", "--out", "{tmp}"], "--checkpoint is required"),
+    "distill without --teacher": (["distill", "--out", "{tmp}"], "--teacher is required"),
+    "semisup without --data": (["semisup", "--out", "{tmp}"], "--data is required"),
+    "semisup resume without its plan": (["semisup", "--resume", "--out", "{tmp}"], "no semisup.yaml in"),
+    "semisup resume of a damaged plan": (["semisup", "--resume", "--out", "{bad_plan}"],
+                                         "is not the plan a semisup run wrote"),
+    "semisup resume with new data": (["semisup", "--resume", "--out", "{bad_plan}", "--data", "cifar10"],
+                                     "--data cannot change"),
+    "resume changing the optimiser": (["finetune", "--resume", "--out", "{finetuned}", "--set", "optimizer=sgd"],
+                                      "optimizer cannot change on resume (only epochs, lr"),
+    "resume changing the labels": (["finetune", "--resume", "--out", "{finetuned}", "--labels", "20"],
+                                   "labels cannot change on resume"),
+    "resume with an unknown key": (["finetune", "--resume", "--out", "{finetuned}", "--set", "nope=1"],
+                                   "unknown config key 'nope'"),
+    "resume with no epochs": (["finetune", "--resume", "--out", "{finetuned}", "--epochs", "0"],
+                              "finetune: epochs must be at least 1"),
+    "finetune with an infinite lr": (["finetune", "--checkpoint", "{pretrained}", "--lr", "inf"],
+                                     "finetune: lr must be a finite number, got inf"),
+    "finetune with a NaN momentum": (["finetune", "--checkpoint", "{pretrained}", "--set", "momentum=nan"],
+                                     "finetune: momentum must be a finite number, got nan"),
+    "finetune checkpointing every 0 epochs": (["finetune", "--checkpoint", "{pretrained}", "--set",
+                                               "checkpoint_every=0"], "checkpoint_every must be at least 1"),
+    "distill at a vanishing temperature": (["distill", "--teacher", "{finetuned}", "--temperature", "1e-30"],
+                                           "distill: temperature must be at least 0.001"),
+    "finetune into a file": (["finetune", "--checkpoint", "{pretrained}", "--out", "{a_file}"],
+                             "is a file, not a folder"),
+}
+
+
+@pytest.fixture(scope="module")
+def damaged(pretrained, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("damaged")
+    finetuned = root / "ft"
+    assert main(["finetune", "--checkpoint", str(pretrained), "--labels", "10", "--epochs", "1",
+                 "--batch-size", "32", "--device", "cpu", "--out", str(finetuned)]) == 0
+    return bad_inputs.build_runs(root, pretrained, finetuned)
+
+
+@pytest.mark.parametrize("args,message", STEP_CASES.values(), ids=STEP_CASES.keys())
+def test_damaged_runs_and_step_settings(args, message, damaged, tmp_path, capsys):
+    args = [a.format(tmp=tmp_path / "out", **damaged) for a in args] + ["--device", "cpu"]
+    capsys.readouterr()
+    _one_line_error(capsys, main(args), message)
+
+
+def test_a_recipe_into_a_used_folder(damaged, capsys):
+    capsys.readouterr()
+    _one_line_error(capsys, main(["semisup", "--data", "digits", "--out", str(damaged["used_recipe"])]),
+                    "already holds a semisup run (semisup.yaml); pass --resume", code=1)
+
+
+# ------------------------------------------------------------------------------------------------
 # documented recoveries
 
 

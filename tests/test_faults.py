@@ -280,3 +280,35 @@ def test_eval_on_a_read_only_run_folder_gives_its_result_in_the_one_line(small_d
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "knn top-1" in err[0] and "% computed, but could not write" in err[0] \
         and "Read-only file system" in err[0], err
+
+
+def test_a_real_full_disk_for_every_other_write_is_one_line_and_keeps_the_previous_file(small_disk, capsys):
+    """Evaluation JSON, the report, an export and config.yaml on a full tmpfs: each command fails
+    in one line naming the file, and the version written before is intact."""
+    disk = small_disk("8m")
+    out = disk / "run"
+    assert main(["pretrain", "--out", str(out), "--epochs", "1", *TINY]) == 0
+    knn = ["eval", "knn", "--checkpoint", str(out), "--data", "digits", "--k", "20", "--device", "cpu"]
+    report = ["report", str(out), "--device", "cpu", "--points", "20", "--queries", "2", "--k", "2"]
+    export = ["export", str(out), "--format", "safetensors"]
+    for command in (knn, report, export):
+        assert main(command) == 0
+    files = ["eval_knn.json", "report/index.html", "backbone.safetensors", "config.yaml", "checkpoint.pt"]
+    before = {f: (out / f).read_bytes() for f in files}
+    _fill(disk)
+    capsys.readouterr()
+    for command, message in [(knn, "% computed, but could not write"), (report, "cannot write the report"),
+                             (export, "could not write the export")]:
+        assert main(command) == 1, command
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("selfsup")]
+        assert len(err) == 1 and message in err[0] and "No space left on device" in err[0], err
+    filler = disk / "filler"
+    os.truncate(filler, filler.stat().st_size - 4096)  # one page: the lock fits, config.yaml does not
+    resume = ["pretrain", "--out", str(out), "--resume", "--device", "cpu", "--no-progress", "--epochs", "2"]
+    assert main(resume) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("selfsup")]
+    assert len(err) == 1 and f"'{out / 'config.yaml'}': No space left on device" in err[0], err
+    assert {f: (out / f).read_bytes() for f in files} == before
+    assert not [p for p in out.rglob("*.tmp")] and not (out / LOCK).exists()
+    filler.unlink()
+    assert main(resume) == 0 and ckpt.load(out / "checkpoint.pt")["epoch"] == 2
