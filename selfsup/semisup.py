@@ -111,7 +111,8 @@ class StudentConfig(StepConfig):
     weight_decay: float = 1e-4
 
 
-def _validate(cfg: StepConfig) -> None:
+def validate_step(cfg: StepConfig) -> None:
+    """Each field's range (every number finite), or a ConfigError naming the field."""
     checks = [
         (cfg.epochs >= 1, "epochs must be at least 1"),
         (cfg.batch_size >= 2, "batch_size must be at least 2 (batch norm needs two samples)"),
@@ -146,7 +147,7 @@ def step_config(cls: type[StepConfig], sets: list[str] | None = None, **override
     for item in sets or []:
         apply_settings(cfg, parse_set(item))
     apply_settings(cfg, {k: v for k, v in overrides.items() if v is not None})
-    _validate(cfg)
+    validate_step(cfg)
     return cfg
 
 
@@ -240,7 +241,7 @@ def _open_step(cfg: StepConfig, kind: str, resume: bool, changes: dict | None,
         saved.device = cfg.device
         changed = copy.deepcopy(saved)
         apply_settings(changed, changes or {})
-        _validate(changed)
+        validate_step(changed)
         check_changes(dataclasses.asdict(saved), dataclasses.asdict(changed), changes or {}, RESUMABLE, out,
                       epochs_key="epochs", epochs_done=int(state["epoch"]))
         cfg = changed
@@ -322,7 +323,7 @@ def _setup(cfg: StepConfig) -> tuple[torch.device, torch.dtype | None]:
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, changes: dict | None = None) -> dict:
     """Fine-tune a pre-training run on a labelled subset (SimCLRv2 §2); returns the last metrics.
     ``resume``: continue the run in ``cfg.out`` (``changes``: settings to change, :data:`RESUMABLE`)."""
-    _validate(cfg)
+    validate_step(cfg)
     with guarded() as (stop, held):
         cfg, out, state = _open_step(cfg, "finetune", resume, changes, held)
         device, dtype = _setup(cfg)
@@ -389,7 +390,7 @@ def _pretrained(cfg: FinetuneConfig) -> tuple[nn.Module, BackboneSpec, str]:
 def distill(cfg: StudentConfig, *, resume: bool = False, changes: dict | None = None) -> dict:
     """Distil a fine-tuned teacher into a student on all training images (SimCLRv2 §2 eq. 2).
     ``resume``: continue the run in ``cfg.out`` (``changes``: settings to change, :data:`RESUMABLE`)."""
-    _validate(cfg)
+    validate_step(cfg)
     with guarded() as (stop, held):
         cfg, out, state = _open_step(cfg, "distill", resume, changes, held)
         device, dtype = _setup(cfg)
