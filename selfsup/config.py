@@ -389,6 +389,10 @@ def resolve(*, preset_name: str | None = None, file: str | Path | None = None,
     set_layers = [parse_set(item) for item in sets or []]
     if file is not None:
         data = load_yaml(file)
+        step = [k for k in ("finetune", "distill") if k in data and len(data) == 1]
+        if step:  # the config.yaml of a fine-tuned or distilled run
+            raise ConfigError(f"--config '{file}' holds the settings of a selfsup {step[0]} run, not of a "
+                              f"pre-training; continue that run with selfsup {step[0]} --out DIR --resume")
         preset_name = preset_name or data.get("preset")
     named = [layer["preset"] for layer in set_layers if "preset" in layer]
     if named:  # --set preset=NAME chooses the preset, as --preset does (the last one wins)

@@ -268,6 +268,8 @@ STEP_CASES = {
                                                "checkpoint_every=0"], "checkpoint_every must be at least 1"),
     "distill at a vanishing temperature": (["distill", "--teacher", "{finetuned}", "--temperature", "1e-30"],
                                            "distill: temperature must be at least 0.001"),
+    "pretrain with a fine-tuned run's config": (["pretrain", "--config", "{finetuned}/config.yaml"],
+                                                "holds the settings of a selfsup finetune run, not of a pre-training"),
     "finetune into a file": (["finetune", "--checkpoint", "{pretrained}", "--out", "{a_file}"],
                              "is a file, not a folder"),
 }

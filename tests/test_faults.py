@@ -312,3 +312,23 @@ def test_a_real_full_disk_for_every_other_write_is_one_line_and_keeps_the_previo
     assert not [p for p in out.rglob("*.tmp")] and not (out / LOCK).exists()
     filler.unlink()
     assert main(resume) == 0 and ckpt.load(out / "checkpoint.pt")["epoch"] == 2
+
+
+def test_a_metrics_line_that_cannot_be_written_costs_no_trained_epoch(tmp_path, monkeypatch, capsys):
+    """During epoch 2 metrics.jsonl becomes a folder (a real IsADirectoryError on the append): the
+    epoch's line is a warning, and its checkpoint is written all the same."""
+    out = tmp_path / "run"
+    real, calls = train.train_step, {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 23:  # the first step of epoch 2 (22 steps per epoch)
+            (out / "metrics.jsonl").unlink()
+            (out / "metrics.jsonl").mkdir()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step)
+    assert main(["pretrain", "--out", str(out), "--epochs", "2", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert f"warning: could not append epoch 2 to '{out / 'metrics.jsonl'}'" in printed and "training goes on" in printed
+    assert ckpt.load(out / "checkpoint.pt")["epoch"] == 2

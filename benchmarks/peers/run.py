@@ -303,8 +303,9 @@ def meets_rule(ko: list[float], kp: list[float]) -> str:
     return "yes" if statistics.mean(ko) >= statistics.mean(kp) - sd else f"no (sd {sd:.2f})"
 
 
-def table(records: list[dict], steps: int, width: float, batch: int, device: str = "cpu") -> str:
-    """One row per method: kNN mean ± sd over every seed; img/s and the ratio per CPU kind (A, B, ...)."""
+def table(records: list[dict], steps: int, width: float, batch: int, device: str = "cpu", main: bool = True) -> str:
+    """One row per method: kNN mean ± sd over every seed; img/s and the ratio per CPU kind (A, B, ...).
+    ``main``: the page's own size, with a row for every method; another size lists only the methods run at it."""
     kinds: list[str] = []
     rows = ["| method | steps | selfsup kNN % | lightly kNN % | Δ (pp) | selfsup ≥ lightly − 1 sd | selfsup img/s "
             "| lightly img/s | speed ratio | seeds | load (1-min avg) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -319,12 +320,14 @@ def table(records: list[dict], steps: int, width: float, batch: int, device: str
         peer = [last[s, "lightly"] for s in seeds]
         if not seeds:
             tried = {r["side"] for r in records if r["method"] == method and config_of(r) == (steps, width, batch, device)}
+            if not main and not tried:
+                continue
             got = {side: [r for r in last.values() if r["side"] == side] for side in ("selfsup", "lightly")}
             elsewhere = {r["side"] for r in records if r["method"] == method and r["rc"] == 0
                          and config_of(r) != (steps, width, batch, device)}  # e.g. a ViT row at a CPU's size
             cell = lambda side: (mean_sd([r["knn"] for r in got[side]]) if got[side]  # noqa: E731
                                  else "failed (see runs.jsonl)" if side in tried
-                                 else "at another size: see below" if side in elsewhere else "not run yet")
+                                 else "at another size: see below" if main and side in elsewhere else "not run yet")
             rows.append(f"| {NAMES[method]} | {steps} | {cell('selfsup')} | {cell('lightly')} | | | | | | | |")
             continue
         ko, kp = [r["knn"] for r in ours], [r["knn"] for r in peer]
@@ -362,8 +365,9 @@ def write_doc(path: Path, records: list[dict], a) -> None:
 This page is written by `benchmarks/peers/run.py` from `benchmarks/peers/runs.jsonl` (every run,
 raw). **It compares implementations at equal steps, not final accuracy**: each run is
 {a.steps} steps of batch {a.batch} (CIFAR-10, ResNet-18 width {a.width:g}, CIFAR stem; the
-{NAMES["dino_vit"]} row: a ViT-Tiny of 8x8 patches, whose width `--width` does not change), a few
-minutes of training, far from any recipe's reported accuracy.
+{NAMES["dino_vit"]} row: a ViT-Tiny of 8x8 patches, whose width `--width` does not change; on a CPU it
+runs at 100 steps of batch 64, under "Other sizes"), a few minutes of training, far from any
+recipe's reported accuracy.
 
 For each method and seed the two sides run one after the other (selfsup, then lightly), on the same
 data (the CIFAR-10 JPEG archive in `shared/data`), the same backbone architecture and the same
@@ -416,7 +420,7 @@ under load above about {hw['cores']} are noisy.
             text += (f"\n### {steps} steps of batch {batch}, width {width:g}, {device}"
                      f"{' (harness check)' if steps < 100 else ''}; {rs[0]['train_images']} training and "
                      f"{rs[0]['test_images']} test images; {', '.join(sorted({r['date'] for r in rs}))}\n\n"
-                     + table(records, steps, width, batch, device) + "\n")
+                     + table(records, steps, width, batch, device, main=False) + "\n")
     path.write_text(text)
 
 
