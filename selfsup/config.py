@@ -404,8 +404,8 @@ def resolve(*, preset_name: str | None = None, file: str | Path | None = None,
         raise ConfigError(f"preset: expected a preset name, got {preset_name!r}")
     if preset_name:
         layers.append({**preset(preset_name), "preset": preset_name})
-    if file is not None:
-        layers.append(data)
+    if file is not None:  # an old run's config.yaml repeats: its retired keys are ignored
+        layers.append(without_retired(data))
     layers += set_layers
     if overrides:
         layers.append(overrides)
@@ -418,12 +418,16 @@ def resolve(*, preset_name: str | None = None, file: str | Path | None = None,
 RETIRED_KEYS = {"eval": ("linear_epochs", "linear_lr", "linear_batch_size")}
 
 
+def without_retired(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a saved run's settings) without the :data:`RETIRED_KEYS`."""
+    return {k: ({n: x for n, x in v.items() if n not in RETIRED_KEYS.get(k, ())} if isinstance(v, dict) else v)
+            for k, v in data.items()}
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """A saved run's config (its config.yaml or checkpoint), old keys mapped by :func:`upgrade`
     and :data:`RETIRED_KEYS` ignored."""
-    data = {k: ({n: x for n, x in v.items() if n not in RETIRED_KEYS.get(k, ())} if isinstance(v, dict) else v)
-            for k, v in data.items()}
-    return _with_method_defaults([data])
+    return _with_method_defaults([without_retired(data)])
 
 
 #: The names of selfsup.methods.METHODS and of the backbones in selfsup.backbones (tests/test_config.py
