@@ -25,8 +25,10 @@ PRE = ["--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progre
        "--set", "data.image_size=8", "model.width=0.125", "model.proj_layers=3", "eval.knn_every=0",
        "eval.knn_k=20", "optim.warmup_epochs=0"]
 # 1437 labelled digits at batch 64: 23 steps per epoch (the last of 29 images), 3 epochs
-FT = ["--labels", "100%", "--epochs", "3", "--batch-size", "64", "--device", "cpu", "--set", "eval_every=3"]
-DS = ["--epochs", "2", "--batch-size", "64", "--device", "cpu", "--set", "eval_every=2"]
+# a checkpoint every epoch, so that a kill can land after one (the default is every 10)
+FT = ["--labels", "100%", "--epochs", "3", "--batch-size", "64", "--device", "cpu", "--set", "eval_every=3",
+      "checkpoint_every=1"]
+DS = ["--epochs", "2", "--batch-size", "64", "--device", "cpu", "--set", "eval_every=2", "checkpoint_every=1"]
 
 
 def _same_run(a: Path, b: Path) -> None:
