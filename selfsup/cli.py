@@ -74,10 +74,12 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a run's backbone for torchvision/timm or as safetensors")
     ex.add_argument("run", help="run folder, checkpoint.pt or backbone.pt")
-    ex.add_argument("--format", default="torchvision", choices=["torchvision", "safetensors"],
-                    help="torchvision: a .pt state_dict in torchvision's layout (+ .json); safetensors: "
-                         "the same tensors, description in the metadata (pip install safetensors)")
-    ex.add_argument("--out", help="the file to write (default: RUN/backbone-torchvision.pt or RUN/backbone.safetensors)")
+    ex.add_argument("--format", default="torchvision", choices=["torchvision", "timm", "safetensors"],
+                    help="torchvision: a ResNet's .pt state_dict in torchvision's layout (+ .json); timm: a ViT's, "
+                         "in timm's; safetensors: the same tensors, description in the metadata "
+                         "(pip install safetensors)")
+    ex.add_argument("--out", help="the file to write (default: RUN/backbone-torchvision.pt, RUN/backbone-timm.pt "
+                                  "or RUN/backbone.safetensors)")
 
     rep = sub.add_parser("report", help="an HTML page of a run: curves, evaluations, t-SNE, neighbours")
     rep.add_argument("run", help="run folder (metrics.jsonl, backbone.pt)")

@@ -49,7 +49,7 @@ from .backbones import BACKBONES, is_vit
 from .errors import ConfigError, TrainingError
 from .runs import EXPORTS, META_KEY, load_backbone, require_safetensors, run_dir, save_backbone
 
-FORMATS = tuple(EXPORTS)  # torchvision, safetensors
+FORMATS = tuple(EXPORTS)  # torchvision (ResNets), timm (ViTs), safetensors
 
 
 def apply_cifar_stem(net: nn.Module) -> nn.Module:
@@ -67,6 +67,12 @@ def export_backbone(run: str | Path, fmt: str = "torchvision", out: str | Path |
         raise ConfigError(f"export format '{fmt}' unknown; choose {' or '.join(FORMATS)}")
     backbone, spec = load_backbone(run)
     vit = is_vit(spec.backbone)
+    if vit and fmt == "torchvision":
+        raise ConfigError(f"'{run}' is a {spec.backbone}, whose weights use timm's names (torchvision's ViTs name "
+                          f"theirs otherwise); use --format timm or --format safetensors")
+    if not vit and fmt == "timm":
+        raise ConfigError(f"'{run}' is a {spec.backbone}: --format timm is for ViTs; a ResNet's --format "
+                          f"torchvision file loads into timm's ResNets too (same names)")
     if spec.backbone not in BACKBONES and not vit:
         if fmt == "torchvision":
             raise ConfigError(f"'{run}' is a {spec.backbone}, which has no torchvision counterpart (its layers "
@@ -85,7 +91,7 @@ def export_backbone(run: str | Path, fmt: str = "torchvision", out: str | Path |
     spec = dataclasses.replace(spec, format=fmt, layout=layout, stem=stem)
     weights = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     try:
-        if fmt == "torchvision":
+        if fmt in ("torchvision", "timm"):
             save_backbone(out, weights, spec)
         else:
             metadata = {META_KEY: json.dumps(spec.to_json())}

@@ -37,7 +37,8 @@ METRICS = "metrics.jsonl"
 LOCK = "run.lock"
 TENSORBOARD = "tensorboard"
 EVAL_GLOB = "eval_*.json"  # every evaluation result beside a run (:func:`eval_file`)
-EXPORTS = {"torchvision": "backbone-torchvision.pt", "safetensors": "backbone.safetensors"}  # selfsup export
+EXPORTS = {"torchvision": "backbone-torchvision.pt", "timm": "backbone-timm.pt",  # selfsup export
+           "safetensors": "backbone.safetensors"}
 META_KEY = "selfsup"  # the safetensors metadata entry holding an export's spec
 
 

@@ -212,7 +212,10 @@ def test_a_saved_vit_reloads_with_its_patch_and_grid(tmp_path):
 
 def test_vit_exports_say_timm_and_round_trip(tmp_path):
     ours = _vit_run(tmp_path / "run")
-    pt = export_backbone(tmp_path / "run", "torchvision")
+    with pytest.raises(ConfigError, match="use --format timm"):
+        export_backbone(tmp_path / "run", "torchvision")
+    pt = export_backbone(tmp_path / "run", "timm")
+    assert pt.name == "backbone-timm.pt"
     meta = json.loads(pt.with_suffix(".json").read_text())
     assert meta["layout"] == "timm" and "stem" not in meta and meta["patch_size"] == 4
     assert list(torch.load(pt, weights_only=True)) == list(ours.state_dict())
