@@ -20,8 +20,8 @@ import copy
 import dataclasses
 import json
 import math
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,27 +227,41 @@ def load_classifier(run: str | Path) -> tuple[Classifier, BackboneSpec, Path]:
 # One supervised loop for both steps
 
 
-def _open_step(cfg: StepConfig, kind: str, resume: bool, changes: dict | None,
-               held: ExitStack) -> tuple[StepConfig, Path, dict | None]:
-    """The step's folder, locked for as long as ``held`` (:func:`resume.open_run`); on resume its
-    checkpoint and saved settings, where it runs (device) taken from ``cfg`` and the
-    :data:`RESUMABLE` ``changes`` applied (any other is refused by name)."""
+@dataclass
+class StepRun:
+    """A fine-tuning's or distillation's folder as it (re)starts, and where it runs."""
+    cfg: StepConfig             # the settings it trains with (on resume: the saved ones, changed as allowed)
+    out: Path
+    state: dict | None          # the checkpoint to continue from (resume), or None
+    stop: StopSignals
+    device: torch.device
+    dtype: torch.dtype | None   # autocast
+
+
+@contextmanager
+def _step_run(cfg: StepConfig, kind: str, resume: bool, changes: dict | None) -> Iterator[StepRun]:
+    """The step's folder, locked while in use (:func:`resume.open_run`), under the stop signals of
+    :func:`loop.guarded`; on resume its checkpoint and saved settings, where it runs (device)
+    taken from ``cfg`` and the :data:`RESUMABLE` ``changes`` applied (any other is refused by name)."""
+    validate_step(cfg)
     if resume and not cfg.out:
         raise ConfigError("--resume needs --out DIR, the run to continue")
-    out = Path(cfg.out) if cfg.out else fresh_out(kind)
-    state = open_run(out, resume, held, kind)
-    if state is not None:
-        saved = type(cfg)()
-        apply_settings(saved, state["config"])
-        saved.device = cfg.device
-        changed = copy.deepcopy(saved)
-        apply_settings(changed, changes or {})
-        validate_step(changed)
-        check_changes(dataclasses.asdict(saved), dataclasses.asdict(changed), changes or {}, RESUMABLE, out,
-                      epochs_key="epochs", epochs_done=int(state["epoch"]))
-        cfg = changed
-    cfg.out = str(out)
-    return cfg, out, state
+    with guarded() as (stop, held):
+        out = Path(cfg.out) if cfg.out else fresh_out(kind)
+        state = open_run(out, resume, held, kind)
+        if state is not None:
+            saved = type(cfg)()
+            apply_settings(saved, state["config"])
+            saved.device = cfg.device
+            changed = copy.deepcopy(saved)
+            apply_settings(changed, changes or {})
+            validate_step(changed)
+            check_changes(dataclasses.asdict(saved), dataclasses.asdict(changed), changes or {}, RESUMABLE, out,
+                          epochs_key="epochs", epochs_done=int(state["epoch"]))
+            cfg = changed
+        cfg.out = str(out)
+        device = resolve_device(cfg.device)
+        yield StepRun(cfg, out, state, stop, device, prepare_device(device, cfg.precision, cfg.seed))
 
 
 @torch.no_grad()
@@ -312,11 +326,6 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
     return run_epochs(loop, start)
 
 
-def _setup(cfg: StepConfig) -> tuple[torch.device, torch.dtype | None]:
-    device = resolve_device(cfg.device)
-    return device, prepare_device(device, cfg.precision, cfg.seed)
-
-
 # ---------------------------------------------------------------------------------------------
 # Step 2: fine-tuning
 
@@ -324,10 +333,8 @@ def _setup(cfg: StepConfig) -> tuple[torch.device, torch.dtype | None]:
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, changes: dict | None = None) -> dict:
     """Fine-tune a pre-training run on a labelled subset (SimCLRv2 §2); returns the last metrics.
     ``resume``: continue the run in ``cfg.out`` (``changes``: settings to change, :data:`RESUMABLE`)."""
-    validate_step(cfg)
-    with guarded() as (stop, held):
-        cfg, out, state = _open_step(cfg, "finetune", resume, changes, held)
-        device, dtype = _setup(cfg)
+    with _step_run(cfg, "finetune", resume, changes) as run:
+        cfg, out, state, device, dtype = run.cfg, run.out, run.state, run.device, run.dtype
         method, spec, source = (_pretrained(cfg) if state is None else
                                 (None, run_spec(state, out / CHECKPOINT), "its checkpoint"))
         splits = load_data(cfg.data, image_size=spec.data_image_size)
@@ -357,7 +364,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, changes: dict | None 
             return F.cross_entropy(logits.float(), targets[idx])
 
         metrics = _fit(model, batch_loss, len(indices), cfg, out, "finetune", spec, splits.test, device, dtype,
-                       state, stop)
+                       state, run.stop)
     return dict(metrics, out=str(out), labelled=len(indices))
 
 
@@ -391,10 +398,8 @@ def _pretrained(cfg: FinetuneConfig) -> tuple[nn.Module, BackboneSpec, str]:
 def distill(cfg: StudentConfig, *, resume: bool = False, changes: dict | None = None) -> dict:
     """Distil a fine-tuned teacher into a student on all training images (SimCLRv2 §2 eq. 2).
     ``resume``: continue the run in ``cfg.out`` (``changes``: settings to change, :data:`RESUMABLE`)."""
-    validate_step(cfg)
-    with guarded() as (stop, held):
-        cfg, out, state = _open_step(cfg, "distill", resume, changes, held)
-        device, dtype = _setup(cfg)
+    with _step_run(cfg, "distill", resume, changes) as run:
+        cfg, out, state, device, dtype = run.cfg, run.out, run.state, run.device, run.dtype
         teacher, tspec, tfolder = load_classifier(cfg.teacher)
         teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)  # fixed
         cfg.data = cfg.data or tspec.data
@@ -413,7 +418,7 @@ def distill(cfg: StudentConfig, *, resume: bool = False, changes: dict | None = 
             f"(width {spec.width:g}) on {len(all_images)} images, tau {cfg.temperature:g}, alpha {cfg.alpha:g}")
         batch_loss = _distill_loss(cfg, teacher, student, spec, all_images, labels, device, dtype)
         metrics = _fit(student, batch_loss, len(all_images), cfg, out, "distill", spec, splits.test, device, dtype,
-                       state, stop)
+                       state, run.stop)
     return dict(metrics, out=str(out), teacher_top1=teacher_top1)
 
 

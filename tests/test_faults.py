@@ -25,6 +25,8 @@ TINY = ["--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progr
         "--set", "data.image_size=8", "model.width=0.125", "eval.knn_every=0", "eval.knn_k=20",
         "train.checkpoint_every=1", "optim.warmup_epochs=1", "train.log_every=5"]
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from stops import signal_at_call  # noqa: E402
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
@@ -46,15 +48,7 @@ def reference(tmp_path_factory) -> Path:
 
 def _kill_self_at(monkeypatch, call: int, sig: signal.Signals) -> None:
     """Deliver ``sig`` to this process during training step number ``call`` (1-based)."""
-    real, calls = train.train_step, {"n": 0}
-
-    def step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            os.kill(os.getpid(), sig)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", step)
+    signal_at_call(monkeypatch, train, "train_step", call, sig)
 
 
 @pytest.mark.parametrize("sig,code,call", [(signal.SIGTERM, 143, 30), (signal.SIGINT, 130, 22)])

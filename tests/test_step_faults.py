@@ -21,6 +21,8 @@ from selfsup.cli import main
 from selfsup.runguard import LOCK, RunLock
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from stops import signal_at_call  # noqa: E402
 PRE = ["--data", "digits", "--batch-size", "64", "--device", "cpu", "--no-progress", "--epochs", "1",
        "--set", "data.image_size=8", "model.width=0.125", "model.proj_layers=3", "eval.knn_every=0",
        "eval.knn_k=20", "optim.warmup_epochs=0"]
@@ -61,15 +63,7 @@ def _command(kind: str, runs: dict[str, Path], out: Path) -> list[str]:
 
 def _signal_at_step(monkeypatch, call: int, sig: signal.Signals) -> None:
     """Deliver ``sig`` to this process during the step number ``call`` (1-based)."""
-    real, calls = S.backward_step, {"n": 0}
-
-    def step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            os.kill(os.getpid(), sig)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(S, "backward_step", step)
+    signal_at_call(monkeypatch, S, "backward_step", call, sig)
 
 
 @pytest.mark.parametrize("kind,sig,code,call", [("finetune", signal.SIGTERM, 143, 30),
