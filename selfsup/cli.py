@@ -154,11 +154,23 @@ def _step_overrides(a: argparse.Namespace) -> dict:
             "device": a.device, "seed": a.seed}
 
 
+def _resume_changes(sets: list[str], flags: dict, where: set[str], file: dict | None = None) -> dict:
+    """What a ``--resume`` command line asks to change, as dotted keys, each later layer winning:
+    a ``--config`` file's settings, the ``--set`` items, the ``flags`` (all flat); except ``where``
+    the run runs, which is always taken (the resume refuses the other keys unless it allows them)."""
+    from .config import flatten, parse_set
+
+    changes = dict(file or {})
+    for item in sets or []:
+        changes.update(flatten(parse_set(item)))
+    changes.update(flags)
+    return {k: v for k, v in changes.items() if k not in where}
+
+
 def _run_step(a: argparse.Namespace, cls, run, required: str, **flags) -> dict:
     """A fine-tuning or distillation from the command line: a fresh run of the flags' settings,
     or with ``--resume`` the run in ``--out``, where every other flag asks for a change
     (refused by name unless resume allows it)."""
-    from .config import flatten, parse_set
     from .semisup import step_config
 
     overrides = {**flags, **_step_overrides(a)}
@@ -168,10 +180,7 @@ def _run_step(a: argparse.Namespace, cls, run, required: str, **flags) -> dict:
         return run(step_config(cls, a.sets, **overrides))
     if not a.out:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
-    changes = {}
-    for item in a.sets or []:
-        changes.update(flatten(parse_set(item)))
-    changes.update({k: v for k, v in overrides.items() if v is not None and k not in ("out", "device")})
+    changes = _resume_changes(a.sets, {k: v for k, v in overrides.items() if v is not None}, {"out", "device"})
     return run(cls(out=a.out, device=a.device or "auto"), resume=True, changes=changes)
 
 
@@ -244,7 +253,7 @@ def _semisup(a: argparse.Namespace) -> int:
 
 def _pretrain(a: argparse.Namespace) -> int:
     from . import distributed as D
-    from .config import flatten, parse_set, resolve
+    from .config import flatten, resolve
     from .presets import load_yaml, preset_names, read_preset
     from .train import pretrain
 
@@ -280,14 +289,8 @@ def _pretrain(a: argparse.Namespace) -> int:
     if a.resume:  # the saved settings hold: flags naming a different run are a mistake, not an override
         expect = {k: v for k, v in [("method", a.method), ("model.backbone", a.backbone), ("preset", a.preset)]
                   if v is not None}
-        changes = {}  # what this command asks to change: refused by name unless resume allows it
-        if a.config:
-            changes.update(flatten(load_yaml(a.config)))
-        for item in a.sets or []:
-            changes.update(flatten(parse_set(item)))
-        changes.update(flatten(overrides))
-        where = {"train.device", "train.max_minutes", "train.progress", "out"}  # where it runs: always taken
-        changes = {k: v for k, v in changes.items() if k not in where}
+        where = {"train.device", "train.max_minutes", "train.progress", "out"}
+        changes = _resume_changes(a.sets, flatten(overrides), where, flatten(load_yaml(a.config)) if a.config else None)
         pretrain(cfg, resume=True, expect=expect, changes=changes)
     else:
         pretrain(cfg)

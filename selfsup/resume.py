@@ -9,9 +9,11 @@ and :func:`apply_changes` are pre-training's settings on top of it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ from . import distributed as D
 from .config import Config, apply_updates, flatten, from_dict, nest, validate
 from .errors import CheckpointError, ConfigError
 from .loop import Position, fresh_out, lock_folder, log, refuse_existing
-from .runs import CHECKPOINT, load_run, make_consistent
+from .runs import CHECKPOINT, load_run, make_consistent, saved_config
 
 #: The command that wrote a run checkpoint, by its ``kind`` entry (pre-training writes none).
 PRETRAIN = "pretrain"
@@ -47,8 +49,7 @@ def open_run(out: Path, resume: bool, held: ExitStack, kind: str) -> dict | None
     if run_kind(state) != kind:
         raise CheckpointError(f"--resume: '{out}' holds a {run_kind(state)} run, not a {kind} run; continue it "
                               f"with selfsup {run_kind(state)} --out {out} --resume")
-    if not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"--resume: '{out / CHECKPOINT}' holds no settings ('config') to continue with")
+    saved_config(state, out / CHECKPOINT, "--resume:", "to continue with")
     if not isinstance(state.get("epoch"), int) or isinstance(state["epoch"], bool) or state["epoch"] < 0:
         raise CheckpointError(f"--resume: '{out / CHECKPOINT}' holds no count of epochs done ('epoch': "
                               f"{state.get('epoch')!r}) to continue from")
@@ -85,15 +86,19 @@ RESUMABLE = ("train.epochs", "optim.lr", "optim.final_lr", "optim.warmup_epochs"
              "train.checkpoint_every", "train.log_every")
 
 
-def apply_changes(saved: Config, changes: dict, out: Path, epochs_done: int) -> Config:
-    """A resumed pre-training run's settings with ``changes`` (dotted keys) applied, or a refusal
-    of the first key that differs from the run's and cannot change on resume (:func:`check_changes`)."""
+def apply_changes(saved: Any, changes: dict, out: Path, epochs_done: int, *,
+                  resumable: tuple[str, ...] = RESUMABLE, epochs_key: str = "train.epochs",
+                  check: Callable[[Any], None] = validate) -> Any:
+    """A resumed run's settings ``saved`` (a settings dataclass: pre-training's :class:`Config` by
+    default, or a fine-tuning's with its own ``resumable``, ``epochs_key`` and ``check``) with
+    ``changes`` (dotted keys) applied, or a refusal of the first key that differs from the run's and
+    cannot change on resume (:func:`check_changes`)."""
     changed_cfg = copy.deepcopy(saved)
     for key, value in changes.items():
         apply_updates(changed_cfg, nest(key, value))
-    validate(changed_cfg)
-    check_changes(flatten(saved.to_dict()), flatten(changed_cfg.to_dict()), changes, RESUMABLE, out,
-                  epochs_key="train.epochs", epochs_done=epochs_done)
+    check(changed_cfg)
+    check_changes(flatten(dataclasses.asdict(saved)), flatten(dataclasses.asdict(changed_cfg)), changes, resumable,
+                  out, epochs_key=epochs_key, epochs_done=epochs_done)
     return changed_cfg
 
 
@@ -125,7 +130,7 @@ def restore(state: dict, out: Path, model: nn.Module, optimizer: torch.optim.Opt
     """The saved weights (of ``what``, named if they do not fit), optimiser and this rank's
     augmentation RNG (:func:`loop.resumable`); where in the run of ``epochs`` to continue."""
     ckpt.load_weights(model, state["model"], out / CHECKPOINT, what)
-    if "optimizer" not in state or "generator" not in state:  # a fine-tuning saved only at its end, by selfsup < 0.3
+    if "optimizer" not in state or "generator" not in state:  # a fine-tuning an older selfsup saved at its end only
         if int(state["epoch"]) < epochs:
             raise CheckpointError(f"--resume: '{out / CHECKPOINT}' holds no optimiser state to continue from "
                                   f"(an older selfsup saved it at the run's end only); start a new run")

@@ -157,6 +157,15 @@ def load_run(path: str | Path, *, who: str, kind: str = "run", hint: str = "",
     return file, state
 
 
+def saved_config(state: dict, file: str | Path, who: str, purpose: str) -> dict:
+    """A loaded run checkpoint's settings (its ``config`` mapping), or an error naming ``who``
+    asked, the ``file`` and what the settings were needed for (``purpose``)."""
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{who} '{file}' holds no settings ('config') {purpose}")
+    return config
+
+
 def is_number(v: object) -> bool:
     """A JSON number (an int or a float, not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -16,7 +16,6 @@ evaluates its encoder f.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -48,9 +47,9 @@ from .loop import (Loop, Position, Schedule, backward_step, fresh_out, guarded, 
 from .losses import distill as distill_loss
 from .norm import plain_batchnorm
 from .optim import build_optimizer, param_groups, scale_lr
-from .resume import check_changes, open_run, restore
+from .resume import apply_changes, open_run, restore
 from .runguard import StopSignals
-from .runs import CHECKPOINT, BackboneSpec, load_run, read_metrics, run_dir, run_spec
+from .runs import CHECKPOINT, BackboneSpec, load_run, read_metrics, run_dir, run_spec, saved_config
 from .train import build_method, pretrain
 
 RESULTS = "results"  # semisup writes results.json and results.md
@@ -219,7 +218,8 @@ def load_classifier(run: str | Path) -> tuple[Classifier, BackboneSpec, Path]:
         raise CheckpointError(f"'{run}' is a pre-training run, not a fine-tuned one; run "
                               f"`selfsup finetune --checkpoint {run}` first")
     model = build_classifier(spec)
-    ckpt.load_weights(model, state["model"], folder / CHECKPOINT, f"the {spec.method} classifier its metadata describes")
+    ckpt.load_weights(model, state["model"], folder / CHECKPOINT,
+                      f"the {spec.method} classifier its metadata describes")
     return model, spec, folder
 
 
@@ -253,12 +253,8 @@ def _step_run(cfg: StepConfig, kind: str, resume: bool, changes: dict | None) ->
             saved = type(cfg)()
             apply_settings(saved, state["config"])
             saved.device = cfg.device
-            changed = copy.deepcopy(saved)
-            apply_settings(changed, changes or {})
-            validate_step(changed)
-            check_changes(dataclasses.asdict(saved), dataclasses.asdict(changed), changes or {}, RESUMABLE, out,
-                          epochs_key="epochs", epochs_done=int(state["epoch"]))
-            cfg = changed
+            cfg = apply_changes(saved, changes or {}, out, state["epoch"], resumable=RESUMABLE, epochs_key="epochs",
+                                check=validate_step)
         cfg.out = str(out)
         device = resolve_device(cfg.device)
         yield StepRun(cfg, out, state, stop, device, prepare_device(device, cfg.precision, cfg.seed))
@@ -375,10 +371,7 @@ def _pretrained(cfg: FinetuneConfig) -> tuple[nn.Module, BackboneSpec, str]:
     folder, state, pre_spec = _run_state(cfg.checkpoint, "--checkpoint")
     if pre_spec.num_classes is not None:
         raise ConfigError(f"'{cfg.checkpoint}' is already a fine-tuned run; pass the pre-training run")
-    if not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"--checkpoint '{cfg.checkpoint}' holds no settings ('config') to rebuild its "
-                              f"network from")
-    pre_cfg: Config = from_dict(state["config"])
+    pre_cfg: Config = from_dict(saved_config(state, cfg.checkpoint, "--checkpoint", "to rebuild its network from"))
     method = build_method(pre_cfg)
     if not cfg.random_init:
         ckpt.load_weights(method, state["model"], folder / CHECKPOINT,

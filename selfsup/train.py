@@ -34,7 +34,7 @@ from .methods import METHODS, Method, StepInfo, check_config
 from .optim import build_optimizer, scale_lr
 from .resume import open_folder, restore
 from .runguard import StopSignals
-from .runs import CHECKPOINT, TENSORBOARD, BackboneSpec, load_backbone, load_run
+from .runs import CHECKPOINT, TENSORBOARD, BackboneSpec, load_backbone, load_run, saved_config
 from .stream import StreamLoader
 
 
@@ -67,10 +67,7 @@ def load_projector(path: str | Path, *, random_init: bool = False) -> nn.Module:
     ``random_init``: the same head untrained."""
     path, state = load_run(path, who="--features head:", kind="training", beside_backbone=True,
                            hint=f"; head features need the run's {CHECKPOINT}, which holds its projection head")
-    if not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"--features head: '{path}' holds no settings ('config') to rebuild its projection "
-                              f"head from")
-    cfg = from_dict(state["config"])
+    cfg = from_dict(saved_config(state, path, "--features head:", "to rebuild its projection head from"))
     cfg.model.init_from = None  # the saved weights replace whatever the run started from
     method = build_method(cfg)
     if not hasattr(method, "projector"):
