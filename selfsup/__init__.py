@@ -6,12 +6,13 @@ The Python API (imported on first use, so ``import selfsup`` stays light)::
     backbone = selfsup.load_backbone(path)    # a run folder, checkpoint, backbone.pt or export
     selfsup.extract_features(backbone, images_or_folder)   # (N, D) float32
     selfsup.export_backbone(run, "torchvision" | "safetensors")
+    vectors, paths, labels = selfsup.embed(run, "digits" | folder | archive)   # (N, D) float32
 """
 __version__ = "0.1.0"
 
 _LAZY = {"pretrain": "api", "load_backbone": "api", "extract_features": "api", "image_files": "api",
-         "Backbone": "api", "export_backbone": "export", "apply_cifar_stem": "export", "Config": "config",
-         "resolve": "config"}
+         "embed": "api", "Embeddings": "api", "Backbone": "api", "export_backbone": "export",
+         "apply_cifar_stem": "export", "Config": "config", "resolve": "config"}
 __all__ = sorted(_LAZY)
 
 

@@ -1,8 +1,8 @@
-"""The Python API for notebooks and scripts: pre-train, load a backbone, extract features.
+"""The Python API for notebooks and scripts: pre-train, load a backbone, extract features, embed a source.
 
 ``import selfsup`` stays light: it imports this module, and with it torch and the rest, on the
 first use of one of these names. They wrap the library's single implementations
-(``train.pretrain``, ``runs.load_backbone``, ``evaluate.extract_features``) and add only the
+(``train.pretrain``, ``runs.load_backbone``, ``evaluate.extract_features``, ``embeddings.embed``) and add only the
 conversions a user needs at the boundary.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import evaluate, runs, train
 from .config import Config, resolve
 from .data import DataError, decode_image, is_image_name
+from .embeddings import Embeddings, embed  # noqa: F401 (the API's: selfsup.embed(run, source))
 from .runs import BackboneSpec
 
 

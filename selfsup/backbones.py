@@ -16,12 +16,12 @@ fp32 under CPU bf16 autocast, where oneDNN's kernel returns wrong weight gradien
 
 The ViTs (``vit_tiny``, ``vit_small``, ``vit_base``) use timm's names instead (``vit.py``). Each
 argument of :func:`build_backbone` belongs to one family: ``width``, ``cifar_stem`` and
-``zero_init_residual`` to the ResNets; ``patch_size``, ``image_size``, ``drop_path`` and
-``freeze_patch_embed`` to the ViTs. A ViT refuses a width other than 1, and ignores
-``cifar_stem`` and ``zero_init_residual`` (the config's defaults and the method recipes set them
-for every backbone; a ViT has no stem to change and no residual BN); a ResNet refuses a
-non-default ``patch_size``, ``drop_path`` or ``freeze_patch_embed``, and ignores ``image_size``
-(it takes any input size).
+``zero_init_residual`` to the ResNets; ``patch_size``, ``image_size``, ``drop_path``,
+``drop_path_subset``, ``freeze_patch_embed`` and ``grad_checkpointing`` to the ViTs. A ViT refuses
+a width other than 1, and ignores ``cifar_stem`` and ``zero_init_residual`` (the config's defaults
+and the method recipes set them for every backbone; a ViT has no stem to change and no residual
+BN); a ResNet refuses a non-default ``patch_size``, ``drop_path``, ``drop_path_subset``,
+``freeze_patch_embed`` or ``grad_checkpointing``, and ignores ``image_size`` (it takes any input size).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .binary import binary_resnet18
 from .conv import Conv2d
+from .errors import ConfigError
 from .vit import VIT_SIZES, vision_transformer
 
 
@@ -169,14 +170,16 @@ def is_vit(name: str) -> bool:
 
 def build_backbone(name: str, *, width: float = 1.0, cifar_stem: bool = False,
                    zero_init_residual: bool = False, binary_weights: bool = True, patch_size: int = 16,
-                   image_size: int | None = None, drop_path: float = 0.0,
-                   freeze_patch_embed: bool = False) -> nn.Module:
+                   image_size: int | None = None, drop_path: float = 0.0, drop_path_subset: bool = False,
+                   freeze_patch_embed: bool = False, grad_checkpointing: bool = False) -> nn.Module:
     """Build an encoder by name; ``width=0.25`` gives a 16-channel stem for CPU runs.
 
     ``binary_weights`` is for binary backbones only: False keeps real weights behind the
     binary activations (S2-BNN's step one). ViTs: ``patch_size`` p, ``image_size`` the input side
     the position embeddings are learned for (None: 224; a multiple of p), ``drop_path`` the
-    last block's stochastic depth, ``freeze_patch_embed`` MoCo v3's fixed patch projection.
+    last block's stochastic depth (``drop_path_subset``: on a fixed-size subset of the batch,
+    :class:`vit.DropPath`), ``freeze_patch_embed`` MoCo v3's fixed patch projection,
+    ``grad_checkpointing`` recomputing each block in backward (``model.grad_checkpointing``).
     Which arguments each family refuses or ignores: the module docstring.
     """
     if width <= 0:
@@ -188,9 +191,13 @@ def build_backbone(name: str, *, width: float = 1.0, cifar_stem: bool = False,
         if not binary_weights:
             raise ValueError(f"binary_weights=False applies to binary backbones only, not {name!r}")
         return vision_transformer(name, img_size=VIT_IMAGE_SIZE if image_size is None else image_size,
-                                  patch_size=patch_size, drop_path=drop_path, freeze_patch_embed=freeze_patch_embed)
+                                  patch_size=patch_size, drop_path=drop_path, drop_path_subset=drop_path_subset,
+                                  freeze_patch_embed=freeze_patch_embed, grad_checkpointing=grad_checkpointing)
+    if grad_checkpointing:  # a config key that only ViTs read: say which one, rather than ignore it
+        raise ConfigError(f"model.grad_checkpointing=true applies to ViTs only ({', '.join(VIT_SIZES)}), not "
+                          f"{name!r}; set model.grad_checkpointing=false (or pick a ViT backbone)")
     vit_only = {"patch_size": (patch_size, 16), "drop_path": (drop_path, 0.0),
-                "freeze_patch_embed": (freeze_patch_embed, False)}
+                "drop_path_subset": (drop_path_subset, False), "freeze_patch_embed": (freeze_patch_embed, False)}
     for arg, (value, default) in vit_only.items():
         if value != default:
             raise ValueError(f"{arg}={value} applies to ViTs only ({', '.join(VIT_SIZES)}), not {name!r}; "

@@ -18,15 +18,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .backbones import NAMES as BACKBONE_NAMES  # every encoder, the ViTs included (imports torch)
+
     p = _Parser(prog="selfsup", description="Self-supervised visual representation learning.")
     p.add_argument("--version", action="version", version=f"selfsup {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     pre = sub.add_parser("pretrain", help="pre-train a backbone without labels")
     pre.add_argument("--method", help="simclr, moco, ... (see --list-presets; default: the preset's, else simclr)")
-    pre.add_argument("--data", help="digits | cifar10 | cifar100 | stl10 | image folder | .tar/.tar.gz/.zip")
+    pre.add_argument("--data", help="digits | cifar10 | cifar100 | stl10 | an image folder (train/test splits, "
+                                    "class folders, or any images) | .tar/.tar.gz/.zip | a .txt/.csv list of images")
+    pre.add_argument("--eval-data", help="a labelled source (as --data) for the kNN monitor when --data has no "
+                                         "labels (eval.data)")
     pre.add_argument("--out", help="run folder for config, metrics and checkpoints")
-    pre.add_argument("--backbone", help="resnet18 | resnet34 | resnet50 | binary-resnet18")
+    pre.add_argument("--backbone", help=" | ".join(BACKBONE_NAMES))
     pre.add_argument("--epochs", type=int)
     pre.add_argument("--batch-size", type=int, help="global batch size (split over ranks)")
     pre.add_argument("--preset", help="a named recipe, e.g. digits-simclr, cifar10-simclr")
@@ -91,8 +96,46 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--k", type=int, default=8, help="neighbours shown per query")
     rep.add_argument("--device", default="auto")
     rep.add_argument("--seed", type=int, default=0)
+    _embed_parser(sub)
+    _views_parser(sub)
     _semisup_parsers(sub)
     return p
+
+
+def _views_parser(sub) -> None:
+    vw = sub.add_parser("views", help="a grid of a few images and the views a method trains on (a PNG)")
+    vw.add_argument("--data", help="as for pretrain (default: the preset's, else digits)")
+    vw.add_argument("--out", required=True, help="the PNG to write, e.g. views.png")
+    vw.add_argument("--preset", help="a named recipe, as for pretrain")
+    vw.add_argument("--method", help="simclr, moco, byol, dino, ... (default: the preset's, else simclr)")
+    vw.add_argument("--config", help="a YAML file of settings, e.g. a run's config.yaml")
+    vw.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="any setting, e.g. --set aug.vflip_p=0.5 aug.rot90_p=0.75 aug.view2.solarize_p=0")
+    vw.add_argument("--teacher", help="--method distill: the frozen teacher (distill.teacher)")
+    vw.add_argument("--images", type=int, default=6, help="rows: images picked at random (by --seed)")
+    vw.add_argument("--views", type=int, default=4, help="columns of views, cycling through the method's views")
+    vw.add_argument("--seed", type=int, default=0, help="picks the images and draws the views")
+
+
+def _embed_parser(sub) -> None:
+    em = sub.add_parser("embed", help="write one embedding per image of a source (.csv, .npy or .parquet)")
+    em.add_argument("run", help="run folder, checkpoint.pt or backbone.pt")
+    em.add_argument("--data", help="digits | cifar10 | ... | image folder (a split layout: one split; any other "
+                                   "folder: every image under it) | .tar/.tar.gz/.zip of a split layout "
+                                   "(default: the run's own data source)")
+    em.add_argument("--out", required=True, help="the file: .csv (path, label, f0..), .npy (+ .paths.txt, "
+                                                 ".labels.txt beside it) or .parquet (pip install pyarrow)")
+    em.add_argument("--split", help="the split of a split layout to embed (default train)")
+    em.add_argument("--features", choices=["backbone", "head"], default="backbone",
+                    help="the pooled backbone features, or the run's projection head on top (needs checkpoint.pt)")
+    em.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+    em.add_argument("--skip-corrupt", action="store_true",
+                    help="leave out (and name) images that cannot be decoded instead of stopping")
+    em.add_argument("--random-init", action="store_true",
+                    help="the same network untrained (seed 0): the baseline a trained run is compared with")
+    em.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    em.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    em.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _step_options(q: argparse.ArgumentParser, what: str) -> None:
@@ -251,6 +294,38 @@ def _semisup(a: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_overrides(a: argparse.Namespace) -> dict:
+    """The settings that pretrain's flags name, as a nested dict for :func:`config.resolve`
+    (``selfsup views`` has some of these flags: the ones it lacks count as not given)."""
+    overrides: dict = {"data": {}, "model": {}, "train": {}, "distill": {}, "eval": {}}
+    for flag, section, key in [("data", "data", "source"), ("eval_data", "eval", "data"),
+                               ("backbone", "model", "backbone"),
+                               ("epochs", "train", "epochs"), ("batch_size", "train", "batch_size"),
+                               ("device", "train", "device"), ("seed", "train", "seed"),
+                               ("unlabeled", "data", "unlabeled"), ("skip_corrupt", "data", "skip_corrupt"),
+                               ("max_minutes", "train", "max_minutes"), ("sync_bn", "model", "sync_bn"),
+                               ("teacher", "distill", "teacher")]:
+        if getattr(a, flag, None) is not None:
+            overrides[section][key] = getattr(a, flag)
+    if getattr(a, "method", None) is not None:
+        overrides["method"] = a.method
+    if a.out is not None and a.command == "pretrain":  # views' --out is its PNG
+        overrides["out"] = a.out
+    if getattr(a, "no_progress", False):
+        overrides["train"]["progress"] = False
+    return overrides
+
+
+def _views(a: argparse.Namespace) -> int:
+    from .config import resolve
+    from .views import write_views
+
+    cfg = resolve(preset_name=a.preset, file=a.config, sets=a.sets, overrides=_pretrain_overrides(a))
+    path = write_views(cfg, a.out, images=a.images, views=a.views, seed=a.seed)
+    print(f"{a.images} images x {a.views} views of {cfg.method} -> {path}")
+    return 0
+
+
 def _pretrain(a: argparse.Namespace) -> int:
     from . import distributed as D
     from .config import flatten, resolve
@@ -261,21 +336,7 @@ def _pretrain(a: argparse.Namespace) -> int:
         for name in preset_names():
             print(f"{name}: {read_preset(name)['about']}")
         return 0
-    overrides: dict = {"data": {}, "model": {}, "train": {}, "distill": {}}
-    for value, section, key in [(a.data, "data", "source"), (a.backbone, "model", "backbone"),
-                                (a.epochs, "train", "epochs"), (a.batch_size, "train", "batch_size"),
-                                (a.device, "train", "device"), (a.seed, "train", "seed"),
-                                (a.unlabeled, "data", "unlabeled"), (a.skip_corrupt, "data", "skip_corrupt"),
-                                (a.max_minutes, "train", "max_minutes"), (a.sync_bn, "model", "sync_bn"),
-                                (a.teacher, "distill", "teacher")]:
-        if value is not None:
-            overrides[section][key] = value
-    if a.method is not None:
-        overrides["method"] = a.method
-    if a.out is not None:
-        overrides["out"] = a.out
-    if a.no_progress:
-        overrides["train"]["progress"] = False
+    overrides = _pretrain_overrides(a)
     if a.resume:
         if not a.out:
             raise ConfigError("--resume needs --out DIR (the run to continue)")
@@ -336,6 +397,17 @@ def _report(a: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(a: argparse.Namespace) -> int:
+    from .embeddings import embed_to_file
+
+    result = embed_to_file(a.run, a.data, a.out, split=a.split, features=a.features, normalize=a.normalize,
+                           random_init=a.random_init, skip_corrupt=a.skip_corrupt, batch_size=a.batch_size,
+                           device=a.device,
+                           progress=not a.no_progress)
+    print(f"{len(result.paths)} embeddings of {result.vectors.shape[1]} dimensions ({a.features}) -> {a.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # data decoding/cache notes
     try:
@@ -343,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # a usage error (already printed as one line), --help or --version
         return e.code if isinstance(e.code, int) else 2
     try:
-        commands = {"pretrain": _pretrain, "eval": _eval, "export": _export, "report": _report,
+        commands = {"pretrain": _pretrain, "eval": _eval, "export": _export, "report": _report, "embed": _embed, "views": _views,
                     "finetune": _finetune, "distill": _distill, "semisup": _semisup}
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as e:

@@ -36,6 +36,8 @@ class DataConfig:
     device_budget_gb: float = 8.0   # keep the uint8 dataset on the GPU when it is smaller than this
     stream: bool = False            # decode from an image folder / .tar shards every epoch (selfsup.stream)
     workers: int | None = None      # stream: decoding processes per rank (None: cores / ranks, at most 8)
+    holdout: float = 0.1            # class folders / a labelled list: each class's fraction held out as the test
+                                    # split (seeded by the file paths, not train.seed, so eval holds out the same)
 
 
 @dataclass
@@ -53,15 +55,52 @@ class ModelConfig:
     patch_size: int = 16            # ViTs: the side of a patch (16 for 224-pixel images; 4 or 8 for 32x32)
     drop_path: float = 0.0          # ViTs: stochastic depth, rising linearly to this over the blocks (DINO: 0.1);
                                     # momentum teachers run without it
+    drop_path_subset: bool = False  # ViTs: each block's branch runs on exactly round(B(1 - p)) kept samples only
+                                    # (cheaper; the paper's drop path keeps a Bernoulli count and runs on all)
     freeze_patch_embed: bool = False  # ViTs: keep the random patch projection fixed (MoCo v3 §4.2's stability fix)
+    grad_checkpointing: bool = False  # ViTs: recompute each block's activations in backward (less memory, ~1.3x time)
 
 
 @dataclass
-class AugConfig:
+class ViewOverrides:
+    """Settings that replace the method's recipe in its views; None (the default) keeps the
+    recipe's value. Probabilities are per image; the paper's value is in brackets."""
+    ratio: tuple[float, float] | None = None  # crop aspect ratios [lo, hi], log-uniform [3/4, 4/3]
+    hflip_p: float | None = None    # horizontal flip [0.5]
+    vflip_p: float | None = None    # vertical flip [0]: for images with no "up" (microscopy, satellite, medical)
+    rot90_p: float | None = None    # turn by 1, 2 or 3 quarter turns, uniformly [0]; 0.75: 0-3 turns equally likely
+    jitter_p: float | None = None   # colour jitter [0.8]
+    brightness: float | None = None  # jitter factors in [1 - b, 1 + b] [SimCLR: 0.8 s, BYOL: 0.4]
+    contrast: float | None = None   # [SimCLR: 0.8 s, BYOL: 0.4]
+    saturation: float | None = None  # [SimCLR: 0.8 s, BYOL: 0.2]
+    hue: float | None = None        # hue shift in turns, in [0, 0.5] [SimCLR: 0.2 s, BYOL: 0.1]
+    grayscale_p: float | None = None  # [0.2]
+    blur_p: float | None = None     # Gaussian blur [SimCLR: 0.5 with aug.blur; BYOL: 1.0 / 0.1]
+    blur_sigma: tuple[float, float] | None = None  # blur sigma [lo, hi] in pixels [0.1, 2.0]
+    solarize_p: float | None = None  # [BYOL: 0 / 0.2]
+
+
+@dataclass
+class OneViewOverrides(ViewOverrides):
+    """:class:`ViewOverrides` of some of the views (``aug.view1``, ``aug.view2``, ``aug.local``),
+    applied after ``aug``'s own, and their crop scale."""
+    scale: tuple[float, float] | None = None  # crop area fraction [lo, hi] [global (aug.scale_min, 1); local
+                                    # (multicrop.local_scale_min, local_scale_max)]
+
+
+@dataclass
+class AugConfig(ViewOverrides):
+    """The views: the recipe's knobs (``strength``, ``blur``, ``scale_min``, ``size``), then
+    :class:`ViewOverrides` of every view (``aug.vflip_p=0.5``) and of some (``aug.view2.blur_p``):
+    ``view1`` the first, third, ... global view (BYOL's and DINO's view 1), ``view2`` the second,
+    fourth, ..., ``local`` the multi-crop local crops."""
     strength: float = 1.0           # colour-distortion strength s (SimCLR appendix A)
     blur: bool = False              # Gaussian blur, p=0.5 (ImageNet recipe; off at 32x32)
     scale_min: float = 0.08         # smallest crop area fraction
     size: int | None = None         # output size (None: the data's image size)
+    view1: OneViewOverrides = field(default_factory=OneViewOverrides)
+    view2: OneViewOverrides = field(default_factory=OneViewOverrides)
+    local: OneViewOverrides = field(default_factory=OneViewOverrides)
 
 
 @dataclass
@@ -81,15 +120,23 @@ class OptimConfig:
                                     # None: the method's (per_param for DINO, global otherwise)
 
 
+#: torch.compile's modes that train.compile_mode may name.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 100
     batch_size: int = 512           # global batch (split over ranks when distributed)
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    precision: str = "auto"         # auto (bf16 on CUDA and on CPUs with AMX or AVX512-BF16; else fp32) | bf16 | fp32
+    precision: str = "auto"         # auto: bf16 on GPUs that compute it natively (compute capability >= 8), fp16 with a
+                                    # gradient scaler on older GPUs, bf16 on CPUs with AMX or AVX512-BF16, else fp32
+                                    # | bf16 | fp16 | fp32
     channels_last: bool = True
-    compile: bool = False           # torch.compile the model (pays off on GPUs for long runs)
+    compile: bool = False           # torch.compile the augmentations and the model (pays off on GPUs for long runs)
+    compile_mode: str = "default"   # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead
+    cudnn_benchmark: bool = True    # CUDA: let cuDNN time its convolution algorithms once per shape and keep the fastest
     checkpoint_every: int = 10      # epochs between checkpoints (and always at the end)
     log_every: int = 20             # steps between progress-bar updates (each one syncs the host)
     max_minutes: float | None = None  # stop at the first epoch end after this much training time
@@ -106,6 +153,8 @@ class EvalConfig:
     knn_features: str = "backbone"  # backbone: pooled features; head: the method's projection output (MoCo demo)
     online_linear: bool = True      # solo-learn's online linear probe (labelled in-memory sources; logged as linear_top1)
     online_linear_lr: float = 0.1   # its SGD lr (solo-learn classifier_lr), times the run's lr schedule
+    data: str | None = None        # a labelled source (as --data) for the kNN monitor of a run whose own data has
+                                    # no labels (--eval-data); the online probe needs the run's own labels
     # offline linear evaluation (selfsup eval linear): its protocols live in evaluate.LINEAR_PROTOCOLS
 
 
@@ -290,6 +339,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{key}: must not be empty (expected {tp.__name__})")
+    if typing.get_origin(tp) is tuple:  # a range such as aug.ratio: YAML and --set give a list
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, e.g. {key}=[0.5,1.0], got {value!r}")
+        return tuple(_coerce(v, t, key) for v, t in zip(value, args))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads '1e-4' as a string
@@ -458,8 +512,34 @@ def check_finite(section: object, prefix: str = "") -> None:
         value, key = getattr(section, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
             check_finite(value, key + ".")
-        elif isinstance(value, float) and not math.isfinite(value):
+        elif any(isinstance(v, float) and not math.isfinite(v)
+                 for v in (value if isinstance(value, tuple) else (value,))):  # a number or a range
             raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
+#: The probabilities among :class:`ViewOverrides`.
+VIEW_PROBABILITIES = ("hflip_p", "vflip_p", "rot90_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
+
+
+def view_override_checks(o: ViewOverrides, prefix: str) -> list[tuple[bool, str]]:
+    """The field checks of the overrides ``o`` that are set, their keys starting with ``prefix``."""
+    def got(name: str) -> str:
+        value = getattr(o, name)
+        return f"got {list(value) if isinstance(value, tuple) else value}"
+
+    set_ = {f.name for f in dataclasses.fields(o) if getattr(o, f.name) is not None}
+    rows = [(0 <= getattr(o, n) <= 1, f"{prefix}{n} must be in [0, 1], {got(n)}")
+            for n in VIEW_PROBABILITIES if n in set_]
+    rows += [(getattr(o, n) >= 0, f"{prefix}{n} must be >= 0, {got(n)}")
+             for n in ("brightness", "contrast", "saturation") if n in set_]
+    if "hue" in set_:
+        rows.append((0 <= o.hue <= 0.5, f"{prefix}hue must be in [0, 0.5] (turns), {got('hue')}"))
+    for n, top in (("scale", 1.0), ("ratio", math.inf), ("blur_sigma", math.inf)):
+        if n in set_:
+            lo, hi = getattr(o, n)
+            rows.append((0 < lo <= hi <= top, f"{prefix}{n} must be [lo, hi] with 0 < lo <= hi"
+                                              f"{' <= 1' if top == 1 else ''}, {got(n)}"))
+    return rows
 
 
 def validate(cfg: Config) -> None:
@@ -495,11 +575,16 @@ def validate(cfg: Config) -> None:
         (cfg.aug.size is None or cfg.aug.size >= 8, "aug.size must be at least 8"),
         (0 < cfg.aug.scale_min <= 1, "aug.scale_min must be in (0, 1]"),
         (cfg.aug.strength >= 0, "aug.strength must be >= 0"),
-        (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
+        *view_override_checks(cfg.aug, "aug."),
+        *[row for name in ("view1", "view2", "local") for row in view_override_checks(getattr(cfg.aug, name), f"aug.{name}.")],
+        (cfg.train.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32"),
+        (cfg.train.compile_mode in COMPILE_MODES,
+         f"train.compile_mode '{cfg.train.compile_mode}' unknown; choose {', '.join(COMPILE_MODES)}"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be at least 1"),
         (cfg.train.log_every >= 1, "train.log_every must be at least 1"),
         (cfg.train.max_minutes is None or cfg.train.max_minutes >= 0, "train.max_minutes must be >= 0"),
         (cfg.data.device_budget_gb >= 0, "data.device_budget_gb must be >= 0"),
+        (0 <= cfg.data.holdout < 1, "data.holdout must be in [0, 1) (the fraction of each class held out)"),
         (cfg.eval.knn_every >= 0, "eval.knn_every must be >= 0"),
         (cfg.eval.knn_k >= 1, "eval.knn_k must be at least 1"),
         (cfg.eval.knn_t > 0, "eval.knn_t must be positive"),

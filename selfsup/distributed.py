@@ -170,16 +170,27 @@ def broadcast(x: Tensor) -> Tensor:
 # Global batch norm: statistics over every rank's samples (SimCLR §2.2, BYOL, SwAV, SimSiam).
 
 class GlobalBatchNorm(_BatchNorm):
-    """Batch norm whose training statistics cover the global batch, for CPU process groups.
+    """Batch norm whose training statistics cover the global batch, on CPUs and GPUs alike,
+    with one collective per layer in forward, one in backward, and no host sync.
 
-    Workaround: ``nn.SyncBatchNorm`` refuses CPU tensors ("expected input tensor to be on GPU",
-    torch 2.x), so gloo runs use this. Each rank computes its per-channel mean and biased
-    variance; the ranks' moments are gathered and combined exactly (Chan et al.: within-rank
-    plus between-rank variance, no E[x²]-E[x]² cancellation). Running statistics take the
-    unbiased global variance with the usual momentum. In eval mode this is plain BN. Parameter
-    and buffer names are those of ``nn.BatchNorm*d``, so a state dict moves freely between the
-    two; ``bias`` may be None (scale-only BN). Takes (B, C) or (B, C, *spatial) inputs in any
-    memory format.
+    Why not ``nn.SyncBatchNorm``: it refuses CPU tensors, and on CUDA it stops the host at every
+    layer (a boolean mask drops empty ranks' statistics, a data-dependent shape; momentum None
+    reads the step count with ``float()``), about 22 syncs a ResNet-18 step: at each the CPU
+    waits for the GPU, which then idles while the next kernels are launched. Here every shape
+    follows from the input's shape alone:
+
+    - forward: each rank packs [count, mean (C), biased variance (C)] of its share, in float32 or
+      wider even for bf16 input; one ``all_gather_single`` hands every rank all of them, combined
+      exactly (Chan et al.: within-rank plus between-rank variance). Not a summed [Σx, Σx²]: its
+      E[x²] - E[x]² cancels in float32 when |mean| ≫ std. The count is gathered too, so ranks
+      may hold different batch sizes; an empty share weighs 0.
+    - backward: one ``all_reduce`` of [Σg, Σg·x̂] (2C,) over the global batch.
+
+    Running statistics take the unbiased global variance; momentum None (cumulative average)
+    weighs the step by 1/num_batches_tracked as a tensor. Eval mode is plain BN on the running
+    statistics; training in one process is BN over the local batch. Parameter and buffer names
+    are those of ``nn.BatchNorm*d``, so a state dict moves freely between the two; ``bias`` may
+    be None (scale-only BN). Takes (B, C) or (B, C, *spatial) inputs in any memory format.
     """
 
     def _check_input_dim(self, x: Tensor) -> None:
@@ -192,31 +203,39 @@ class GlobalBatchNorm(_BatchNorm):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         sync = self.training and world_size() > 1  # as SyncBatchNorm: eval on batch stats stays local
+        if not sync and x.numel() == x.shape[1]:  # BN's check; across ranks it would need a host read
+            raise ValueError(f"batch norm in training needs more than 1 value per channel, got input "
+                             f"of shape {tuple(x.shape)}; use a larger batch")
         with torch.no_grad():
             mean, var, n = _moments(x, sync)  # (C,), (C,), ()
             if self.training and self.track_running_stats:
                 self.num_batches_tracked.add_(1)
-                m = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+                # momentum None: BN reads the step count on the host; 1/t as a tensor does not
+                m = self.momentum if self.momentum is not None else \
+                    1 / self.num_batches_tracked.to(self.running_mean.dtype)
                 unbiased = var * n / (n - 1).clamp(min=1)  # (C,) as BatchNorm's running_var
-                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
         return _GlobalBatchNorm.apply(x, self.weight, self.bias, mean, var, n, self.eps, sync)
 
 
 def _moments(x: Tensor, sync: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel mean and biased variance (C,) of x, over every rank's samples if ``sync``,
-    and the number of samples per channel."""
-    # BN's own kernel gives exact two-pass statistics several times faster than var_mean;
-    # with eps 0 its invstd is 1/sqrt(var) exactly (inf when var is 0, which maps back to 0).
-    x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 statistics would lose digits
-    _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 0.0)
-    var = invstd.pow(-2)
-    n = mean.new_tensor(float(x.numel() // x.shape[1]))
+    """Per-channel mean and biased variance (C,) of x in float32 or wider, over every rank's
+    samples if ``sync``, and the number of samples per channel ()."""
+    c, n = x.shape[1], x.numel() // x.shape[1]  # n from the shape: no host read
+    wide = torch.promote_types(x.dtype, torch.float32)
+    if n:
+        # BN's statistics kernel (two-pass on CPU, Welford on CUDA), which computes no output;
+        # CUDA's returns float32 for bf16 input, the CPU one bf16, so the CPU gets a float32 copy
+        mean, var = torch.batch_norm_update_stats(x if x.is_cuda else x.to(wide), None, None, 0.0)
+    else:  # an empty share (an uneven last batch) weighs 0 below
+        mean = var = x.new_zeros(c, dtype=wide)
+    count = mean.new_full((1,), n)
     if not sync:
-        return mean, var, n
-    c = mean.shape[0]
-    every = gather(torch.cat([mean, var, n.reshape(1)])[None])  # (W, 2C+1)
-    means, variances, counts = every[:, :c], every[:, c:2 * c], every[:, 2 * c:]  # (W, C), (W, C), (W, 1)
+        return mean, var, count[0]
+    every = mean.new_empty(world_size() * (2 * c + 1))
+    dist.all_gather_single(every, torch.cat([count, mean, var]))  # the one collective: (W*(2C+1),)
+    counts, means, variances = every.view(world_size(), -1).split([1, c, c], dim=1)  # (W, 1), (W, C), (W, C)
     n = counts.sum()
     mean = (counts * means).sum(0) / n  # (C,)
     var = (counts * (variances + (means - mean) ** 2)).sum(0) / n  # within + between ranks
@@ -237,47 +256,48 @@ class _GlobalBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
                 n: Tensor, eps: float, sync: bool) -> Tensor:
-        ctx.save_for_backward(x, weight, mean, var, n)
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), n)
         ctx.eps, ctx.sync = eps, sync
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, weight, mean, var, n = ctx.saved_tensors
-        # BN's eval-mode backward kernel computes both per-channel sums in one pass: Σ g x̂, Σ g
-        _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            g, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True])  # (C,) each
-        grad_weight = sum_g_xhat.clone() if weight is not None and ctx.needs_input_grad[1] else None
-        grad_bias = sum_g.clone() if ctx.needs_input_grad[2] else None
+        x, weight, mean, invstd, n = ctx.saved_tensors
+        if x.numel():
+            # BN's backward kernel fed the global moments gives both per-channel sums in one pass,
+            # Σ g x̂ as "dweight" and Σ g as "dbias"; ones stand in for a missing weight (CUDA's
+            # kernel takes the sums' dtype from it)
+            _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+                g, x, torch.ones_like(mean) if weight is None else weight, None, None, mean, invstd,
+                True, ctx.eps, [False, True, True])  # (C,) each
+        else:
+            sum_g_xhat = sum_g = torch.zeros_like(mean)
+        grad_weight = sum_g_xhat if ctx.needs_input_grad[1] else None
+        grad_bias = sum_g if ctx.needs_input_grad[2] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            sums = torch.cat([sum_g, sum_g_xhat])  # (2C,)
+            sums = torch.cat([sum_g, sum_g_xhat]).to(mean.dtype)  # (2C,), a copy: the above stay local
             if ctx.sync:
-                dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM)  # the one collective of the backward
             sum_g, sum_g_xhat = sums.chunk(2)
-            invstd = torch.rsqrt(var + ctx.eps)  # (C,)
-            a = invstd if weight is None else weight * invstd  # dy/dx at fixed moments
-            k = a * invstd * sum_g_xhat / n  # (C,): the x̂ term, as a coefficient of x
-            c = k * mean - a * sum_g / n  # (C,)
+            a = invstd if weight is None else weight * invstd  # (C,) dy/dx at fixed moments
+            k = a * invstd * sum_g_xhat / n  # (C,): the x̂ term per unit of x - mean
+            b = a * sum_g / n  # (C,): the mean term
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            grad_x = torch.addcmul(c.view(shape), g, a.view(shape)).addcmul_(x, k.view(shape), value=-1)
-            grad_x = grad_x.to(x.dtype)
+            # x - mean first: k·x - k·mean would cancel in float32 when |mean| ≫ std
+            grad_x = torch.addcmul(-b.view(shape), x - mean.view(shape), -k.view(shape))
+            grad_x = grad_x.addcmul_(g, a.view(shape)).to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.Module:
-    """Give every batch norm in ``module`` statistics over the global batch.
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Give every batch norm in ``module`` statistics over the global batch: a
+    :class:`GlobalBatchNorm`, on the CPU and on CUDA alike (not ``nn.SyncBatchNorm``, which syncs
+    the host at every layer).
 
-    CUDA: ``nn.SyncBatchNorm``. CPU: :class:`GlobalBatchNorm`. Parameters and buffers are
-    shared with the old layers, not copied, and state-dict keys stay the same, so checkpoints
-    load into the plain model (and backbones into torchvision's layout).
+    Parameters and buffers are shared with the old layers, not copied, and state-dict keys stay
+    the same, so checkpoints load into the plain model (and backbones into torchvision's layout).
     """
-    if torch.device(device).type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _to_global_bn(module)
-
-
-def _to_global_bn(module: nn.Module) -> nn.Module:
     return replace_batchnorm(
         module, lambda m: isinstance(m, _BatchNorm) and not isinstance(m, GlobalBatchNorm),
         lambda bn: GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine,

@@ -39,14 +39,17 @@ from .runs import eval_file, load_backbone, run_dir
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: np.ndarray | Tensor, *, size: int, mean, std,
                      device: torch.device, batch_size: int = 512,
-                     dtype: torch.dtype | None = None, channels_last: bool = True) -> Tensor:
-    """Pooled backbone features of uint8 (N, H, W, 3) images, in eval mode. Returns (N, D) float32."""
+                     dtype: torch.dtype | None = None, channels_last: bool = True,
+                     view: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Pooled backbone features of uint8 (N, H, W, 3) images, in eval mode. Returns (N, D) float32.
+    ``view``: what turns a uint8 batch into the network's input (default: the evaluation view,
+    :func:`augment.eval_view`; e.g. a training augmentation, for the alignment monitor)."""
     was_training = backbone.training
     backbone.eval()
     feats = []
     for lo in range(0, len(images), batch_size):
         chunk = torch.as_tensor(np.array(images[lo:lo + batch_size])).to(device, non_blocking=True)  # copy: memmaps are read-only
-        x = eval_view(chunk, size, mean, std)  # (B, 3, S, S)
+        x = eval_view(chunk, size, mean, std) if view is None else view(chunk)  # (B, 3, S, S)
         if not channels_last:
             x = x.contiguous()
         with autocast(device, dtype):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .device import autocast_dtype
+from .device import autocast_dtype, configure_cuda
 from .errors import ConfigError, Interrupted, TrainingError
 from .optim import clip_gradients, cosine, set_lr, set_weight_decay, warmup_cosine
 from .runguard import EXIT_CODES, RunLock, StopSignals
@@ -91,12 +91,18 @@ def truncate_metrics(path: Path, epochs_done: int) -> None:
     ckpt.write_text_atomic("".join(line + "\n" for line in keep), path)
 
 
-def prepare_device(device: torch.device, precision: str, seed: int) -> torch.dtype | None:
-    """Seed the global RNG and return the autocast dtype of ``precision`` on ``device``."""
+def prepare_device(device: torch.device, precision: str, seed: int, cudnn_benchmark: bool = True) -> torch.dtype | None:
+    """Set the device up (:func:`device.configure_cuda` on CUDA), seed the global RNG and return
+    the autocast dtype of ``precision`` on ``device``."""
     if device.type == "cpu":  # denormals in near-zero activations slow CPU math several-fold (seen: SimSiam 6x)
         torch.set_flush_denormal(True)
+    if device.type == "cuda":
+        log(f"CUDA: {configure_cuda(cudnn_benchmark)}")
     torch.manual_seed(seed)
-    return autocast_dtype(precision, device)
+    dtype = autocast_dtype(precision, device)
+    if precision == "auto" and dtype == torch.float16:
+        log(f"precision auto: fp16 with a gradient scaler ({torch.cuda.get_device_name(device)} has no native bf16)")
+    return dtype
 
 
 def kept_checkpoint(out: Path) -> str:
@@ -136,13 +142,16 @@ def save_checkpoint(out: Path, model: nn.Module, spec: BackboneSpec, *, config: 
     save_run(out, state, model.backbone, spec)
 
 
-def resumable(step: int, optimizer: torch.optim.Optimizer, generators: list[Tensor], partial: dict | None) -> dict:
+def resumable(step: int, optimizer: torch.optim.Optimizer, generators: list[Tensor], partial: dict | None,
+              scaler: torch.amp.GradScaler | None = None) -> dict:
     """What a checkpoint holds besides the weights so that ``--resume`` continues the run exactly
-    (:func:`resume.restore`): the global step, the optimiser, each rank's augmentation RNG and,
-    mid-epoch, the partial epoch (:meth:`EpochSums.partial`)."""
+    (:func:`resume.restore`): the global step, the optimiser, each rank's augmentation RNG,
+    mid-epoch the partial epoch (:meth:`EpochSums.partial`) and, in fp16, the loss scale."""
     extra = {"step": step, "optimizer": optimizer.state_dict(), "generator": generators[0], "generators": generators}
     if partial is not None:
         extra["partial_epoch"] = partial
+    if scaler is not None:
+        extra["grad_scaler"] = scaler.state_dict()
     return extra
 
 
@@ -159,14 +168,26 @@ def start_folder(out: Path, config_text: str, epochs_done: int) -> None:
 
 
 def backward_step(optimizer: torch.optim.Optimizer, loss: Tensor, clip_grad: float = 0.0,
-                  clip_mode: str = "global") -> None:
-    """Backward, (clip the gradient norm to ``clip_grad`` if > 0, globally or per parameter:
-    :func:`optim.clip_gradients`,) optimiser step."""
+                  clip_mode: str = "global", frozen: Iterable[Tensor] = (),
+                  scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward, drop the gradients of ``frozen`` parameters (:meth:`Method.frozen_now`), (clip
+    the gradient norm to ``clip_grad`` if > 0, globally or per parameter:
+    :func:`optim.clip_gradients`,) optimiser step. ``scaler`` (fp16): the loss is scaled for
+    backward and the gradients unscaled before clipping; a step with inf/NaN gradients is skipped
+    and the scale lowered, as ``torch.amp.GradScaler`` does."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    for p in frozen:  # the optimiser skips a parameter without a gradient
+        p.grad = None
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if clip_grad > 0:
         clip_gradients([p for g in optimizer.param_groups for p in g["params"]], clip_grad, clip_mode)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
 
 
 @dataclass(frozen=True)

@@ -442,14 +442,43 @@ def distill(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     return soft_cross_entropy(student_logits / temperature, targets)
 
 
+def dino_targets(teacher_out: Tensor, center: Tensor, teacher_temp: float | Tensor) -> Tensor:
+    """DINO's teacher distribution P_t = softmax((g_t(x) - c) / τ_t) (DINO eq. 1 and §3.1's
+    centring), a constant. teacher_out: (N, K); center: (K,) or (1, K); teacher_temp: a number
+    or a 0-dim tensor (a buffer that changes every step without recompiling a compiled forward)."""
+    return F.softmax((teacher_out.detach() - center.detach()) / teacher_temp, dim=1)  # (N, K)
+
+
 @float32
 def dino(student_out: Tensor, teacher_out: Tensor, center: Tensor, student_temp: float = 0.1,
-         teacher_temp: float = 0.04) -> Tensor:
+         teacher_temp: float | Tensor = 0.04) -> Tensor:
     """DINO's loss for one (student crop, teacher crop) pair (DINO Algorithm 1): the teacher's
     output centred, then sharpened at ``teacher_temp``, is the target of the student's at
     ``student_temp``. student_out, teacher_out: (N, K); center: (K,) or (1, K), a constant."""
-    targets = F.softmax((teacher_out.detach() - center.detach()) / teacher_temp, dim=1)  # (N, K)
-    return soft_cross_entropy(student_out / student_temp, targets)
+    return soft_cross_entropy(student_out / student_temp, dino_targets(teacher_out, center, teacher_temp))
+
+
+def dino_multicrop(student_out: Tensor, teacher_out: Tensor, center: Tensor, student_temp: float,
+                   teacher_temp: float | Tensor, n_global: int) -> Tensor:
+    """DINO's multi-crop loss (DINO Algorithm 1, ``DINOLoss.forward``): the mean over the pairs
+    of a teacher crop t (a global crop) and a student crop s != t of  mean_b H(P_t, P_s).
+
+    student_out: (V*B, K) every crop, the G = ``n_global`` global crops first, crop by crop;
+    teacher_out: (G*B, K) the global crops; center: (1, K), a constant. Each crop's log-softmax
+    and target are computed once; the pair sum is Σ_t Σ_s minus the G same-view terms, so it
+    costs O((V + G) B K) however many pairs there are. Computed in (at least) float32 with
+    autocast off, as every loss here.
+    """
+    dtype = torch.promote_types(student_out.dtype, torch.float32)  # float64 stays float64 (tests)
+    with torch.autocast(student_out.device.type, enabled=False):
+        g = n_global
+        b = teacher_out.shape[0] // g
+        v = student_out.shape[0] // b
+        log_p = F.log_softmax(student_out.to(dtype) / student_temp, dim=1).view(v, b, -1)  # (V, B, K)
+        q = dino_targets(teacher_out.to(dtype), center.to(dtype), teacher_temp).view(g, b, -1)  # (G, B, K)
+        every_pair = (q.sum(0) * log_p.sum(0)).sum()  # Σ_t Σ_s Σ_b q_t · log p_s
+        same_view = (q * log_p[:g]).sum()  # the G pairs s = t, which DINO skips
+        return -(every_pair - same_view) / (g * (v - 1) * b)
 
 
 @float32

@@ -27,11 +27,31 @@ def momentum_copy(*modules: nn.Module) -> nn.Sequential:
     return teacher
 
 
+class StepMomentum(nn.Module):
+    """A momentum m that changes every step (a cosine schedule), kept on the device as the EMA's
+    weight 1 - m, so that a compiled forward that applies the EMA reads a tensor, never a Python
+    float that would rebuild it, and the update never syncs the host. Not saved: the schedule
+    sets it before each step (:meth:`set`)."""
+
+    def __init__(self, m: float):
+        super().__init__()
+        self.m = m
+        self.register_buffer("weight", torch.tensor(1.0 - m), persistent=False)  # 1 - m, float32
+
+    @torch.no_grad()
+    def set(self, m: float) -> float:
+        """This step's m (1 - m rounded to float32 as the Python scalar it replaces); returns m."""
+        self.m = m
+        self.weight.fill_(1.0 - m)
+        return m
+
+
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module | Iterable[nn.Module], m: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module | Iterable[nn.Module], m: float | StepMomentum) -> None:
     """θ_teacher <- m θ_teacher + (1 - m) θ_student, over parameters only, in one foreach op.
 
-    ``student`` is a module or the modules ``teacher`` was copied from, in the same order.
+    ``student`` is a module or the modules ``teacher`` was copied from, in the same order; ``m``
+    a constant or this step's :class:`StepMomentum` (the same arithmetic, from a device tensor).
     """
     students = [student] if isinstance(student, nn.Module) else list(student)
     t = list(teacher.parameters())
@@ -39,7 +59,10 @@ def ema_update(teacher: nn.Module, student: nn.Module | Iterable[nn.Module], m: 
     if len(t) != len(s):
         raise ValueError(f"teacher has {len(t)} parameter tensors but the student {len(s)}; pass the "
                          f"modules the teacher was copied from, in the same order")
-    torch._foreach_lerp_(t, s, 1.0 - m)  # t + (1 - m)(s - t)
+    if isinstance(m, StepMomentum):  # a list of 0-dim weights: a Scalar weight would be read on the host
+        torch._foreach_lerp_(t, s, [m.weight] * len(t))
+    else:
+        torch._foreach_lerp_(t, s, 1.0 - m)  # t + (1 - m)(s - t)
 
 
 def momentum_at(step: int, total_steps: int, base: float, cosine: bool = False) -> float:
@@ -70,11 +93,12 @@ class MomentumTeacher(nn.Sequential):
         self._students = students  # a tuple is not registered: the students are saved once, by their owner
 
     @torch.no_grad()
-    def update(self, tau: float) -> float:
-        """θ <- τ θ + (1 - τ) θ_student; returns τ."""
-        self.momentum = tau
+    def update(self, tau: float | StepMomentum) -> float:
+        """θ <- τ θ + (1 - τ) θ_student (τ a constant, or a :class:`StepMomentum` inside a
+        compiled forward); returns τ."""
         ema_update(self, self._students, tau)
-        return tau
+        self.momentum = tau.m if isinstance(tau, StepMomentum) else tau
+        return self.momentum
 
 
 class KeyQueue(nn.Module):

@@ -12,6 +12,11 @@ per-dimension std reads 1/√D, the "perfect spread" (issue 13).
   p_k = σ_k / ‖σ‖₁ + ε. 1 for a rank-1 (or constant) feature matrix, D for D equal singular
   values. Computed, as RankMe, on the *un-centred* features: centring would turn "one constant
   vector plus tiny noise" (a collapse) into the full rank of the noise.
+- :func:`alignment` and :func:`uniformity` (Wang & Isola, 2020, eqs. 4 and 5) of the
+  L2-normalised features: how far two augmented views of one image land from each other (0:
+  invariant; 4: opposite), and how evenly the images spread over the sphere (log of the mean
+  Gaussian potential over pairs, t = 2: 0 when every image maps to one point, about -4 for a
+  well spread 128-D embedding of a few thousand images). Neither needs labels.
 - :func:`code_entropy`: mean entropy of soft assignments (SwAV's Sinkhorn codes); ln K for
   uniform codes, SwAV's collapse to uniform codes.
 """
@@ -51,6 +56,22 @@ def effective_rank(features: Tensor, eps: float = 1e-7) -> float:
     sigma = torch.linalg.svdvals(features.double())  # (min(N, D),)
     p = sigma / sigma.sum().clamp_min(1e-300) + eps
     return math.exp(-(p * p.log()).sum().item())
+
+
+@torch.no_grad()
+def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> float:
+    """L_align (Wang & Isola, 2020, eq. 4): E ||f(x) - f(x+)||^α over positive pairs, rows of
+    the (N, D) features of two views of the same N images, L2-normalised here."""
+    return (F.normalize(z1.float(), dim=1) - F.normalize(z2.float(), dim=1)).norm(dim=1).pow(alpha).mean().item()
+
+
+@torch.no_grad()
+def uniformity(features: Tensor, t: float = 2.0) -> float:
+    """L_uniform (Wang & Isola, 2020, eq. 5): log E exp(-t ||f(x) - f(y)||²) over the pairs of
+    distinct rows of ``features`` (N, D), L2-normalised here. In [-4t, 0]; 0 when collapsed."""
+    z = F.normalize(features.double(), dim=1)  # (N, D)
+    sq = torch.pdist(z).pow(2)  # (N(N-1)/2,)
+    return (torch.logsumexp(-t * sq, dim=0) - math.log(len(sq))).item()
 
 
 def code_entropy(codes: Tensor) -> Tensor:

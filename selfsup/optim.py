@@ -107,11 +107,12 @@ def build_optimizer(name: str, groups: list[dict], *, lr: float, momentum: float
     """Build ``lars``, ``sgd`` or ``adamw`` over ``groups``; a group's own ``weight_decay`` wins."""
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    if name == "sgd":
+    params = [p for g in groups for p in g["params"]]
+    if name == "sgd":  # fused on CUDA (one kernel for all parameters); foreach on the CPU, as before
+        fused = bool(params) and all(p.is_floating_point() and p.is_cuda for p in params)
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               nesterov=nesterov, foreach=True)
+                               nesterov=nesterov, fused=fused or None, foreach=None if fused else True)
     if name == "adamw":
-        params = [p for g in groups for p in g["params"]]
         # the fused kernel exists for floating-point CPU and CUDA tensors; foreach elsewhere
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay,

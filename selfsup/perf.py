@@ -1,23 +1,30 @@
-"""Measuring the training step against its backbone (issue 8); the tools behind benchmarks/run.py.
+"""Measuring the training step against its backbone (issues 8 and 24); the tools behind
+benchmarks/run.py and benchmarks/gpu_check.sh.
 
 A *rig* is what :func:`selfsup.train.pretrain` builds for one step (the method, its real
 augmentations, the optimiser, the hooks) on a synthetic uint8 batch. Headline timings are
 sync-free: a timed round queues ``iters`` steps and synchronises once at its end; rounds of the
 functions compared alternate, and the median round is reported. The phase shares come from a
-separate pass that synchronises around each phase.
+separate pass that synchronises around each phase. A compiled rig is divided by a bare backbone
+compiled the same way (:func:`compile_rig`, ``bare_backbone(compile_mode=...)``), so the ratio
+compares like with like. On CUDA, :func:`issue_and_device` sets the host's issue time beside the
+device's (CUDA events), :func:`count_flops` counts a call's FLOPs with torch's FlopCounterMode, and
+:func:`matmul_tflops` measures the ceiling they are a share of.
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .config import Config
-from .device import autocast, autocast_dtype
+from .device import autocast, autocast_dtype, grad_scaler
 from .optim import set_lr
 from .methods import StepInfo
 from .train import build_parts, train_step
@@ -116,6 +123,8 @@ class Rig:
     device: torch.device
     step: int = 0
     total_steps: int = 10_000
+    model: nn.Module | None = None  # what the step calls: the method, or it compiled (compile_rig)
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling, as the trainer's
 
     def info(self) -> StepInfo:
         """The hooks' view of this step: epochs of ``total_steps // train.epochs`` steps, one process."""
@@ -123,14 +132,26 @@ class Rig:
         return StepInfo(self.step, self.total_steps, max(1, self.total_steps // t.epochs), t.batch_size, t.seed)
 
     def __call__(self) -> dict[str, Tensor]:
-        """One full training step: schedules, hooks, augmentation, forward, backward, update."""
+        """One full training step as the trainer's: schedules, hooks, augmentation, forward,
+        backward, frozen gradients dropped, clipping (optim.clip_grad), update."""
         set_lr(self.optimizer, self.cfg.optim.lr)
-        info = self.info()
+        info, o = self.info(), self.cfg.optim
         self.method.on_step_start(info)
-        out = train_step(self.method, self.optimizer, self.augmentations, self.batch, self.generator, self.dtype)
+        model = self.method if self.model is None else self.model
+        out = train_step(model, self.optimizer, self.augmentations, self.batch, self.generator,
+                         self.dtype, o.clip_grad, o.clip_grad_mode or self.method.clip_grad_mode_default,
+                         self.method.frozen_now(), scaler=self.scaler)
         self.method.on_step_end(info)
         self.step += 1
         return out
+
+
+def compile_rig(rig: Rig, mode: str = "default") -> None:
+    """Compile the rig's step as train.compile does: the method (torch.compile ``mode``) and its
+    augmentations' batched apply."""
+    rig.model = torch.compile(rig.method, mode=mode)
+    for aug in rig.augmentations:
+        aug.compile_apply(mode)
 
 
 def build_rig(cfg: Config, device: torch.device, size: int) -> Rig:
@@ -141,9 +162,9 @@ def build_rig(cfg: Config, device: torch.device, size: int) -> Rig:
     method, optimizer, augmentations = build_parts(cfg, device, size, mean, std)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (cfg.train.batch_size, size, size, 3), dtype=torch.uint8, generator=g)
-    return Rig(cfg, method.train(), optimizer, augmentations,
-               torch.Generator(device=device).manual_seed(1), autocast_dtype(cfg.train.precision, device),
-               batch.to(device), device)
+    dtype = autocast_dtype(cfg.train.precision, device)
+    return Rig(cfg, method.train(), optimizer, augmentations, torch.Generator(device=device).manual_seed(1), dtype,
+               batch.to(device), device, scaler=grad_scaler(device, dtype))
 
 
 def view_shapes(rig: Rig) -> list[tuple[int, ...]]:
@@ -171,11 +192,14 @@ def backbone_calls(rig: Rig) -> tuple[list[tuple[int, ...]], list[tuple[int, ...
     return online, momentum
 
 
-def bare_backbone(rig: Rig, shapes: list[tuple[int, ...]],
-                  no_grad_shapes: list[tuple[int, ...]] = ()) -> Callable[[], None]:
+def bare_backbone(rig: Rig, shapes: list[tuple[int, ...]], no_grad_shapes: list[tuple[int, ...]] = (),
+                  compile_mode: str | None = None) -> Callable[[], None]:
     """The backbone's own forward + backward on pre-made float tensors of ``shapes`` (and its
-    forward without gradient on ``no_grad_shapes``), in the rig's precision and layout."""
+    forward without gradient on ``no_grad_shapes``), in the rig's precision and layout;
+    ``compile_mode``: through torch.compile in that mode, as a compiled step's backbone runs."""
     backbone, device, dtype = rig.method.backbone, rig.device, rig.dtype
+    if compile_mode is not None:
+        backbone = torch.compile(backbone, mode=compile_mode)
     fmt = torch.channels_last if rig.cfg.train.channels_last else torch.contiguous_format
     xs = [torch.randn(s, device=device).contiguous(memory_format=fmt) for s in shapes]
     xs_ng = [torch.randn(s, device=device).contiguous(memory_format=fmt) for s in no_grad_shapes]
@@ -187,7 +211,7 @@ def bare_backbone(rig: Rig, shapes: list[tuple[int, ...]],
                 for x in xs_ng:
                     backbone(x)
         total.backward()
-        backbone.zero_grad(set_to_none=True)
+        rig.method.backbone.zero_grad(set_to_none=True)
     return run
 
 
@@ -250,3 +274,117 @@ def phases(rig: Rig, steps: int = 3) -> dict[str, float]:
         for h in handles:
             h.remove()
     return {k: statistics.median(v) for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Device time, FLOPs and the machine's ceilings (issue 24)
+
+def device_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Seconds per call of ``fn`` over ``reps`` calls: CUDA events around them on a GPU (the
+    device's time, queued work included), else the host's clock."""
+    synchronize(device)
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def issue_and_device(fn: Callable[[], object], device: torch.device,
+                     iters: int = 10) -> tuple[float, float | None]:
+    """(host issue, device) seconds per call over ``iters`` calls queued without a sync. Issue:
+    until the calls return; device: CUDA events around them (None on a CPU). A launch-bound step
+    shows issue ≈ device: the GPU waits for the host. (A full launch queue blocks the host too, so
+    issue ≈ device is necessary for launch-bound, not proof; issue << device is GPU-bound.)"""
+    synchronize(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    issue = (time.perf_counter() - t0) / iters
+    if not cuda:
+        return issue, None
+    end.record()
+    end.synchronize()
+    return issue, start.elapsed_time(end) / 1e3 / iters
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (forward and backward), counted by torch.utils.flop_counter
+    (matmuls, convolutions, attention): run it eager, the counter sees no compiled kernels."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16, reps: int = 10) -> float:
+    """Measured ceiling: TFLOP/s of an (n, n) @ (n, n) matmul in ``dtype`` (2 n³ FLOPs each),
+    after 3 warm-up calls."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
+    out = torch.empty_like(a)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    return 2 * n ** 3 / device_seconds(lambda: torch.mm(a, b, out=out), device, reps) / 1e12
+
+
+def copy_gbps(device: torch.device, nbytes: int = 2 ** 30, reps: int = 10) -> float:
+    """Measured memory bandwidth: GB/s of a device-to-device copy of ``nbytes``, counting the
+    bytes read and the bytes written (2 x nbytes per copy)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * nbytes / device_seconds(lambda: dst.copy_(src), device, reps) / 1e9
+
+
+def profile_table(fn: Callable[[], object], device: torch.device, steps: int = 10, row_limit: int = 15) -> str:
+    """torch.profiler's table of ``steps`` calls of ``fn`` (after one unprofiled): the top
+    ``row_limit`` rows by their own device time on a GPU (the kernels), by their own CPU time else."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    synchronize(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real loop's epochs, beside the rig
+
+def epoch_times(metrics: str | Path, skip: int = 1) -> dict:
+    """Training seconds per epoch of a run's metrics.jsonl (its ``seconds``, monitors excluded):
+    the steady state (mean ± sd over the epochs after the first ``skip``), the first epoch's
+    excess over it (torch.compile's compile time, cuDNN's autotuning), steps per epoch, total."""
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "seconds" in r]
+    if not rows:
+        raise ValueError(f"{metrics}: no epoch with a 'seconds' field (did the run train an epoch?)")
+    seconds = [r["seconds"] for r in rows]
+    steady = seconds[skip:] or seconds
+    mean = statistics.mean(steady)
+    return {"epochs": len(rows), "steps_per_epoch": rows[0]["step"] // rows[0]["epoch"],
+            "seconds": seconds, "train_seconds": sum(seconds), "steady_epochs": f"{skip + 1}-{len(rows)}",
+            "steady_s_per_epoch": mean, "steady_sd": statistics.stdev(steady) if len(steady) > 1 else 0.0,
+            "first_epoch_excess_s": seconds[0] - mean, "images_per_s": rows[-1].get("images_per_s")}
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """``data`` as indented JSON, atomically: a reader (or a kill) never sees half a file."""
+    from .files import write_text_atomic
+    write_text_atomic(json.dumps(data, indent=1, default=str) + "\n", path)

@@ -1,16 +1,21 @@
 """``selfsup report RUN``: one HTML page to judge a pre-training run by.
 
-The page shows the loss, learning-rate and kNN curves of ``metrics.jsonl``, the evaluation
-table (every ``eval_*.json`` beside the run, and its last epoch), a t-SNE map of test-set
-features coloured by class, and a grid of test queries with their nearest training images
-(cosine, as the kNN monitor ranks them). The PNGs are written beside the page *and* embedded
+The page shows the loss, learning-rate, kNN and effective-rank curves of ``metrics.jsonl``,
+the evaluation table (every ``eval_*.json`` beside the run, and its last epoch), a t-SNE map of
+test-set features coloured by class, and a grid of test queries with their nearest training
+images (cosine, as the kNN monitor ranks them). A source without labels or without a labelled
+test split (a folder of unlabelled images) gets the label-free figures instead, on a seeded
+sample of ``--points`` of its images: a 2-D map (PCA always, t-SNE beside it when the sample
+has at most :data:`TSNE_MAX` images), seeded queries with their nearest neighbours, and the
+most similar pairs (likely near-duplicates). The PNGs are written beside the page *and* embedded
 in it as base64, so the HTML file alone can be mailed or archived. Figures use matplotlib
 (``pip install 'selfsup[report]'``) with its Agg backend: no display needed.
 
 Odd input files do not stop the report: a line of ``metrics.jsonl`` that is not a JSON object
 (cut short by a kill, say) with a whole-number ``epoch`` and a numeric ``loss``, is left out,
 and so is a value there that is not a number, and an ``eval_*.json`` that is not an object with
-a numeric ``top1``; each is named (file and line) in a note on stderr and on the page.
+a numeric ``top1``; each is named (file and line) in a note on stderr and on the page. The
+trainer's text fields (:data:`runs.TEXT_FIELDS`) are read silently and shown as text.
 Non-finite values (NaN, inf) are shown as they are, with a note. A ``metrics.jsonl`` with no
 usable line, and an ``--out`` that is a folder or cannot be written, are one-line errors.
 """
@@ -26,12 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import load_data
+from .data import DataError, load_data
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError, TrainingError
+from .embeddings import Listing, list_images
 from .evaluate import extract_features, nearest_neighbours
 from .files import write_atomic, write_text_atomic
 from .runs import EVAL_GLOB, METRICS, is_number, load_backbone, read_metrics
+
+TSNE_MAX = 5000  # t-SNE beside PCA up to this many points; above, PCA alone (t-SNE is O(n log n) but slow)
 
 
 def _pyplot():
@@ -72,8 +80,9 @@ def _check_out(out: Path) -> None:
 
 def _curves(plt, rows: list[dict], path: Path) -> None:
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    panels = [("loss", "training loss"), ("lr", "learning rate (end of epoch)"), ("knn_top1", "kNN top-1 (%)")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    panels = [("loss", "training loss"), ("lr", "learning rate (end of epoch)"), ("knn_top1", "kNN top-1 (%)"),
+              ("effective_rank", "effective rank (collapse monitor)")]
     for ax, (key, title) in zip(axes, panels):
         pts = [(e, r[key]) for e, r in zip(epochs, rows) if key in r]
         if pts:
@@ -106,25 +115,99 @@ def _tsne(plt, features: np.ndarray, labels: np.ndarray, classes: list[str], pat
     _savefig(plt, fig, path)
 
 
+def _image_grid(plt, rows: list[list[tuple[np.ndarray, str, str]]], path: Path) -> None:
+    """One row of images per list, each cell (image, title, frame colour); the first is the query."""
+    width = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), width, figsize=(1.3 * width, 1.45 * len(rows)), squeeze=False)
+    for r, cells in enumerate(rows):
+        for j in range(width):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(cells):
+                ax.axis("off")
+                continue
+            img, title, colour = cells[j]
+            ax.imshow(img, interpolation="nearest")
+            for side in ax.spines.values():
+                side.set_edgecolor(colour)
+                side.set_linewidth(1 if j == 0 else 2.5)
+            ax.set_title(title, fontsize=7, color=colour)
+    fig.tight_layout()
+    _savefig(plt, fig, path)
+
+
 def _neighbour_grid(plt, queries: np.ndarray, q_labels: np.ndarray, neighbours: np.ndarray,
                     n_labels: np.ndarray, classes: list[str], path: Path) -> None:
     """Rows: a query test image, then its k nearest training images (green: same class)."""
-    rows, k = neighbours.shape[:2]
-    fig, axes = plt.subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.45 * rows), squeeze=False)
-    for r in range(rows):
-        cells = [(queries[r], q_labels[r], "query")] + [(neighbours[r, j], n_labels[r, j], None) for j in range(k)]
-        for j, (img, label, tag) in enumerate(cells):
-            ax = axes[r, j]
-            ax.imshow(img, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            colour = "black" if tag else ("green" if label == q_labels[r] else "red")
-            for side in ax.spines.values():
-                side.set_edgecolor(colour)
-                side.set_linewidth(2.5 if tag is None else 1)
-            ax.set_title(f"{tag + ': ' if tag else ''}{classes[label]}", fontsize=7, color=colour)
+    _image_grid(plt, [[(queries[r], f"query: {classes[q_labels[r]]}", "black")]
+                      + [(img, classes[label], "green" if label == q_labels[r] else "red")
+                         for img, label in zip(neighbours[r], n_labels[r])] for r in range(len(queries))], path)
+
+
+def _short(path: str, n: int = 16) -> str:
+    return path if len(path) <= n else "…" + path[-(n - 1):]
+
+
+def _label_free(plt, backbone, spec, listing: Listing, figures: Path, *, device: torch.device, points: int,
+                queries: int, k: int, seed: int) -> list[str]:
+    """The figures that need no labels, on a seeded sample of ``points`` images of ``listing``:
+    a 2-D map, seeded queries with their nearest neighbours, and the most similar pairs."""
+    if not len(listing):
+        raise DataError(f"no images in {listing.where}")
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(listing), min(points, len(listing)), replace=False)).tolist()
+    rows, chunks = [], []
+    for r, b in listing.batches(spec.data_image_size or spec.image_size, 256, idx, skip_corrupt=True):
+        rows, chunks = rows + r, chunks + [b]
+    if not chunks:
+        raise DataError(f"none of the sampled images of {listing.where} could be decoded (first: {listing.skipped[0]})")
+    images = np.concatenate(chunks)  # (n, S, S, 3)
+    paths = [listing.paths[i] for i in rows]
+    feats = extract_features(backbone, images, size=spec.image_size, mean=spec.mean, std=spec.std,
+                             device=device)  # (n, D)
+    n = len(images)
+    xy = feats.cpu().numpy().astype(np.float64)
+    xy -= xy.mean(0)
+    maps = [("PCA", xy @ np.linalg.svd(xy, full_matrices=False)[2][:2].T)]  # (n, 2): the top two components
+    if 3 <= n <= TSNE_MAX:
+        from sklearn.manifold import TSNE
+        maps.append(("t-SNE", TSNE(n_components=2, init="pca", perplexity=float(min(30, n - 1)),
+                                   random_state=seed).fit_transform(xy)))
+    fig, axes = plt.subplots(1, len(maps), figsize=(6.5 * len(maps), 6), squeeze=False)
+    for ax, (name, pts) in zip(axes[0], maps):
+        ax.scatter(pts[:, 0], pts[:, 1], s=6)
+        ax.set_title(f"{name} of {n} images' features")
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
-    _savefig(plt, fig, path)
+    _savefig(plt, fig, figures / "map.png")
+    which = " and ".join(name for name, _ in maps)
+    why = "" if len(maps) > 1 else f" (t-SNE only up to {TSNE_MAX} images)" if n > TSNE_MAX else ""
+    html_parts = [_embed(figures / "map.png", f"{which} map of the features of {n} images, no labels{why}")]
+    if listing.skipped:
+        html_parts.append(f"<p>{len(listing.skipped)} sampled image(s) could not be decoded and are left out: "
+                          f"{html.escape(', '.join(listing.skipped[:5]))}{', ...' if len(listing.skipped) > 5 else ''}</p>")
+    if n < 2:
+        return html_parts + ["<p>One image only: no neighbours and no pairs.</p>"]
+
+    sims, nn = nearest_neighbours(feats, feats, k=min(k, n - 1) + 1)  # (n, k+1): itself among them
+    sims, nn = sims.cpu().numpy(), nn.cpu().numpy()
+    others = [[(j, s) for j, s in zip(nn[i], sims[i]) if j != i][:k] for i in range(n)]  # (n, <=k)
+    rows = [[(images[q], f"query: {_short(paths[q])}", "black")]
+            + [(images[j], f"{s:.3f}", "steelblue") for j, s in others[q]]
+            for q in sorted(rng.choice(n, min(queries, n), replace=False).tolist())]
+    _image_grid(plt, rows, figures / "neighbours.png")
+    pairs = sorted({(min(i, j), max(i, j)): s for i in range(n) for j, s in others[i][:1]}.items(),
+                   key=lambda p: -p[1])[:queries]  # each image's nearest other, the closest first
+    _image_grid(plt, [[(images[i], _short(paths[i]), "black"), (images[j], f"{s:.3f}", "steelblue")]
+                      for (i, j), s in pairs], figures / "pairs.png")
+    table = _table(["cosine similarity", "image", "image"], [[float(s), paths[i], paths[j]] for (i, j), s in pairs])
+    return html_parts + [
+        _embed(figures / "neighbours.png", f"{len(rows)} seeded query images and their {k} nearest neighbours "
+                                           "(cosine similarity above each)"),
+        _embed(figures / "pairs.png", "the most similar pairs of images (likely near-duplicates)"),
+        f"<p>The most similar pairs among the {n} images:</p>{table}"]
 
 
 def _savefig(plt, fig, path: Path) -> None:
@@ -174,13 +257,19 @@ def write_report(run: str | Path, *, out: str | Path | None = None, data: str | 
 
     backbone, spec = load_backbone(run)
     source = data or spec.data
-    splits = load_data(source, image_size=spec.data_image_size)
-    if splits.test is None or len(splits.train.classes) < 2:
-        sections.append(f"<p>'{html.escape(str(source))}' has no labelled test split: no embedding map "
-                        f"and no neighbour grid.</p>")
+    dev = resolve_device(device)
+    backbone.to(dev)
+    try:
+        splits = load_data(source, image_size=spec.data_image_size)
+    except DataError:  # not a labelled layout (a folder of unlabelled images, say): listed below instead
+        splits = None
+    if splits is None or splits.test is None or len(splits.train.classes) < 2:
+        sections.append(f"<p>'{html.escape(str(source))}' has no labels or no labelled test split: the map "
+                        f"coloured by class and the test queries' neighbours with their classes, which need "
+                        f"them, are left out. Shown instead, without labels:</p>")
+        sections += _label_free(plt, backbone, spec, list_images(str(source), image_size=spec.data_image_size),
+                                figures, device=dev, points=points, queries=queries, k=k, seed=seed)
     else:
-        dev = resolve_device(device)
-        backbone.to(dev)
         kw = dict(size=spec.image_size, mean=spec.mean, std=spec.std, device=dev)
         rng = np.random.default_rng(seed)
         test_idx = np.sort(rng.choice(len(splits.test), min(points, len(splits.test)), replace=False))

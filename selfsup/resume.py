@@ -83,7 +83,7 @@ def check_changes(before: dict, after: dict, asked: Iterable[str], resumable: tu
 #: loop sets at every step. Everything else is the run's (optimiser state such as momentum and
 #: weight decay comes back from the checkpoint), so a change to it is refused by name.
 RESUMABLE = ("train.epochs", "optim.lr", "optim.final_lr", "optim.warmup_epochs", "optim.lr_scaling",
-             "train.checkpoint_every", "train.log_every")
+             "train.checkpoint_every", "train.log_every", "eval.data")
 
 
 def apply_changes(saved: Any, changes: dict, out: Path, epochs_done: int, *,
@@ -126,9 +126,11 @@ def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack,
 
 
 def restore(state: dict, out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            generator: torch.Generator, steps_per_epoch: int, epochs: int, what: str) -> Position:
-    """The saved weights (of ``what``, named if they do not fit), optimiser and this rank's
-    augmentation RNG (:func:`loop.resumable`); where in the run of ``epochs`` to continue."""
+            generator: torch.Generator, steps_per_epoch: int, epochs: int, what: str,
+            scaler: torch.amp.GradScaler | None = None) -> Position:
+    """The saved weights (of ``what``, named if they do not fit), optimiser, this rank's
+    augmentation RNG and fp16's loss scale (:func:`loop.resumable`); where in the run of
+    ``epochs`` to continue."""
     ckpt.load_weights(model, state["model"], out / CHECKPOINT, what)
     if "optimizer" not in state or "generator" not in state:  # a fine-tuning an older selfsup saved at its end only
         if int(state["epoch"]) < epochs:
@@ -136,6 +138,8 @@ def restore(state: dict, out: Path, model: nn.Module, optimizer: torch.optim.Opt
                                   f"(an older selfsup saved it at the run's end only); start a new run")
         return Position(int(state["epoch"]))
     optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and "grad_scaler" in state:  # else (a run saved in another precision) it starts afresh
+        scaler.load_state_dict(state["grad_scaler"])
     generators = state.get("generators", [state["generator"]])
     if len(generators) == D.world_size():  # else the fresh per-rank seeds: augmentations cannot repeat
         generator.set_state(generators[D.rank()])

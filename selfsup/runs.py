@@ -171,8 +171,13 @@ def is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+#: metrics.jsonl fields the trainer writes as text (the others are numbers).
+TEXT_FIELDS = ("knn_features",)
+
+
 def read_metrics(run: Path, notes: list[str] | None = None) -> list[dict]:
-    """The usable rows of ``run/metrics.jsonl``; what was left out is described in ``notes``."""
+    """The usable rows of ``run/metrics.jsonl`` (numbers, and the text of :data:`TEXT_FIELDS`);
+    what was left out is described in ``notes``."""
     notes = [] if notes is None else notes
     path = run / METRICS
     if not path.is_file():
@@ -201,7 +206,7 @@ def read_metrics(run: Path, notes: list[str] | None = None) -> list[dict]:
         if not is_number(loss):
             notes.append(f"{where}: 'loss' must be a number, got {loss!r}; left out")
             continue
-        odd = [k for k, v in row.items() if not is_number(v)]
+        odd = [k for k, v in row.items() if not is_number(v) and not (k in TEXT_FIELDS and isinstance(v, str))]
         if odd:
             notes.append(f"{where}: {', '.join(f'{k}={row[k]!r}' for k in odd)} not a number; that value left out")
         bad = [k for k, v in row.items() if is_number(v) and not math.isfinite(v)]

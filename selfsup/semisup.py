@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from .config import MIN_TEMPERATURE, Config, from_dict, parse_set
 from .config import apply_updates as apply_settings  # the typed --set machinery of run configs
 from .data import ImageDataset, load_data
-from .device import autocast, resolve_device
+from .device import autocast, grad_scaler, resolve_device
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from .evaluate import extract_features
 from .heads import ProjectionHead
@@ -80,7 +80,7 @@ class StepConfig:
     eval_batch_size: int = 512
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"          # as train.precision: auto | bf16 | fp32
+    precision: str = "auto"          # as train.precision: auto | bf16 | fp16 | fp32
 
 
 @dataclass
@@ -124,7 +124,7 @@ def validate_step(cfg: StepConfig) -> None:
         (0 < cfg.crop_scale_min <= 1, "crop_scale_min must be in (0, 1]"),
         (cfg.eval_every >= 1, "eval_every must be at least 1"),
         (cfg.checkpoint_every >= 1, "checkpoint_every must be at least 1"),
-        (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+        (cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision must be auto, bf16, fp16 or fp32"),
     ]
     if isinstance(cfg, FinetuneConfig):
         checks.append((cfg.head_layers >= 0, "head_layers (--from-head-layer) must be >= 0"))
@@ -284,9 +284,10 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
     optimizer = build_optimizer(cfg.optimizer, model.param_groups(cfg.weight_decay), lr=schedule.peak_lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1)
+    scaler = grad_scaler(device, dtype)
     start = Position() if state is None else restore(
         state, out, model, optimizer, generator, steps_per_epoch, cfg.epochs,
-        f"the {kind} classifier its {CHECKPOINT} describes")
+        f"the {kind} classifier its {CHECKPOINT} describes", scaler)
     start_folder(out, yaml.safe_dump({kind: dataclasses.asdict(cfg)}, sort_keys=False), start.epoch)
     log(f"{n} training images, {steps_per_epoch} steps/epoch of {batch}, {cfg.epochs} epochs, "
         f"peak lr {schedule.peak_lr:.4g}")
@@ -297,7 +298,7 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
 
     def step(step: int, idx: Tensor, lr: float) -> dict[str, Tensor]:
         loss = batch_loss(idx, generator)
-        backward_step(optimizer, loss)
+        backward_step(optimizer, loss, scaler=scaler)
         return {"loss": loss.detach()}
 
     def evaluate(epoch: int, last: bool) -> dict:
@@ -306,7 +307,7 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
 
     def save(epochs: int, step: int, partial: dict | None) -> None:
         save_checkpoint(out, model, spec, config=dataclasses.asdict(cfg), epoch=epochs, kind=kind,
-                        **resumable(step, optimizer, [generator.get_state()], partial))
+                        **resumable(step, optimizer, [generator.get_state()], partial, scaler))
 
     if start.epoch >= cfg.epochs:  # a finished run: its result again (the weights are the saved ones)
         log(f"'{out}' has trained all {cfg.epochs} epochs; nothing to resume")

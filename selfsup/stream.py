@@ -39,7 +39,8 @@ from PIL import Image
 from torch import Tensor
 
 from .augment import Augment, ViewConfig, sample_crop_boxes
-from .data import DataError, is_hidden_name, is_image_name, open_regular, scan_image_folder, to_rgb
+from .data import (LIST_SUFFIXES, DataError, is_hidden_name, is_image_name, open_regular, scan_image_folder, to_rgb,
+                   training_images, upright)
 from .loader import epoch_permutation
 
 #: Normalisation for streamed data (there is no decoded array to measure): ImageNet's.
@@ -51,21 +52,25 @@ _NAMED_WARNINGS = 20
 
 
 class ImageStream:
-    """The index of a streamable source: the files of an image folder, or the members of
-    ``.tar`` shards (a .tar file, a glob such as ``shards/train-*.tar``, or a folder of them).
+    """The index of a streamable source: the files of an image folder or of a list file
+    (``.txt``/``.csv``), or the members of ``.tar`` shards (a .tar file, a glob such as
+    ``shards/train-*.tar``, or a folder of them).
 
-    A folder with a ``train/`` subfolder streams ``train/``; otherwise every image under it.
-    Labels are not read: streaming is for pre-training. ``skip_corrupt``: replace an image that
-    cannot be decoded and count it (see the module docstring) instead of stopping.
+    A folder with a ``train/`` subfolder streams ``train/``; class folders and a labelled list
+    stream all but their hold-out (``holdout``, as :func:`selfsup.data.load_data` holds it out);
+    otherwise every image under the folder. Labels are not read: streaming is for pre-training.
+    ``skip_corrupt``: replace an image that cannot be decoded and count it (see the module
+    docstring) instead of stopping.
     """
 
-    def __init__(self, source: str | os.PathLike, *, skip_corrupt: bool = False):
+    def __init__(self, source: str | os.PathLike, *, skip_corrupt: bool = False, holdout: float = 0.1):
         spec = str(source)
         path = Path(spec)
+        listed = path.is_file() and path.name.lower().endswith(LIST_SUFFIXES)
         shards = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else []
         if not shards and path.is_dir():
             shards = sorted(str(p) for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
-        if not shards and path.is_file():
+        if not shards and path.is_file() and not listed:
             shards = [spec]
         self.shards: list[str] = shards
         self.skip_corrupt = bool(skip_corrupt)
@@ -73,11 +78,13 @@ class ImageStream:
         self.members = np.zeros((0, 3), dtype=np.int64)  # (N, 3): shard, data offset, size
         if shards:
             self.members = self._index_shards(shards)
-        elif path.is_dir():
-            # With train/, the other splits are listed too, so that no link leads into them.
-            _, found = scan_image_folder(path) if (path / "train").is_dir() else scan_image_folder(path, ("",))
-            self.files = sorted(str(path / rel) for rel, _, _ in found if is_image_name(rel)
-                                and (rel.startswith("train/") or not (path / "train").is_dir()))
+        elif path.is_dir() and (path / "train").is_dir():
+            # The other splits are listed too, so that no link leads into them.
+            _, found = scan_image_folder(path)
+            self.files = sorted(str(path / rel) for rel, _, _ in found
+                                if is_image_name(rel) and rel.startswith("train/"))
+        elif path.is_dir() or listed:
+            self.files = training_images(path, holdout)[1]
         else:
             raise DataError(f"data.stream: '{spec}' is neither an image folder nor .tar shards "
                             f"(a .tar file, a folder of them, or a glob like 'shards/train-*.tar')")
@@ -123,6 +130,26 @@ class ImageStream:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}}  # file handles stay in the process that opened them
 
+    def sample(self, n: int, size: int, seed: int) -> np.ndarray:
+        """A fixed sample of ``n`` images (fewer if the stream has fewer), chosen by ``seed``, each
+        its central square resized to ``size``: uint8 (n, size, size, 3), decoded once (the
+        label-free monitors of a streamed run). An image that cannot be decoded is passed over."""
+        order = np.random.default_rng(seed).permutation(len(self))
+        view, out = ViewConfig(size=size), []
+        for i in order:
+            if len(out) == n:
+                break
+            try:
+                with Image.open(io.BytesIO(self.read(int(i)))) as raw, upright(raw) as im:
+                    w, h = im.size
+                    side = min(w, h)
+                    out.append(_crop(im, [view], [[(w - side) // 2, (h - side) // 2, side, side]])[0])
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                continue
+        if not out:
+            raise DataError(f"data.stream: none of the images could be decoded for the monitors (first: {self.name(0)})")
+        return np.stack(out)  # (n, S, S, 3)
+
 
 def decode_crops(src: bytes | str, views: list[ViewConfig], generator: torch.Generator,
                  boxes: list[list[float]] | None = None) -> list[np.ndarray]:
@@ -136,7 +163,7 @@ def decode_crops(src: bytes | str, views: list[ViewConfig], generator: torch.Gen
     if isinstance(src, str):
         with open_regular(src) as f:  # never a named pipe
             src = f.read()
-    with Image.open(io.BytesIO(src)) as im:
+    with Image.open(io.BytesIO(src)) as raw, upright(raw) as im:
         width, height = im.size
         if boxes is None:
             boxes = [sample_crop_boxes(1, height, width, v.scale, v.ratio, generator)[0].tolist() for v in views]
@@ -241,7 +268,7 @@ class Crops(torch.utils.data.Dataset):
 
     def _open(self, i: int) -> Image.Image:
         try:
-            return Image.open(io.BytesIO(self.stream.read(i)))
+            return upright(Image.open(io.BytesIO(self.stream.read(i))))  # EXIF-rotated: decoded here, no draft
         except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
             raise _Corrupt(f"{type(e).__name__}: {e}") from None
 

@@ -10,6 +10,7 @@ end of each epoch (each read is a host-device synchronisation).
 from __future__ import annotations
 
 import itertools
+import shlex
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from . import distributed as D
 from .backbones import build_backbone, is_vit
 from .config import Config, dumps, from_dict
 from .data import builtin_image_size
-from .device import autocast, resolve_device
-from .epoch_end import Monitors, build_monitors
+from .device import autocast, grad_scaler, resolve_device
+from .epoch_end import MONITOR_IMAGES, Monitors, build_monitors, monitor_sample
 from .errors import CheckpointError, ConfigError
 from .feed import Images, build_loader, load_images
 from .loader import DeviceLoader
@@ -35,7 +36,7 @@ from .optim import build_optimizer, scale_lr
 from .resume import open_folder, restore
 from .runguard import StopSignals
 from .runs import CHECKPOINT, TENSORBOARD, BackboneSpec, load_backbone, load_run, saved_config
-from .stream import StreamLoader
+from .stream import ImageStream, StreamLoader
 
 
 def build_method(cfg: Config) -> Method:
@@ -49,7 +50,8 @@ def build_method(cfg: Config) -> Method:
                               f"(e.g. aug.size=224) or data.image_size")
     backbone = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem, binary_weights=m.binary_weights,
                               zero_init_residual=m.zero_init_residual, patch_size=m.patch_size,
-                              image_size=view_side, drop_path=m.drop_path, freeze_patch_embed=m.freeze_patch_embed)
+                              image_size=view_side, drop_path=m.drop_path, drop_path_subset=m.drop_path_subset,
+                              freeze_patch_embed=m.freeze_patch_embed, grad_checkpointing=m.grad_checkpointing)
     if m.init_from:  # e.g. S2-BNN's step two from step one; before any teacher copies the backbone
         source, spec = load_backbone(m.init_from)
         try:
@@ -90,10 +92,11 @@ def backbone_spec(cfg: Config, size: int, mean, std) -> BackboneSpec:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations: list,
                batch: torch.Tensor, generator: torch.Generator,
                dtype: torch.dtype | None, clip_grad: float = 0.0,
-               clip_mode: str = "global") -> dict[str, torch.Tensor]:
-    """Augment the uint8 batch into views, forward, backward, (clip the gradient norm to
-    ``clip_grad`` if > 0, globally or per parameter: :func:`optim.clip_gradients`,) step.
-    Returns detached outputs.
+               clip_mode: str = "global", frozen: list | tuple = (),
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, torch.Tensor]:
+    """Augment the uint8 batch into views, forward, backward (dropping ``frozen`` parameters'
+    gradients; fp16: scaled by ``scaler``), (clip the gradient norm to ``clip_grad`` if > 0,
+    globally or per parameter: :func:`optim.clip_gradients`,) step. Returns detached outputs.
 
     ``batch``: uint8 (B, H, W, 3), or one per view (B, S_v, S_v, 3) already cropped (streamed).
     Nothing here reads a tensor back to the host: the step is queued, never waited for."""
@@ -102,7 +105,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmentations
         views = [aug(b, generator) for aug, b in zip(augmentations, batches)]  # each (B, 3, S, S)
     with autocast(views[0].device, dtype):
         output = model(views)
-    backward_step(optimizer, output["loss"], clip_grad, clip_mode)
+    backward_step(optimizer, output["loss"], clip_grad, clip_mode, frozen, scaler)
     return {k: v.detach() for k, v in output.items()}
 
 
@@ -117,7 +120,7 @@ def build_parts(cfg: Config, device: torch.device, size: int, mean, std) -> tupl
     method = build_method(cfg)
     sync_bn = cfg.model.sync_bn if cfg.model.sync_bn is not None else method.sync_bn_default
     if sync_bn and D.world_size() > 1:
-        method = D.convert_sync_batchnorm(method, device)
+        method = D.convert_sync_batchnorm(method)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     method = method.to(device, memory_format=memory_format)
     augmentations = method.augmentations(size, mean, std)
@@ -142,6 +145,7 @@ class Run:
     method: Method
     model: nn.Module           # the method, in DDP and/or compiled when asked for
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16's loss scaling
     augmentations: list
     loader: DeviceLoader | StreamLoader
     schedule: Schedule
@@ -160,23 +164,35 @@ def build_run(cfg: Config, *, resume: bool = False, expect: dict | None = None,
     device = resolve_device(cfg.train.device)
     D.setup(str(device))
     cfg, out, state = open_folder(cfg, resume, expect or {}, held, changes)
-    dtype = prepare_device(device, cfg.train.precision, cfg.train.seed)
+    dtype = prepare_device(device, cfg.train.precision, cfg.train.seed, cfg.train.cudnn_benchmark)
     data = load_images(cfg)
     spec = backbone_spec(cfg, data.size, data.mean, data.std)
     method, optimizer, augmentations = build_parts(cfg, device, data.size, data.mean, data.std)
     loader, augmentations = build_loader(cfg, data.images, augmentations, device)
     schedule = _schedule(cfg, len(loader))
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + 1 + D.rank())
+    scaler = grad_scaler(device, dtype)
     start = Position() if state is None else restore(
         state, out, method, optimizer, generator, len(loader), cfg.train.epochs,
-        f"a {cfg.method} model with a {cfg.model.backbone} (width {cfg.model.width:g})")
+        f"a {cfg.method} model with a {cfg.model.backbone} (width {cfg.model.width:g})", scaler)
     if D.is_main():
         start_folder(out, dumps(cfg), start.epoch)
-    model = _wrap(method, cfg, device)
+    model = _wrap(method, augmentations, cfg, device)
     monitors = build_monitors(cfg, method, data.splits, len(data.images), (data.size, data.mean, data.std),
-                              device, dtype, state)
-    return Run(cfg, out, device, dtype, data, spec, method, model, optimizer, augmentations, loader, schedule,
-               generator, monitors, start, stop, held)
+                              _monitor_sample(data, cfg), device, dtype, state)
+    return Run(cfg, out, device, dtype, data, spec, method, model, optimizer, scaler, augmentations, loader,
+               schedule, generator, monitors, start, stop, held)
+
+
+def _monitor_sample(data: Images, cfg: Config):
+    """The label-free monitors' fixed sample of the training images: part of the uint8 array, or
+    decoded once from the stream at the views' side (rank 0 only: it alone monitors)."""
+    if not D.is_main():
+        return None
+    if isinstance(data.images, ImageStream):
+        log(f"decoding {min(MONITOR_IMAGES, len(data.images))} of the streamed images once, for the monitors")
+        return data.images.sample(MONITOR_IMAGES, data.size, cfg.train.seed)
+    return monitor_sample(data.images, cfg.train.seed)
 
 
 def _schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
@@ -191,15 +207,23 @@ def _schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
     return schedule
 
 
-def _wrap(method: Method, cfg: Config, device: torch.device) -> nn.Module:
-    """The method in DDP across ranks and compiled (train.compile), as asked for."""
+def _wrap(method: Method, augmentations: list, cfg: Config, device: torch.device) -> nn.Module:
+    """The method in DDP across ranks and, with train.compile, the model and the augmentations
+    compiled (train.compile_mode).
+
+    DDP: every step's graph is the same (frozen layers drop their gradients after backward,
+    :meth:`Method.frozen_now`), so ``static_graph`` lets it skip the search for unused parameters
+    and overlap its all-reduce with backward from the first step; ``gradient_as_bucket_view``
+    makes the gradients views into its communication buckets (no copy in or out)."""
     model: nn.Module = method
     if D.world_size() > 1:
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=method.find_unused_parameters)
+            static_graph=True, gradient_as_bucket_view=True)
     if cfg.train.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.train.compile_mode)
+        for augment in augmentations:  # the pure part of each view; the random numbers stay eager
+            augment.compile_apply(cfg.train.compile_mode)
     return model
 
 
@@ -223,6 +247,9 @@ def fit(run: Run) -> dict:
         loop.progress.close()
     if "knn_top1" in result:
         log(f"kNN top-1 after training: {result['knn_top1']:.2f}%")
+    out, data = shlex.quote(str(run.out)), shlex.quote(str(cfg.data.source))
+    log(f"run saved in {out}\nnext:  selfsup embed {out} --data {data} --out embeddings.parquet\n"
+        f"       selfsup report {out} --data {data}\n       selfsup export {out}")
     D.barrier()
     return result
 
@@ -267,7 +294,7 @@ def _stepper(run: Run):
         info = StepInfo(step, schedule.total_steps, schedule.steps_per_epoch, local_batch, seed)
         method.on_step_start(info)
         output = train_step(run.model, run.optimizer, run.augmentations, batch, run.generator, run.dtype,
-                            clip_grad, clip_mode)
+                            clip_grad, clip_mode, method.frozen_now(), run.scaler)
         method.on_step_end(info)
         if probe is not None:  # its own backward on detached features, after the method's step
             probe.step(idx, lr / run.schedule.peak_lr)
@@ -284,7 +311,7 @@ def _save(run: Run, epoch: int, step: int, partial: dict | None = None) -> None:
     generators = D.all_gather_object(run.generator.get_state())  # each rank's augmentation RNG
     if not D.is_main():
         return
-    extra = resumable(step, run.optimizer, generators, partial)
+    extra = resumable(step, run.optimizer, generators, partial, run.scaler)
     if run.monitors.probe is not None:
         extra["online_linear"] = run.monitors.probe.run_state()
     save_checkpoint(run.out, run.method, run.spec, config=run.cfg.to_dict(), epoch=epoch, **extra)

@@ -16,14 +16,18 @@ input side runs through the same network with the patch part resampled bicubical
 Stochastic depth (:class:`DropPath`) rises linearly over the blocks to ``drop_path``; a momentum
 teacher runs without it (:func:`without_drop_path`). ``freeze_patch_embed`` is MoCo v3's fix
 for training instability (§4.2): a random patch projection that never trains.
+``grad_checkpointing`` keeps only each block's input for backward and recomputes the block's
+activations there (``torch.utils.checkpoint``): less memory, about one more forward of time.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .conv import Conv2d
 
@@ -38,22 +42,40 @@ LN_EPS = 1e-6  # timm's and DINO's LayerNorm eps, not torch's 1e-5
 
 
 class DropPath(nn.Module):
-    """Stochastic depth (Huang et al. 2016): in train mode, zero a residual branch for a random
-    ``drop_prob`` of the samples and scale the kept ones by 1 / (1 - drop_prob)."""
+    """A residual connection with stochastic depth (Huang et al. 2016): ``x + branch(x)``, where in
+    train mode the branch is dropped for some samples and scaled by B / (samples kept) for the
+    others, so the expectation is x + branch(x).
 
-    def __init__(self, drop_prob: float = 0.0):
+    Default (DINO's and timm's ``drop_path``): each sample is kept with probability 1 - p (a
+    Bernoulli count) and the branch runs on the whole batch, multiplied by the 0/1 mask.
+    ``subset``: exactly ``keep = round(B (1 - p))`` samples (at least 1), a uniformly random
+    subset drawn by ``randperm``, go through the branch, which then costs keep/B of the compute;
+    the count is fixed, so there is no host sync and the shapes are static (a compiled forward is
+    built once). Each sample is still kept with probability keep/B ≈ 1 - p; where B p < 1/2
+    (small batches, the early blocks' low rates) nothing is dropped. Both draw from torch's
+    global RNG, so a seeded run repeats (and activation checkpointing replays the draw).
+    """
+
+    def __init__(self, drop_prob: float = 0.0, subset: bool = False):
         super().__init__()
         self.drop_prob = float(drop_prob)
+        self.subset = subset
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
+        """x: (B, ...) -> x + branch(x), the branch dropped per sample (train mode)."""
         if not self.training or self.drop_prob == 0.0:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
-        return x * mask / keep
+            return x + branch(x)
+        b = x.shape[0]
+        if self.subset:
+            keep = max(1, round(b * (1.0 - self.drop_prob)))
+            kept = torch.randperm(b, device=x.device)[:keep]  # (keep,)
+            return x.index_add(0, kept, branch(x[kept]).to(x.dtype), alpha=b / keep)  # (B, ...)
+        keep_prob = 1.0 - self.drop_prob
+        mask = x.new_empty((b,) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)  # (B, 1, 1)
+        return x + branch(x) * mask / keep_prob
 
     def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob:g}"
+        return f"drop_prob={self.drop_prob:g}" + (", subset=True" if self.subset else "")
 
 
 def without_drop_path(module: nn.Module) -> nn.Module:
@@ -135,17 +157,23 @@ class Block(nn.Module):
     """A pre-norm Transformer block: x + attn(LN(x)), then x + mlp(LN(x)), each branch dropped
     as a whole by stochastic depth."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, drop_path_subset: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path)  # no parameters: the state dict stays timm's
+        self.drop_path = DropPath(drop_path, drop_path_subset)  # no parameters: the state dict stays timm's
+
+    def attention_branch(self, x: Tensor) -> Tensor:
+        return self.attn(self.norm1(x))  # (b, N, D)
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm2(x))  # (b, N, D)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))  # (B, N, D)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path(x, self.attention_branch)  # (B, N, D)
+        return self.drop_path(x, self.mlp_branch)
 
 
 class VisionTransformer(nn.Module):
@@ -154,8 +182,12 @@ class VisionTransformer(nn.Module):
 
     ``img_size``: the side the position embeddings are learned for (other sides resample them).
     ``drop_path``: block i drops its branches with probability ``drop_path * i / (depth - 1)``.
+    ``drop_path_subset``: run each dropped branch on a fixed-size random subset of the batch
+    (:class:`DropPath`) instead of masking it.
     ``freeze_patch_embed``: the patch projection keeps MoCo v3's random init, uniform in
     ±√(6 / (3p² + D)) (xavier over a patch's fan-in), with ``requires_grad=False``.
+    ``grad_checkpointing``: in training, recompute each block in backward, keeping only its
+    input (B, 1 + N, D) instead of its activations; also settable later as an attribute.
 
     Init as DINO's ``_init_weights``: truncated normal (std 0.02) for the position embeddings,
     the class token and every Linear weight, zero biases, LayerNorm γ = 1 and β = 0; the patch
@@ -164,7 +196,8 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = DEPTH,
                  num_heads: int = 6, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 freeze_patch_embed: bool = False):
+                 drop_path_subset: bool = False, freeze_patch_embed: bool = False,
+                 grad_checkpointing: bool = False):
         super().__init__()
         if patch_size < 1 or img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}; the position "
@@ -174,12 +207,13 @@ class VisionTransformer(nn.Module):
         self.img_size = img_size
         self.patch_size = patch_size
         self.num_features: int = embed_dim
+        self.grad_checkpointing = grad_checkpointing
         grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))  # (1, 1, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))  # (1, 1 + G², D)
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # 0 ... drop_path
-        self.blocks = nn.Sequential(*(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates))
+        self.blocks = nn.Sequential(*(Block(embed_dim, num_heads, mlp_ratio, r, drop_path_subset) for r in rates))
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -204,16 +238,22 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
         # under autocast cat promotes the bf16 patches to the fp32 token's dtype, as timm's does
         x = torch.cat([cls, x], dim=1) + resample_pos_embed(self.pos_embed, grid)  # (B, 1 + N, D)
-        x = self.blocks(x)  # (B, 1 + N, D)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for block in self.blocks:  # saves each block's input only; drop path's draw is replayed
+                x = checkpoint(block, x, use_reentrant=False)  # (B, 1 + N, D)
+        else:
+            x = self.blocks(x)  # (B, 1 + N, D)
         return self.norm(x[:, 0])  # (B, D); LayerNorm is per token, so only [CLS] needs it
 
 
 def vision_transformer(name: str, *, img_size: int = 224, patch_size: int = 16, drop_path: float = 0.0,
-                       freeze_patch_embed: bool = False) -> VisionTransformer:
+                       drop_path_subset: bool = False, freeze_patch_embed: bool = False,
+                       grad_checkpointing: bool = False) -> VisionTransformer:
     """The ViT ``name`` (a key of :data:`VIT_SIZES`) for ``img_size`` inputs split into
-    ``patch_size`` patches."""
+    ``patch_size`` patches; the other arguments: :class:`VisionTransformer`'s."""
     if name not in VIT_SIZES:
         raise ValueError(f"unknown ViT {name!r}; choose from {', '.join(VIT_SIZES)}")
     dim, heads = VIT_SIZES[name]
     return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=dim, num_heads=heads,
-                             drop_path=drop_path, freeze_patch_embed=freeze_patch_embed)
+                             drop_path=drop_path, drop_path_subset=drop_path_subset,
+                             freeze_patch_embed=freeze_patch_embed, grad_checkpointing=grad_checkpointing)

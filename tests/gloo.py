@@ -1,4 +1,5 @@
-"""Run a function on several gloo ranks on this machine and collect what each returns."""
+"""Run a function on several gloo (or NCCL, one GPU each) ranks on this machine and collect what
+each returns."""
 from __future__ import annotations
 
 import socket
@@ -16,19 +17,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, work: Callable[[], dict], world: int, port: int, out: str) -> None:
+def _worker(rank: int, work: Callable[[], dict], world: int, port: int, out: str, backend: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.save(work(), Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(work: Callable[[], dict], world: int, out: Path) -> list[dict]:
+def run_ranks(work: Callable[[], dict], world: int, out: Path, backend: str = "gloo") -> list[dict]:
     """``work()`` on ``world`` spawned ranks (a module-level function: it is pickled); its
-    tensors and plain containers, one dict per rank in rank order."""
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed with the gloo backend")
-    torch.multiprocessing.spawn(_worker, args=(work, world, free_port(), str(out)), nprocs=world, join=True)
+    tensors and plain containers, one dict per rank in rank order. ``backend="nccl"`` gives
+    rank r the GPU r."""
+    if not (dist.is_available() and dist.is_backend_available(backend)):
+        pytest.skip(f"needs torch.distributed with the {backend} backend")
+    if backend == "nccl" and torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    torch.multiprocessing.spawn(_worker, args=(work, world, free_port(), str(out), backend), nprocs=world, join=True)
     return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(world)]

@@ -26,11 +26,13 @@ from selfsup.augment import (
     apply_color_jitter,
     blur_kernel_size,
     color_jitter,
+    byol_view,
     crop_flip_view,
     eval_view,
     gaussian_blur,
     random_gaussian_blur,
     random_resized_crop_flip,
+    resized_crop,
     rgb_to_grayscale,
     sample_crop_boxes,
     sample_jitter_params,
@@ -136,6 +138,60 @@ def test_flip_frequency_and_mirroring():
     src = images.permute(0, 3, 1, 2).float() / 255
     torch.testing.assert_close(out[flipped], src[flipped].flip(-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(out[~flipped], src[~flipped], atol=1e-5, rtol=0)
+
+
+def _corner(out: torch.Tensor) -> torch.Tensor:
+    """Which corner of each (B, 3, S, S) view holds the bright quadrant: 0 top-left, 1 bottom-left,
+    2 bottom-right, 3 top-right (counter-clockwise, as torch.rot90 turns it)."""
+    s = out.shape[-1]
+    corners = torch.stack([out[:, 0, 0, 0], out[:, 0, s - 1, 0], out[:, 0, s - 1, s - 1], out[:, 0, 0, s - 1]], 1)
+    return corners.argmax(1)  # (B,)
+
+
+def test_vertical_flip_is_an_exact_mirror_at_the_rate_asked():
+    b, s = 512, 16
+    images = _random_u8(b, s, s, seed=3) // 2  # dim, so that the bright quadrant marks its corner
+    images[:, : s // 2, : s // 2] = 255  # a bright top-left quadrant
+    plain = Augment(_plain(s))(images, _gen(0))  # the identity crop, no flip
+    out = Augment(_plain(s, vflip_p=0.3))(images, _gen(5))
+    flipped = _corner(out) == 1
+    _assert_binomial(int(flipped.sum()), b, 0.3)
+    assert torch.equal(out[flipped], plain[flipped].flip(-2))  # exactly the rows in reverse order
+    assert torch.equal(out[~flipped], plain[~flipped])
+
+
+@pytest.mark.parametrize("p", [1.0, 0.75, 0.3])
+def test_quarter_turns_are_exact_and_uniform_over_1_2_3(p):
+    b, s = 1200, 12
+    images = _random_u8(b, s, s, seed=4) // 2  # dim, so that the bright quadrant marks its corner
+    images[:, : s // 2, : s // 2] = 255
+    plain = Augment(_plain(s))(images, _gen(0))
+    out = Augment(_plain(s, rot90_p=p))(images, _gen(6))
+    k = _corner(out)  # (B,) the quarter turns each sample got
+    _assert_binomial(int((k == 0).sum()), b, 1 - p)
+    for turns in (1, 2, 3):
+        _assert_binomial(int((k == turns).sum()), b, p / 3)
+    for turns in range(4):
+        assert torch.equal(out[k == turns], torch.rot90(plain[k == turns], turns, dims=(-2, -1)))
+
+
+def test_flips_and_turns_fold_into_any_crop():
+    """On a random crop a flip or turn is still an exact permutation of the unturned view."""
+    x = _random_float(6, 20, 28, seed=2) * 255
+    boxes = sample_crop_boxes(6, 20, 28, (0.2, 1.0), generator=_gen(1))
+    base = resized_crop(x, boxes, 16)
+    for turns in range(4):
+        out = resized_crop(x, boxes, 16, None, torch.ones(6, dtype=torch.bool), torch.full((6,), turns))
+        assert torch.equal(out, torch.rot90(base.flip(-2), turns, dims=(-2, -1)))
+
+
+@pytest.mark.parametrize("cfg", [simclr_view(24), simclr_view(24, blur=True), crop_flip_view(24), byol_view(24, 1),
+                                 byol_view(24, 2)], ids=["simclr", "simclr blur", "crop+flip", "byol 1", "byol 2"])
+def test_the_new_ops_draw_nothing_when_off(cfg):
+    augment = Augment(cfg)
+    assert cfg.vflip_p == cfg.rot90_p == 0.0 and not {"vflip", "rot90"} & {name for name, _ in augment.draws}
+    on = Augment(dataclasses.replace(cfg, vflip_p=0.5, rot90_p=0.5))
+    assert on.draws[:-2] == augment.draws and on.per_sample == augment.per_sample + 3  # appended last
 
 
 def test_crop_boxes_recovered_from_output():

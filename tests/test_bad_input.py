@@ -75,6 +75,19 @@ PRETRAIN_CASES = {
     "zero learning rate": (["--set", "optim.lr=0"], "optim.lr must be positive"),
     "negative weight decay": (["--set", "optim.weight_decay=-1e-4"], "optim.weight_decay must be >= 0"),
     "crop scale above 1": (["--set", "aug.scale_min=1.5"], "aug.scale_min must be in (0, 1]"),
+    # issue 25: every view setting, each range checked with the key named
+    "vertical flip above 1": (["--set", "aug.vflip_p=1.5"], "aug.vflip_p must be in [0, 1], got 1.5"),
+    "negative quarter-turn probability": (["--set", "aug.rot90_p=-0.1"], "aug.rot90_p must be in [0, 1], got -0.1"),
+    "hue beyond half a turn": (["--set", "aug.hue=0.7"], "aug.hue must be in [0, 0.5] (turns), got 0.7"),
+    "negative brightness": (["--set", "aug.brightness=-1"], "aug.brightness must be >= 0, got -1.0"),
+    "view 2 blur above 1": (["--set", "aug.view2.blur_p=2"], "aug.view2.blur_p must be in [0, 1], got 2.0"),
+    "local crop scale above 1": (["--set", "aug.local.scale=[0.5,2]"],
+                                 "aug.local.scale must be [lo, hi] with 0 < lo <= hi <= 1, got [0.5, 2.0]"),
+    "ratio the wrong way round": (["--set", "aug.ratio=[2,1]"], "aug.ratio must be [lo, hi] with 0 < lo <= hi, got [2.0, 1.0]"),
+    "blur sigma of 0": (["--set", "aug.view1.blur_sigma=[0,1]"], "aug.view1.blur_sigma must be [lo, hi] with 0 < lo"),
+    "range given one number": (["--set", "aug.ratio=1"], "aug.ratio: expected a list of 2 numbers, e.g. aug.ratio=[0.5,1.0], got 1"),
+    "infinite ratio": (["--set", "aug.ratio=[1,.inf]"], "aug.ratio must be a finite number"),
+    "unknown view": (["--set", "aug.view3.blur_p=1"], "unknown config key 'aug.view3'; did you mean 'aug.view2'?"),
     "batch of one": (["--batch-size", "1"], "train.batch_size must be at least 2"),
     "batch larger than the data": (["--batch-size", "100000"], "fewer than one batch of 100000"),
     "negative time limit": (["--max-minutes", "-5"], "train.max_minutes must be >= 0"),
@@ -124,7 +137,8 @@ PRETRAIN_CASES = {
     "unknown backbone": (["--backbone", "vgg16"], "model.backbone 'vgg16' unknown; choose resnet18"),
     "unknown device": (["--device", "tpu"], "train.device 'tpu' unknown"),
     "unknown optimiser": (["--set", "optim.name=adam"], "optim.name 'adam' unknown; choose lars, sgd or adamw"),
-    "unknown precision": (["--set", "train.precision=fp16"], "train.precision must be auto, bf16 or fp32"),
+    "unknown precision": (["--set", "train.precision=fp8"], "train.precision must be auto, bf16, fp16 or fp32"),
+    "unknown compile mode": (["--set", "train.compile_mode=fast"], "train.compile_mode 'fast' unknown; choose default, max-autotune-no-cudagraphs, reduce-overhead"),
     # data paths
     "missing data path": (["--data", "/no/such/folder"], "data source '/no/such/folder' not found"),
     "empty data name": (["--data", " "], "data source must be a name or a path"),
@@ -211,6 +225,10 @@ OTHER_CASES = {
     "export to an unknown format": (["export", "{run}", "--format", "onnx"], "invalid choice: 'onnx'"),
     "report with too few points": (["report", "{run}", "--points", "1"], "--points must be at least 2"),
     "unknown command": (["train"], "invalid choice: 'train'"),
+    "views into a non-PNG file": (["views", "--out", "{tmp}/views.jpg"], "must name a .png file"),
+    "views of no images": (["views", "--out", "{tmp}/v.png", "--images", "0"], "--images and --views must be at least 1"),
+    "views with a bad key": (["views", "--out", "{tmp}/v.png", "--set", "aug.vflip=0.5"],
+                             "unknown config key 'aug.vflip'; did you mean 'aug.vflip_p'?"),
 }
 
 

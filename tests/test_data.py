@@ -544,3 +544,24 @@ def test_image_dataset_validation_and_mean_std():
 
 # Decoding the 60k-JPEG CIFAR-10 copy takes ~6 s on two cores, too slow for this file;
 # the integration tests exercise it.
+
+
+def test_resizing_keeps_the_centre_square_and_default_size_takes_mixed_sizes(tmp_path):
+    stripes = np.zeros((10, 30, 3), np.uint8)  # (H, W, 3): red | green | blue thirds
+    stripes[:, :10, 0] = stripes[:, 10:20, 1] = stripes[:, 20:, 2] = 255
+    Image.fromarray(stripes).save(tmp_path / "wide.png")
+    square = data_decode.decode_image(str(tmp_path / "wide.png"), 5)
+    assert square.shape == (5, 5, 3) and (square[..., 1] > 200).all() and (square[..., 0] < 60).all()
+
+    root = tmp_path / "pets"
+    _make_folder(root)
+    Image.fromarray(_pixels(7, (9, 9))).save(root / "train" / "cat" / "big.png")
+    with pytest.raises(DataError, match=r"different sizes \(5x6 for .*pass image_size"):
+        load_data(root, default_size=4, cache_dir=tmp_path / "cache")  # the split layout needs image_size
+    s = load_data(root / "train", default_size=4, holdout=0.34, cache_dir=tmp_path / "cache")  # class folders
+    assert s.chosen_size == 4 and s.train.images.shape == (7, 4, 4, 3) and s.test.images.shape == (3, 4, 4, 3)
+    _make_folder(tmp_path / "same")
+    uniform = load_data(tmp_path / "same", default_size=4, cache_dir=tmp_path / "cache")
+    assert uniform.chosen_size is None and uniform.train.image_size == (6, 5)  # one size: kept as it is
+    with pytest.raises(DataError, match="holdout must be a fraction"):
+        load_data(root, holdout=1.0, cache_dir=tmp_path / "cache")

@@ -11,11 +11,10 @@ from selfsup import checkpoint as ckpt
 from selfsup import loop
 from selfsup.cli import main
 from selfsup.config import Config
-from selfsup.losses import dino
+from selfsup.losses import dino, dino_multicrop
 from selfsup.methods import dino as dino_module
 from selfsup.methods.base import encode_by_resolution
 from selfsup.methods import StepInfo
-from selfsup.methods.dino import loss_pairs
 from selfsup.optim import build_optimizer, linear_warmup
 from selfsup.train import build_method, train_step
 
@@ -51,10 +50,12 @@ def test_teacher_temperature_warms_up_linearly_per_step_then_stays():
     cfg = _cfg()
     cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp_epochs = 0.04, 0.06, 1
     method = build_method(cfg)
+    temp = method.teacher_temp  # a 0-dim buffer updated in place: a compiled forward reads it, never recompiles
     method.on_step_start(_at(5, total_steps=20))  # 2 epochs of 10 steps: half-way through the warm-up
-    assert method.teacher_temp == pytest.approx(0.05)
+    assert method.teacher_temp is temp and temp.item() == pytest.approx(0.05)
     method.on_step_start(_at(10, total_steps=20))
-    assert method.teacher_temp == 0.06
+    assert method.teacher_temp is temp and temp.item() == pytest.approx(0.06)
+    assert "teacher_temp" not in method.state_dict()  # non-persistent: checkpoints keep their keys
 
 
 def test_center_is_updated_after_the_loss_with_the_raw_teacher_outputs():
@@ -77,14 +78,13 @@ def test_center_is_updated_after_the_loss_with_the_raw_teacher_outputs():
 
 
 def test_same_view_pairs_are_skipped(monkeypatch):
-    assert loss_pairs(2, 4) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
     calls = []
 
-    def counting(*args):
+    def recording(*args):
         calls.append([a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args])
-        return dino(*args)
+        return dino_multicrop(*args)
 
-    monkeypatch.setattr(dino_module, "dino", counting)
+    monkeypatch.setattr(dino_module, "dino_multicrop", recording)
     torch.manual_seed(0)
     method = build_method(_cfg(local_crops=2))
     method.train()
@@ -95,11 +95,45 @@ def test_same_view_pairs_are_skipped(monkeypatch):
         teacher = method.teacher(torch.cat(views[:2])).split(B)
     method.on_step_start(_at(0, 20))
     loss = method(views)["loss"]
-    assert len(calls) == 2 * (4 - 1)  # G x (V - 1), not G x V
-    which = lambda x, outs: [i for i, o in enumerate(outs) if torch.allclose(x, o, atol=1e-5)]  # noqa: E731
-    pairs = [(*which(t, teacher), *which(s, student)) for s, t, *_ in calls]
-    assert pairs == loss_pairs(2, 4)  # the teacher on global crops only, never against its own crop
-    assert loss.item() == pytest.approx(sum(dino(*a).item() for a in calls) / 6, rel=1e-5)
+    (student_out, teacher_out, center, student_temp, teacher_temp, n_global), = calls  # one call for all crops
+    assert n_global == 2 and student_temp == 0.1
+    torch.testing.assert_close(student_out, torch.cat(student), atol=1e-5, rtol=0)  # every crop
+    torch.testing.assert_close(teacher_out, torch.cat(teacher), atol=1e-5, rtol=0)  # the global crops only
+    pair = lambda t, s: dino(student[s], teacher[t], center, 0.1, teacher_temp).item()  # noqa: E731
+    skipping = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]  # G x (V - 1): never a crop against itself
+    assert loss.item() == pytest.approx(sum(pair(t, s) for t, s in skipping) / 6, rel=1e-5)
+    every = [(t, s) for t in range(2) for s in range(4)]
+    assert loss.item() != pytest.approx(sum(pair(t, s) for t, s in every) / 8, rel=1e-5)
+
+
+def _pairwise_dino(student, teacher, center, student_temp, teacher_temp, n_global):
+    """The pre-issue-24 formulation, written out: one softmax pair per (teacher t, student s != t)."""
+    b = len(teacher) // n_global
+    s_crops, t_crops = student.split(b), teacher.split(b)
+    pairs = [(t, s) for t in range(n_global) for s in range(len(s_crops)) if s != t]
+    terms = [-(F.softmax((t_crops[t] - center) / teacher_temp, dim=1)
+               * F.log_softmax(s_crops[s] / student_temp, dim=1)).sum(1).mean() for t, s in pairs]
+    return sum(terms) / len(pairs)
+
+
+@pytest.mark.parametrize("n_global,n_views", [(2, 2), (2, 10), (1, 3), (3, 5)])
+def test_multicrop_loss_equals_the_mean_over_pairs_in_float64(n_global, n_views):
+    g = torch.Generator().manual_seed(n_views)
+    b, k = 5, 17
+    student = torch.randn(n_views * b, k, dtype=torch.float64, generator=g, requires_grad=True)
+    teacher = torch.randn(n_global * b, k, dtype=torch.float64, generator=g)
+    center = torch.randn(1, k, dtype=torch.float64, generator=g)
+    temp = torch.tensor(0.055, dtype=torch.float64)
+    loss = dino_multicrop(student, teacher, center, 0.1, temp, n_global)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref = _pairwise_dino(student, teacher, center, 0.1, temp, n_global)
+    (ref_grad,) = torch.autograd.grad(ref, student)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    # float32 and bf16 inputs compute in float32, as the single-pair loss
+    low = dino_multicrop(student.detach().bfloat16(), teacher.bfloat16(), center.float(), 0.1, 0.055, n_global)
+    assert low.dtype == torch.float32 and low.item() == pytest.approx(ref.item(), rel=2e-2)
 
 
 def test_last_layer_is_frozen_for_the_first_epoch_and_gradients_are_clipped():
@@ -116,7 +150,8 @@ def test_last_layer_is_frozen_for_the_first_epoch_and_gradients_are_clipped():
     total, per_epoch = 4, 2
     for step in range(per_epoch):  # epoch 1: frozen
         method.on_step_start(_at(step, total))
-        train_step(method, optimizer, augmentations, images, g, None, clip_grad=1e-3)
+        assert method.frozen_now() == [method.last_layer.weight_v]
+        train_step(method, optimizer, augmentations, images, g, None, clip_grad=1e-3, frozen=method.frozen_now())
         assert method.last_layer.weight_v.grad is None
         norm = torch.cat([p.grad.flatten() for p in method.parameters() if p.grad is not None]).norm()
         assert norm.item() <= 1e-3 * 1.0001  # clipped to optim.clip_grad
@@ -125,7 +160,8 @@ def test_last_layer_is_frozen_for_the_first_epoch_and_gradients_are_clipped():
     assert not torch.equal(method.backbone.conv1.weight, w0)
     teacher_v = method.teacher[2].weight_v.clone()
     method.on_step_start(_at(per_epoch, total))  # epoch 2: it learns
-    train_step(method, optimizer, augmentations, images, g, None)
+    assert method.frozen_now() == []
+    train_step(method, optimizer, augmentations, images, g, None, frozen=method.frozen_now())
     assert not torch.equal(method.last_layer.weight_v, v0)
     method.on_step_end(_at(per_epoch, total))
     assert not torch.equal(method.teacher[2].weight_v, teacher_v)  # the EMA follows the student
@@ -133,6 +169,28 @@ def test_last_layer_is_frozen_for_the_first_epoch_and_gradients_are_clipped():
     w = F.normalize(method.last_layer.weight_v, dim=1)
     x = torch.randn(3, 16)
     torch.testing.assert_close(method.last_layer(x), x @ w.T)
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_frozen_last_layer_leaves_every_other_gradient_as_a_detach_would(norm_last_layer):
+    """frozen_now names v (and g when it learns); dropping their gradients after backward changes
+    nothing upstream: the other gradients equal those of a forward where the last layer takes none."""
+    grads = []
+    for last_learns in (True, False):
+        torch.manual_seed(0)
+        cfg = _cfg(local_crops=2)
+        cfg.dino.norm_last_layer, cfg.dino.freeze_last_layer_epochs = norm_last_layer, 1
+        method = build_method(cfg)
+        method.train()
+        method.on_step_start(_at(0, 20))
+        assert method.frozen_now() == list(method.last_layer.parameters())
+        assert len(method.frozen_now()) == (1 if norm_last_layer else 2)  # v, and g unless fixed at 1
+        method.last_layer.requires_grad_(last_learns)
+        method(_views(method))["loss"].backward()
+        grads.append({n: p.grad for n, p in method.named_parameters() if not n.startswith("last_layer")})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
 
 
 def test_dino_runs_through_the_cli_and_logs_the_collapse_monitor(tmp_path, monkeypatch):

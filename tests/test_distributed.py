@@ -129,7 +129,7 @@ def _train_simclr(sync_bn: bool) -> dict:
     method = build_method(_tiny_config()).to(torch.float64, memory_format=torch.channels_last)  # as train.py
     method.criterion = nt_xent.__wrapped__  # the same NT-Xent without its float32 cast
     if sync_bn and D.world_size() > 1:
-        method = D.convert_sync_batchnorm(method, "cpu")
+        method = D.convert_sync_batchnorm(method)
     model = nn.parallel.DistributedDataParallel(method) if D.world_size() > 1 else method
     optimizer = build_optimizer("lars", method.param_groups(LR), lr=LR, momentum=0.9, weight_decay=1e-6)
     losses = []
@@ -217,16 +217,14 @@ def test_without_sync_bn_two_ranks_differ_from_one_process(ranks, one_process):
 def test_convert_keeps_keys_scale_only_bn_and_loads_into_a_plain_model():
     torch.manual_seed(0)
     plain = build_method(_tiny_config())
-    converted = D.convert_sync_batchnorm(copy.deepcopy(plain), "cpu")
+    converted = D.convert_sync_batchnorm(copy.deepcopy(plain))
     assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in converted.modules())
     assert list(converted.state_dict()) == list(plain.state_dict())
     last = converted.projector.layers[-1][-1]  # was ScaleOnlyBatchNorm1d: γ but no β
     assert isinstance(last, D.GlobalBatchNorm) and last.weight is not None and last.bias is None
     assert isinstance(plain.projector.layers[-1][-1], ScaleOnlyBatchNorm1d)
     build_method(_tiny_config()).load_state_dict(converted.state_dict(), strict=True)
-    on_gpu = D.convert_sync_batchnorm(copy.deepcopy(plain), "cuda")  # converting needs no GPU
-    assert isinstance(on_gpu.projector.layers[-1][-1], nn.SyncBatchNorm)
-    assert list(on_gpu.state_dict()) == list(plain.state_dict())
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())  # not on CUDA either: host syncs
 
     # without a process group it is plain BN, in training and in eval mode
     x = _views()[0][0]

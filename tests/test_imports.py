@@ -35,7 +35,7 @@ LAYERS: list[list[str]] = [
     # 4. the trainer: the loop's pieces, the epoch-end monitors, the run's folder on start, the trainer
     ["loop", "epoch_end", "resume", "train"],
     # 5. what is built on the trainer and on run folders
-    ["semisup", "perf", "export", "report"],
+    ["semisup", "perf", "export", "embeddings", "report", "views"],
     # 6. entry points
     ["api", "cli", "__main__", "selfsup"],
 ]

@@ -30,7 +30,15 @@ PINNED = {"digits-simclr": {("simclr", "temperature"): 0.1}}
 ADDED = [("optim", "clip_grad_mode"), ("eval", "knn_features"), ("eval", "online_linear"),
          ("eval", "online_linear_lr"),
          # issue 16: ViT settings and the weight-decay schedule
-         ("model", "patch_size"), ("model", "drop_path"), ("model", "freeze_patch_embed"), ("optim", "final_weight_decay")]
+         ("model", "patch_size"), ("model", "drop_path"), ("model", "freeze_patch_embed"), ("optim", "final_weight_decay"),
+         # issue 24: the step built for GPUs
+         ("model", "grad_checkpointing"), ("model", "drop_path_subset"), ("train", "compile_mode"), ("train", "cudnn_benchmark"),
+         # issue 25: the hold-out of class folders, a labelled source for unlabelled runs, and every view
+         # setting, None (the recipe's value) by default
+         ("data", "holdout"), ("eval", "data"),
+         *[("aug", key) for key in ("ratio", "hflip_p", "vflip_p", "rot90_p", "jitter_p", "brightness", "contrast",
+                                    "saturation", "hue", "grayscale_p", "blur_p", "blur_sigma", "solarize_p",
+                                    "view1", "view2", "local")]]
 #: Presets added after the snapshot (issue 16's methods and ViT recipes): nothing to compare with.
 NEW_PRESETS = {"cifar10-barlow-twins", "imagenet-barlow-twins", "cifar10-vicreg", "imagenet-vicreg", "cifar10-mocov3",
                "imagenet-mocov3", "imagenet-mocov3-vits16", "cifar10-mocov3-vit-tiny", "cifar10-nnclr",

@@ -115,7 +115,7 @@ def test_ema_update_and_momentum_schedule():
     assert momentum_at(100, 100, 0.99, cosine=True) == pytest.approx(1.0)
     moco = _build(_cfg(moco={"momentum_cosine": True, "momentum": 0.99}))
     moco.on_step_start(StepInfo(50, 100, 10, BATCH, seed=3))
-    assert moco.m == pytest.approx(0.995) and moco.shuffle_seed == 3 * 1_000_003 + 50
+    assert moco.ema.m == pytest.approx(0.995) and moco.shuffle_seed == 3 * 1_000_003 + 50
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,11 +250,11 @@ def test_one_process_shuffle_bn_keys_line_up_with_their_images():
     seen = []
     moco.encoder_k.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     moco.encoder_k.eval()  # batch-independent: the unshuffled keys must equal a direct pass
-    k = moco.keys(x, torch.Generator().manual_seed(1))
+    k = moco.keys(x, torch.randperm(len(x), generator=torch.Generator().manual_seed(1)))
     torch.testing.assert_close(k, F.normalize(moco.encoder_k(x), dim=1))
     assert not torch.equal(seen[0], x)  # the encoder did see a shuffled batch
     moco.encoder_k.train()  # in train mode the groups of the shuffled batch set the statistics
-    k_train = moco.keys(x, torch.Generator().manual_seed(1))
+    k_train = moco.keys(x, torch.randperm(len(x), generator=torch.Generator().manual_seed(1)))
     unshuffled = F.normalize(moco.encoder_k(x), dim=1)
     assert (k_train - unshuffled).abs().max() > 1e-3
 
@@ -364,7 +364,7 @@ def _rank_work() -> dict:
     hook = moco.encoder_k.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
     moco.encoder_k.eval()  # batch-independent keys: shuffled-and-restored must equal direct
     x = views[1][mine]
-    aligned = moco.keys(x, torch.Generator().manual_seed(2))
+    aligned = moco.keys(x, moco.shuffle_permutations(BATCH)[0])  # rank 0's permutation of the global batch
     direct = F.normalize(moco.encoder_k(x), dim=1)
     hook.remove()
 

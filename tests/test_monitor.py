@@ -160,3 +160,61 @@ def test_the_loop_averages_every_scalar_a_method_returns_besides_the_loss():
         loop.accumulate_scalars(sums, {"loss": torch.tensor(9.0), "embedding": torch.ones(4, 2),
                                        "code_entropy": torch.tensor(e)})
     assert sums.keys() == {"code_entropy"} and sums["code_entropy"].item() == 4.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Label-free monitors on every path (issue 25 §2)
+
+
+def test_alignment_and_uniformity_against_closed_forms():
+    from selfsup.monitor import alignment, uniformity
+    z = torch.randn(200, 8)
+    assert alignment(z, 3 * z) == pytest.approx(0.0, abs=1e-10)  # the same directions
+    assert alignment(z, -z) == pytest.approx(4.0, rel=1e-6)      # opposite: ||u - (-u)||² = 4
+    assert uniformity(torch.ones(50, 8)) == pytest.approx(0.0, abs=1e-12)  # one point: the worst
+    two = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # one pair at distance 2: log exp(-2 * 4)
+    assert uniformity(two) == pytest.approx(-8.0, rel=1e-9)
+    assert -4.0 < uniformity(torch.randn(500, 64)) < -3.5       # spread over a 64-D sphere
+
+
+def _image_folder(root, n=48):
+    """A folder of ``n`` unlabelled JPEGs of mixed sizes, flat (no splits, no classes)."""
+    from PIL import Image
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        side = int(rng.integers(24, 60))
+        pixels = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((side, side + i % 5), Image.BICUBIC).save(root / f"{i:03d}.jpg")
+    return root
+
+
+def test_a_streamed_unlabelled_run_logs_the_label_free_monitors_and_kNN_on_eval_data(tmp_path):
+    import json
+    from selfsup.cli import main
+    folder = _image_folder(tmp_path / "mine")
+    args = ["pretrain", "--data", str(folder), "--device", "cpu", "--no-progress", "--epochs", "2",
+            "--set", "data.stream=true", "data.workers=0", "aug.size=16", "train.batch_size=16", *SMALL[:3]]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    for m in lines:  # no labels, streamed: the label-free monitors all the same
+        assert {"feature_std", "effective_rank", "alignment", "uniformity"} <= m.keys() and "knn_top1" not in m
+        assert 0 <= m["alignment"] <= 4 and -8 <= m["uniformity"] <= 0
+    # --eval-data: a labelled source for the kNN monitor (the online probe needs the run's own labels)
+    assert main([*args, "--out", str(tmp_path / "b"), "--eval-data", "digits"]) == 0
+    last = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < last["knn_top1"] <= 100 and "linear_top1" not in last and "alignment" in last
+
+
+def test_the_alignment_views_are_the_same_every_epoch():
+    cfg = resolve(preset_name="digits-simclr", sets=SMALL + ["data.image_size=8"])
+    splits = load_data("digits", image_size=SIZE)
+    torch.manual_seed(0)
+    method = train.build_method(cfg)
+    sample = epoch_end.monitor_sample(splits.train.images, seed=0)
+    assert len(sample) == min(len(splits.train), epoch_end.MONITOR_IMAGES)
+    monitors = epoch_end.build_monitors(cfg, method, splits, len(splits.train), (SIZE, (0.5,) * 3, (0.5,) * 3),
+                                        sample, torch.device("cpu"), None, None)
+    a, b = monitors(0, False), monitors(1, False)  # the weights did not move: the same readings
+    assert a["alignment"] == b["alignment"] and a["uniformity"] == b["uniformity"] > -8
+    assert 0 < a["alignment"] < 4

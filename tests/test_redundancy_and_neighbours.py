@@ -213,7 +213,7 @@ def test_barlow_twins_biases_and_bn_train_at_their_ratio_of_the_lr():
 def test_mocov3_momentum_encoder_follows_a_cosine_before_each_steps_keys():
     model = build_method(tiny("mocov3"))
     model.on_step_start(StepInfo(step=5, total_steps=10, steps_per_epoch=5, local_batch=B, seed=0))
-    assert model.m == pytest.approx(1 - 0.01 * (math.cos(math.pi / 2) + 1) / 2)  # 0.995 half-way
+    assert model.ema.m == pytest.approx(1 - 0.01 * (math.cos(math.pi / 2) + 1) / 2)  # 0.995 half-way
     student = [p.detach().clone() for p in (*model.backbone.parameters(), *model.projector.parameters())]
     teacher = [p.detach().clone() for p in model.momentum_encoder.parameters()]
     with torch.no_grad():
@@ -222,7 +222,7 @@ def test_mocov3_momentum_encoder_follows_a_cosine_before_each_steps_keys():
         student = [p.detach().clone() for p in (*model.backbone.parameters(), *model.projector.parameters())]
     model([torch.randn(B, 3, SIZE, SIZE), torch.randn(B, 3, SIZE, SIZE)])
     for t_old, s, t_new in zip(teacher, student, model.momentum_encoder.parameters()):
-        torch.testing.assert_close(t_new, model.m * t_old + (1 - model.m) * s)
+        torch.testing.assert_close(t_new, model.ema.m * t_old + (1 - model.ema.m) * s)
     assert all(not p.requires_grad for p in model.momentum_encoder.parameters())
     assert isinstance(model.projector[-1][-1], nn.BatchNorm1d) and not model.projector[-1][-1].affine
     assert not isinstance(model.predictor[-1][-1], nn.BatchNorm1d)  # ResNet: predictor without a last BN
@@ -252,7 +252,7 @@ def _train(method: str) -> dict:
     cfg = tiny(method, train={"batch_size": GLOBAL})
     model = build_method(cfg).double()
     if D.world_size() > 1:
-        model = D.convert_sync_batchnorm(model, "cpu")
+        model = D.convert_sync_batchnorm(model)
     wrapped = nn.parallel.DistributedDataParallel(model) if D.world_size() > 1 else model
     optimizer = build_optimizer("sgd", model.param_groups(0.5), lr=0.5, momentum=0.9)
     g = torch.Generator().manual_seed(1)

@@ -108,3 +108,27 @@ def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no metrics.jsonl" in err[0]
+
+
+def test_report_of_an_unlabelled_source_shows_the_label_free_figures(run, tmp_path, capsys):
+    from selfsup.data import load_data
+
+    loose = tmp_path / "loose"  # a nested folder of images: no splits, no classes
+    digits = load_data("digits", image_size=16).train
+    for i in range(40):
+        (loose / f"part{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.images[i]).save(loose / f"part{i % 3}" / f"{i:03d}.png")
+    shutil.copy(loose / "part0" / "000.png", loose / "copy-of-000.png")  # a duplicate: the most similar pair
+    out = tmp_path / "page" / "index.html"
+    assert main(["report", str(run), "--data", str(loose), "--out", str(out), "--device", "cpu",
+                 "--queries", "3", "--k", "4"]) == 0
+    page = out.read_text()
+    assert page.count('<img src="data:image/png;base64,') == 4  # curves, map, neighbours, pairs
+    assert "are left out" in page and "PCA and t-SNE map of the features of 41 images" in page
+    first_pair = page.split("most similar pairs among the 41 images")[1].split("</tr>")[1]
+    assert "<td>1</td>" in first_pair and "copy-of-000.png" in first_pair and "part0/000.png" in first_pair
+    for name in ("map.png", "neighbours.png", "pairs.png"):
+        with Image.open(out.parent / name) as im:
+            assert im.width > 200 and im.height > 100
+    assert "features=backbone" in page                       # knn_features, read as text ...
+    assert "not a number" not in capsys.readouterr().err     # ... and silently (issue 25 §5)

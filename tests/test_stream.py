@@ -114,3 +114,19 @@ def test_pretrain_streams_from_an_image_folder(tmp_path):
                  "--set", "data.stream=true", "data.workers=1", "aug.size=16", "model.width=0.125"]) == 0
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["step"] == 4 and np.isfinite(metrics["loss"])
+
+
+def test_class_folders_and_list_files_stream_all_but_the_hold_out(tmp_path):
+    for i in range(N):  # <root>/<class>/<image>: no train/, so class folders with a 10 % hold-out
+        d = tmp_path / "pets" / f"c{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        _solid(i).save(d / f"{i:03d}.png")
+    assert len(ImageStream(tmp_path / "pets")) == N - 3  # one of each class's 8
+    assert len(ImageStream(tmp_path / "pets", holdout=0.0)) == N
+    (tmp_path / "list.txt").write_text("\n".join(f"pets/c0/{i:03d}.png" for i in range(0, N, 3)))
+    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(
+        f"pets/c{i % 3}/{i:03d}.png,c{i % 3}" for i in range(N)))
+    assert len(ImageStream(tmp_path / "list.txt")) == 8 and len(ImageStream(tmp_path / "list.csv")) == N - 3
+    (tmp_path / "bad.txt").write_text("pets/c0/000.png\npets/c0/nope.png\n")
+    with pytest.raises(DataError, match=r"bad\.txt, line 2: 'pets/c0/nope\.png' not found"):
+        ImageStream(tmp_path / "bad.txt")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup import distributed as D
+from selfsup.loop import backward_step
 from selfsup.cli import main
 from selfsup.config import Config, ConfigError, resolve
 from selfsup.losses import sinkhorn, swav
@@ -108,9 +109,7 @@ def _at(step, total=8, local_batch=B):
 def _step(method, optimizer, step, total=8, seed=None):
     method.on_step_start(_at(step, total))
     out = method(_views(step if seed is None else seed))
-    optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    optimizer.step()
+    backward_step(optimizer, out["loss"], frozen=method.frozen_now())  # the trainer's: frozen gradients dropped
     method.on_step_end(_at(step, total))
     return out
 
@@ -119,7 +118,6 @@ def test_prototypes_are_unit_after_every_step_and_frozen_steps_leave_them_unchan
     torch.manual_seed(0)
     method = build_method(_cfg(freeze_prototypes_steps=2))
     optimizer = build_optimizer("sgd", method.param_groups(0.5), lr=0.5, weight_decay=1e-3)
-    assert method.find_unused_parameters  # DDP must tolerate the missing gradient
     c = method.prototypes.weight
     torch.testing.assert_close(c.norm(dim=1), torch.ones(K))
     start = c.detach().clone()
@@ -144,10 +142,37 @@ def test_prototypes_freeze_for_epochs_of_the_runs_own_steps(swav, frozen):
     torch.manual_seed(0)
     method = build_method(_cfg(**swav))
     optimizer = build_optimizer("sgd", method.param_groups(0.5), lr=0.5)
-    assert method.find_unused_parameters == (frozen > 0)
     for step in range(frozen + 1):
         _step(method, optimizer, step)
+        assert method.frozen_now() == ([method.prototypes.weight] if step < frozen else [])
         assert (method.prototypes.weight.grad is None) == (step < frozen), step
+
+
+def test_frozen_prototypes_leave_every_other_gradient_as_a_detach_would():
+    """Dropping C's gradient after backward changes nothing upstream: the gradients of the
+    backbone and head equal those of a forward in which C takes no gradient at all."""
+    grads = []
+    for c_learns in (True, False):
+        torch.manual_seed(0)
+        method = build_method(_cfg(freeze_prototypes_steps=2))
+        method.prototypes.weight.requires_grad_(c_learns)
+        method.on_step_start(_at(0))
+        method(_views())["loss"].backward()
+        grads.append({n: p.grad for n, p in method.named_parameters() if not n.startswith("prototypes")})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
+
+
+def test_forward_reads_only_what_changes_once_a_run():
+    """A compiled forward is rebuilt when a Python value it reads changes: the step decides two
+    booleans, the queue filling and the queue in use, each of which turns on once."""
+    method = build_method(_cfg(queue_length=2 * B, queue_start_epoch=1))
+    seen = []
+    for step in range(8):  # 4 steps an epoch: filling from step 4, full from step 6
+        method.on_step_start(_at(step))
+        seen.append((method.queue_filling, method.queue_full))
+    assert seen == [(False, False)] * 4 + [(True, False)] * 2 + [(True, True)] * 2
 
 
 def test_loss_swaps_codes_of_global_crops_over_every_other_crop():

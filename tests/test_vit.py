@@ -21,7 +21,7 @@ from selfsup.methods.base import encode_by_resolution
 from selfsup.momentum import momentum_copy
 from selfsup.runs import BACKBONE, BackboneSpec, load_backbone, save_backbone
 from selfsup.train import backbone_spec, build_method
-from selfsup.vit import DropPath, VisionTransformer, resample_pos_embed, without_drop_path
+from selfsup.vit import Block, DropPath, VisionTransformer, resample_pos_embed, without_drop_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,12 +126,51 @@ def test_drop_path_rates_train_and_eval_modes():
 
 def test_drop_path_drops_whole_samples_and_keeps_the_mean():
     drop = DropPath(0.25).train()
-    out = drop(torch.ones(4000, 3, 5))
+    ones = lambda y: torch.ones_like(y)  # noqa: E731  the residual branch
+    out = drop(torch.zeros(4000, 3, 5), ones)
     per_sample = out[:, 0, 0]
     torch.testing.assert_close(per_sample.unique(), torch.tensor([0.0, 4 / 3]))
     assert (out == per_sample[:, None, None]).all()
     assert abs(out.mean().item() - 1) < 0.05
-    assert torch.equal(drop.eval()(out), out)
+    assert torch.equal(drop.eval()(out, ones), out + 1)  # eval: the plain residual x + branch(x)
+
+
+def _branch(y):
+    return torch.tanh(y) * 2.0 + y.square()  # (b, N, D) per sample, nonlinear
+
+
+@pytest.mark.parametrize("b,p,keep", [(10, 0.25, 8), (4000, 0.25, 3000), (8, 0.01, 8), (3, 0.9, 1)])
+def test_drop_path_subset_runs_the_branch_on_exactly_round_b_1_minus_p_samples(b, p, keep):
+    """subset=True: round(B(1 - p)) kept rows (at least 1) get x + branch(x) * B / keep, the
+    others stay x; the branch sees only the kept rows and only they get its gradient."""
+    drop = DropPath(p, subset=True).train()
+    x = torch.randn(b, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(b), requires_grad=True)
+    seen = []
+    torch.manual_seed(0)
+    out = drop(x, lambda y: seen.append(len(y)) or _branch(y))
+    assert seen == [keep]  # the branch's compute is keep / B of the whole batch's
+    full = (x + _branch(x) * b / keep).detach()
+    kept = (out.detach() != x.detach()).flatten(1).any(1)  # (B,)
+    assert kept.sum().item() == keep
+    torch.testing.assert_close(out[kept], full[kept], rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[~kept], x[~kept])
+    branch_sum = _branch(x).sum() - _branch(x).detach().sum()  # a zero that carries branch(x)'s gradient
+    (direct,) = torch.autograd.grad(out.sum() - x.sum(), x)  # the gradient through the branch only
+    (whole,) = torch.autograd.grad(branch_sum, x)
+    torch.testing.assert_close(direct[kept], whole[kept] * b / keep)
+    assert (direct[~kept] == 0).all()
+    torch.manual_seed(0)  # the draw comes from torch's global RNG: a seeded run repeats it
+    assert torch.equal(drop(x, _branch), out)
+
+
+def test_drop_path_subset_keeps_the_expectation():
+    drop = DropPath(0.3, subset=True).train()
+    x = torch.randn(10, 2, 3, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    mean = torch.stack([drop(x, _branch) for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(mean, x + _branch(x), rtol=0, atol=0.1)  # each row kept w.p. 7/10, scaled 10/7
+    block = Block(6, 2, 2.0, 0.3, drop_path_subset=True).train()
+    assert block.drop_path.subset and tiny(drop_path=0.2, drop_path_subset=True).blocks[-1].drop_path.subset
 
 
 def test_a_momentum_copy_without_drop_path_leaves_the_student_alone():
@@ -249,3 +288,65 @@ def test_exports_load_into_timm_strictly():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "vit_timm_check.py")], capture_output=True,
                           text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# model.grad_checkpointing (issue 24 §5)
+
+def _loss_and_grads(model, inputs):
+    loss = model(inputs).square().mean()
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    return loss, grads
+
+
+def _saved_bytes(model, inputs) -> int:
+    """Bytes of the activations autograd keeps for backward (parameters excluded, shared storage once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = max(kept.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs).sum().backward()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("drop_path,subset", [(0.0, False), (0.3, False), (0.3, True)])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(drop_path, subset):
+    """float64; with stochastic depth the checkpoint replays the same draw in backward."""
+    plain = tiny(drop_path=drop_path, drop_path_subset=subset).double().train()
+    ckpt = tiny(drop_path=drop_path, drop_path_subset=subset, grad_checkpointing=True).double().train()
+    ckpt.load_state_dict(plain.state_dict())
+    inputs = x(b=4).double()
+    torch.manual_seed(1)
+    loss, grads = _loss_and_grads(plain, inputs)
+    torch.manual_seed(1)
+    loss_c, grads_c = _loss_and_grads(ckpt, inputs)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_grad_checkpointing_keeps_less_for_backward_only_when_training():
+    model = tiny()
+    inputs = x(b=4)
+    full = _saved_bytes(model.train(), inputs)
+    model.grad_checkpointing = True  # an attribute, as timm's set_grad_checkpointing()
+    assert _saved_bytes(model, inputs) < full / 4  # the blocks' activations are recomputed, not kept
+    assert _saved_bytes(model.eval(), inputs) == full  # eval (or no_grad) runs the blocks as they are
+
+
+def test_grad_checkpointing_is_for_vits_only_and_reaches_the_trainer():
+    with pytest.raises(ConfigError, match="model.grad_checkpointing=true applies to ViTs only"):
+        build_backbone("resnet18", width=0.125, grad_checkpointing=True)
+    assert tiny(grad_checkpointing=True).grad_checkpointing and not tiny().grad_checkpointing
+    cfg = resolve(sets=["method=dino", "model.backbone=vit_tiny", "model.patch_size=4",
+                        "model.grad_checkpointing=true", "multicrop.local_crops=0"])
+    assert build_method(cfg).backbone.grad_checkpointing
+    cfg = resolve(sets=["model.grad_checkpointing=true"])  # simclr's ResNet-18
+    with pytest.raises(ConfigError, match="model.grad_checkpointing"):
+        build_method(cfg)

@@ -8,6 +8,7 @@ on CPU or CUDA and seeded runs are reproducible.
 The SimCLR recipe (Chen et al. 2020, Sec. 3 and Appendix A) is::
 
     random resized crop + horizontal flip    -> one bilinear resampling
+    [+ vertical flip, quarter turns: off in the papers; for images with no "up"]
     colour jitter (p=0.8, random op order)   -> brightness/contrast/saturation/hue
     random grayscale (p=0.2)
     Gaussian blur (p=0.5, kernel 10% of size)
@@ -21,7 +22,7 @@ asymmetric views, multi-crop) can be composed from them.
 The package, one idea per module (each imports only torch and the modules listed above it):
 
 * :mod:`.batch` -- the shared layout: uint8 -> float, per-sample masks and broadcasting, normalise;
-* :mod:`.crop` -- random resized crop + flip as one resampling (``sample_crop_boxes``, ...);
+* :mod:`.crop` -- random resized crop, flips and quarter turns as one resampling (``sample_crop_boxes``, ...);
 * :mod:`.color` -- colour jitter in a per-sample random order, grayscale;
 * :mod:`.filters` -- Gaussian blur and solarisation;
 * :mod:`.views` -- ``ViewConfig`` and the papers' recipes (SimCLR, BYOL, multi-crop), plain data;
@@ -47,7 +48,7 @@ from .color import (
     rgb_to_grayscale,
     sample_jitter_params,
 )
-from .crop import boxes_to_theta, random_resized_crop_flip, resized_crop, sample_crop_boxes
+from .crop import boxes_to_theta, quarter_turns, random_resized_crop_flip, resized_crop, sample_crop_boxes
 from .filters import (
     blur_kernel_size,
     gaussian_blur,
@@ -74,6 +75,7 @@ __all__ = [
     "JitterParams",
     "sample_crop_boxes",
     "boxes_to_theta",
+    "quarter_turns",
     "resized_crop",
     "random_resized_crop_flip",
     "rgb_to_grayscale",

@@ -50,6 +50,9 @@ def to_float_nchw(images: Tensor) -> Tensor:
 
 def normalize(x: Tensor, mean: tuple[float, float, float], std: tuple[float, float, float]) -> Tensor:
     """(x - mean) / std per channel, returned as float32 in channels_last memory format."""
+    if torch.compiler.is_compiling():  # constants in the graph (uncached), and no out= of another layout,
+        scale, shift = normalize_constants.__wrapped__(tuple(map(float, mean)), tuple(map(float, std)), x.device)
+        return torch.addcmul(shift, x, scale).contiguous(memory_format=torch.channels_last)  # which Dynamo refuses
     scale, shift = normalize_constants(tuple(map(float, mean)), tuple(map(float, std)), x.device)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     # One fused pass that also produces the layout the model wants.

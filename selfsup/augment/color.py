@@ -119,6 +119,10 @@ class JitterParams(NamedTuple):
     order: Tensor  # (B, 4) int64 permutation of (BRIGHTNESS, CONTRAST, SATURATION, HUE)
 
 
+#: Uniforms colour jitter draws per sample: apply?, the four strengths, the four sort keys of the order.
+JITTER_DRAWS = 9
+
+
 def sample_jitter_params(
     batch: int,
     p: float,
@@ -131,7 +135,19 @@ def sample_jitter_params(
 ) -> JitterParams:
     """Draw ColorJitter parameters for a batch; each sample gets its own random op order."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    u = torch.rand((batch, 9), generator=generator, device=device)  # one draw for all params
+    u = torch.rand((batch, JITTER_DRAWS), generator=generator, device=device)  # one draw for all params
+    return jitter_params(u, p, brightness, contrast, saturation, hue)
+
+
+def jitter_params(
+    u: Tensor,
+    p: float,
+    brightness: float | tuple[float, float],
+    contrast: float | tuple[float, float],
+    saturation: float | tuple[float, float],
+    hue: float | tuple[float, float],
+) -> JitterParams:
+    """The parameters of :func:`sample_jitter_params` from its uniforms ``u`` (B, 9): a pure function."""
     apply = u[:, 0] < p
     ranges = [_factor_range(brightness), _factor_range(contrast), _factor_range(saturation)]
     hue_lo, hue_hi = (float(hue[0]), float(hue[1])) if isinstance(hue, (tuple, list)) else (-hue, hue)
@@ -209,11 +225,19 @@ def color_jitter(
     """torchvision-style ColorJitter applied with probability ``p`` per sample, with a
     per-sample random order of the four ops (SimCLR Appendix A)."""
     params = sample_jitter_params(x.shape[0], p, brightness, contrast, saturation, hue, generator, x.device)
-    no_hue = all(v == 0 for v in (hue if isinstance(hue, (tuple, list)) else (hue,)))
-    return apply_color_jitter(x, params, with_hue=not no_hue)
+    return apply_color_jitter(x, params, with_hue=has_hue(hue))
+
+
+def has_hue(hue: float | tuple[float, float]) -> bool:
+    """Whether a jitter's hue range moves the hue at all (else its rotation is skipped)."""
+    return any(v != 0 for v in (hue if isinstance(hue, (tuple, list)) else (hue,)))
 
 
 def random_grayscale(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
     """Replace each sample by its luma, replicated to 3 channels, with probability ``p``."""
-    mask = bernoulli_mask(x.shape[0], p, generator, x.device)  # (B,)
+    return grayscale(x, bernoulli_mask(x.shape[0], p, generator, x.device))
+
+
+def grayscale(x: Tensor, mask: Tensor) -> Tensor:
+    """Each sample of ``mask`` (B,) replaced by its luma, replicated to 3 channels."""
     return torch.where(per_sample(mask), rgb_to_grayscale(x), x)  # (B, 3, H, W)

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from .batch import bernoulli_mask, per_sample
 
-__all__ = ["blur_kernel_size", "gaussian_kernels", "gaussian_blur", "random_gaussian_blur", "solarize",
-           "random_solarize"]
+__all__ = ["BLUR_DRAWS", "blur_kernel_size", "blur_sigmas", "gaussian_kernels", "gaussian_blur",
+           "random_gaussian_blur", "solarize", "random_solarize"]
 
 def blur_kernel_size(size: int, frac: float = 0.1) -> int:
     """SimCLR's kernel: ``frac`` of the image side, made odd, at least 3 (224 -> 23)."""
@@ -63,10 +63,19 @@ def random_gaussian_blur(
 
     Unselected samples get sigma 0, an exact identity kernel, so no select is needed.
     """
-    u = torch.rand((x.shape[0], 2), generator=generator, device=x.device)  # (B, 2)
+    u = torch.rand((x.shape[0], BLUR_DRAWS), generator=generator, device=x.device)  # (B, 2)
+    return gaussian_blur(x, blur_sigmas(u, p, sigma), kernel_size)
+
+
+#: Uniforms a random blur draws per sample: its sigma, then whether it applies.
+BLUR_DRAWS = 2
+
+
+def blur_sigmas(u: Tensor, p: float, sigma: tuple[float, float]) -> Tensor:
+    """Each sample's sigma from the uniforms ``u`` (B, 2) of :func:`random_gaussian_blur`:
+    U[sigma] with probability ``p``, else 0 (an exact identity kernel). (B,)"""
     s = u[:, 0] * (sigma[1] - sigma[0]) + sigma[0]
-    s = torch.where(u[:, 1] < p, s, torch.zeros_like(s))  # (B,)
-    return gaussian_blur(x, s, kernel_size)
+    return torch.where(u[:, 1] < p, s, torch.zeros_like(s))  # (B,)
 
 
 def solarize(x: Tensor, threshold: Tensor | float = 0.5, mask: Tensor | None = None) -> Tensor:

@@ -16,12 +16,15 @@ __all__ = ["ViewConfig", "simclr_view", "crop_flip_view", "byol_view", "multi_cr
 
 @dataclass
 class ViewConfig:
-    """One view's recipe. Probabilities are per sample."""
+    """One view's recipe. Probabilities are per sample; the view is square (size x size), so a
+    quarter turn keeps its shape."""
 
     size: int = 32
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area fraction
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range (log-uniform)
-    flip_p: float = 0.5
+    flip_p: float = 0.5  # horizontal flip
+    vflip_p: float = 0.0  # vertical flip: off in every paper's recipe (images with no "up": microscopy, satellite)
+    rot90_p: float = 0.0  # a turn by 1, 2 or 3 quarter turns (uniformly); 0.75 makes all four turns equally likely
     jitter_p: float = 0.8
     brightness: float = 0.4
     contrast: float = 0.4
@@ -46,7 +49,7 @@ class ViewConfig:
         lo, hi = self.ratio
         if not 0.0 < lo <= hi:
             raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        for name in ("flip_p", "vflip_p", "rot90_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")

@@ -24,7 +24,7 @@ from .sources import Source
 
 log = logging.getLogger(__package__)  # "selfsup.data": one logger for the whole package
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation applied; resizing crops the centre square instead of squashing
 
 
 def default_cache_dir() -> Path:
@@ -33,12 +33,13 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "selfsup"
 
 
-def cache_key(src: Source, image_size: int | None, skip_corrupt: bool) -> str:
-    """The entry's key: sha256 of the source's fingerprint, its files and the options."""
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, str(src.path), str(src.root), src.size, src.mtime_ns,
-                                   image_size, bool(skip_corrupt)]).encode())
-    for rel, size, mtime_ns in src.files:  # folders: any added, removed or rewritten file counts
-        h.update(f"\0{rel}\0{size}\0{mtime_ns}".encode())
+def cache_key(src: Source, image_size: int | None, skip_corrupt: bool, holdout: float = 0.1) -> str:
+    """The entry's key: sha256 of the source's fingerprint, its files (and labels) and the options
+    (``holdout`` only where there is one: class folders, labelled lists)."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, str(src.path), str(src.root), src.fmt, src.size, src.mtime_ns,
+                                   image_size, bool(skip_corrupt), holdout if src.labels else None]).encode())
+    for k, (rel, size, mtime_ns) in enumerate(src.files):  # folders: any added, removed or rewritten file counts
+        h.update(f"\0{rel}\0{size}\0{mtime_ns}\0{src.labels[k] if src.labels else ''}".encode())
     return h.hexdigest()
 
 
@@ -47,8 +48,10 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60] or "data"
 
 
-def make_meta(src: Source, key: str, dec: Decoded, image_size: int | None, skip_corrupt: bool) -> dict:
-    """The ``meta.json`` of an entry: what was decoded, from where, with which options."""
+def make_meta(src: Source, key: str, dec: Decoded, image_size: int | None, skip_corrupt: bool,
+              mixed_sizes: bool = False) -> dict:
+    """The ``meta.json`` of an entry: what was decoded, from where, with which options
+    (``mixed_sizes``: the images differ in size, so ``image_size`` was the default's)."""
     return {
         "version": CACHE_VERSION,
         "key": key,
@@ -59,6 +62,7 @@ def make_meta(src: Source, key: str, dec: Decoded, image_size: int | None, skip_
         "source_mtime": src.mtime_ns / 1e9,
         "image_size": image_size,
         "skip_corrupt": bool(skip_corrupt),
+        "mixed_sizes": mixed_sizes,
         "classes": dec.classes,
         "splits": {s: {"n": int(len(lab)), "name": dec.split_names.get(s, s)}
                    for s, (_, lab) in dec.splits.items()},

@@ -88,6 +88,7 @@ class DataSplits:
     train: ImageDataset
     test: ImageDataset | None  # labelled held-out split: 'test', or 'val' when there is no 'test'
     unlabeled: ImageDataset | None  # only STL-10 'unlabeled', and only when requested
+    chosen_size: int | None = None  # the side load_data's default_size picked: a folder of mixed sizes
 
 
 @dataclass

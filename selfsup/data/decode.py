@@ -15,10 +15,10 @@ import stat
 import sys
 import warnings
 from collections import deque
-from typing import IO
+from typing import IO, Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .datasets import DataError
 
@@ -49,14 +49,52 @@ def file_kind(mode: int) -> str:
 
 
 def decode_image(src: bytes | str, image_size: int | None) -> np.ndarray:
-    """Encoded bytes or a file path -> (H, W, 3) uint8 RGB, resized to a square ``image_size`` if given."""
+    """Encoded bytes or a file path -> (H, W, 3) uint8 RGB, turned upright (EXIF orientation); with
+    ``image_size``, the shorter side resized to it and the centre cropped to a square."""
     with io.BytesIO(src) if isinstance(src, bytes) else open_regular(src) as f, Image.open(f) as im:
         if image_size is not None:
             im.draft("RGB", (image_size, image_size))  # lets libjpeg scale big JPEGs down while decoding
-        rgb = to_rgb(im)
-        if image_size is not None and rgb.size != (image_size, image_size):
-            rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        rgb = to_rgb(upright(im))
+        if image_size is not None:
+            rgb = centre_square(rgb, image_size)
         return np.asarray(rgb)  # (H, W, 3) uint8
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` as it is meant to be seen: rotated/flipped by its EXIF orientation (a phone's portrait
+    photo), or ``im`` itself when it has none."""
+    if orientation(im) in (1, None):
+        return im
+    return ImageOps.exif_transpose(im)
+
+
+def orientation(im: Image.Image) -> int | None:
+    """The EXIF orientation tag (1 = upright; 5-8 swap width and height), None if absent or unreadable."""
+    try:
+        return im.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to refuse the pixels
+        return None
+
+
+def centre_square(im: Image.Image, size: int) -> Image.Image:
+    """The centred square of ``im``'s shorter side, resized to ``size`` x ``size`` (bicubic, one resampling)."""
+    w, h = im.size
+    if (w, h) == (size, size):
+        return im
+    m = min(w, h)
+    box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
+    return im.resize((size, size), Image.Resampling.BICUBIC, box=box)
+
+
+def peek_size(path: str) -> tuple[int, int] | None:
+    """(width, height) of the image file ``path`` as decoded (upright), from its header only; None
+    when it cannot be read (decoding then names it)."""
+    try:
+        with open_regular(path) as f, Image.open(f) as im:
+            w, h = im.size
+            return (h, w) if orientation(im) in (5, 6, 7, 8) else (w, h)
+    except Exception:  # noqa: BLE001 - any failure is reported when the file is decoded
+        return None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -109,10 +147,19 @@ class Decoder:
     overhead that holds the GIL, so two threads were slower than one when measured.
     """
 
-    def __init__(self, image_size: int | None, label: str):
+    def __init__(self, image_size: int | None, label: str, total: int | None = None):
         self.image_size = image_size
         self.label = label
+        self.total = total  # images to come, for the progress bar (None: unknown, e.g. an archive)
+        self.bar = None  # tqdm, on stderr when it is a terminal
         self.workers = _num_workers()
+        # Images per task: CHUNK, fewer for big images (~32 MiB of pixels a task) and for a few
+        # hundred images, so that every core gets a share (never under 32: process round trips).
+        self.chunk = CHUNK
+        if image_size is not None:
+            self.chunk = min(self.chunk, max(32, (32 << 20) // (3 * image_size * image_size)))
+        if total:
+            self.chunk = min(self.chunk, max(32, -(-total // self.workers)))
         self.pending: list[bytes | str] = []
         self.futures: deque[cf.Future] = deque()
         self.pool: cf.ProcessPoolExecutor | None = None
@@ -121,14 +168,14 @@ class Decoder:
 
     def add(self, payload: bytes | str) -> None:
         self.pending.append(payload)
-        if len(self.pending) >= CHUNK:
+        if len(self.pending) >= self.chunk:
             self._flush()
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
         if not batch:
             return
-        if self.pool is None and self.workers > 1 and len(batch) >= CHUNK:
+        if self.pool is None and self.workers > 1 and len(batch) >= self.chunk:
             self.pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
         if self.pool is not None:
             try:
@@ -161,6 +208,12 @@ class Decoder:
         arrays, errors = result
         self.arrays.extend(list(arrays))
         self.errors.extend(errors)
+        if self.bar is None:
+            from tqdm import tqdm  # imported late: most runs never decode
+
+            self.bar = tqdm(total=self.total, desc=f"decoding {os.path.basename(self.label)}", unit="img",
+                            disable=None, leave=False, file=sys.stderr)  # disable=None: off unless a tty
+        self.bar.update(len(errors))
 
     def finish(self) -> tuple[list[np.ndarray | None], list[str | None]]:
         if self.pool is not None:
@@ -175,6 +228,39 @@ class Decoder:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def sort_out(label: str, chosen: list[int], name: Callable[[int], str], arrays: list[np.ndarray | None],
+             errors: list[str | None], skip_corrupt: bool) -> tuple[list[int], list[int]]:
+    """The decoded images ``chosen`` split into (good, bad) indices. Undecodable ones stop the run,
+    named, unless ``skip_corrupt``; good ones of different sizes stop it too (no image_size)."""
+    bad = [i for i in chosen if errors[i] is not None]
+    if bad and not skip_corrupt:
+        shown = "; ".join(f"{name(i)} ({errors[i]})" for i in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} image(s) in {label} could not be decoded: {shown}{more}. Fix or delete "
+                        "them, or pass skip_corrupt=True (--skip-corrupt) to leave them out")
+    good = [i for i in chosen if errors[i] is None]
+    sizes: dict[tuple[int, ...], int] = {}
+    for i in good:
+        sizes.setdefault(arrays[i].shape, i)
+    if len(sizes) > 1:
+        (s1, i1), (s2, i2) = list(sizes.items())[:2]
+        raise DataError(f"images in {label} have different sizes ({s1[1]}x{s1[0]} for {name(i1)}, "
+                        f"{s2[1]}x{s2[0]} for {name(i2)}); pass image_size to resize them all to one square size")
+    return good, bad
+
+
+def stack(arrays: list[np.ndarray | None], idx: list[int]) -> np.ndarray:
+    """``arrays[i]`` for i in ``idx`` as one (len(idx), H, W, 3) uint8 array."""
+    h, w, _ = arrays[idx[0]].shape
+    out = np.empty((len(idx), h, w, 3), np.uint8)  # (N, H, W, 3) uint8
+    for j, i in enumerate(idx):
+        out[j] = arrays[i]
+    return out
 
 
 def _decode_chunk(payloads: list[bytes | str],

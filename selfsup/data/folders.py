@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import DataError, Decoded
-from .decode import Decoder, file_kind
+from .decode import Decoder, file_kind, sort_out, stack
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"})
 SPLITS = ("train", "test", "val")  # folder names; 'val' stands in for a missing 'test'
@@ -122,11 +122,11 @@ def _outside(link: Path, real: str, real_root: str) -> str:
 class FolderCollector:
     """Gathers ``<prefix>/<split>/<class>/.../<image>`` members and decodes them as they arrive."""
 
-    def __init__(self, label: str, image_size: int | None, archive: bool = False):
+    def __init__(self, label: str, image_size: int | None, archive: bool = False, total: int | None = None):
         self.label = label
         self.sep = ":" if archive else "/"
         self.image_size = image_size
-        self.decoder = Decoder(image_size, label)
+        self.decoder = Decoder(image_size, label, total)
         self.items: list[tuple[tuple[str, ...], str, str, str]] = []  # (prefix, split, class, relname) per image
         self.class_dirs: set[tuple[tuple[str, ...], str, str]] = set()
         self.loose: dict[tuple[tuple[str, ...], str], str] = {}  # images lying directly in a split folder
@@ -202,22 +202,8 @@ class FolderCollector:
                                 f"{' '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder")
 
         chosen = [i for i, (p, s, _, _) in enumerate(self.items) if p == prefix and s in wanted]
-        bad = [i for i in chosen if errors[i] is not None]
-        if bad and not skip_corrupt:
-            shown = "; ".join(f"{self._where(self.items[i][3])} ({errors[i]})" for i in bad[:5])
-            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-            raise DataError(f"{len(bad)} image(s) in {self.label} could not be decoded: {shown}{more}. Fix or "
-                            "delete them, or pass skip_corrupt=True (--skip-corrupt) to leave them out")
-        good = [i for i in chosen if errors[i] is None]
-        sizes: dict[tuple[int, ...], int] = {}
-        for i in good:
-            sizes.setdefault(arrays[i].shape, i)
-        if len(sizes) > 1:
-            (s1, i1), (s2, i2) = list(sizes.items())[:2]
-            first, second = self._where(self.items[i1][3]), self._where(self.items[i2][3])
-            raise DataError(f"images in {self.label} have different sizes ({s1[1]}x{s1[0]} for {first}, "
-                            f"{s2[1]}x{s2[0]} for {second}); pass image_size to resize them all to one square size")
-
+        good, bad = sort_out(self.label, chosen, lambda i: self._where(self.items[i][3]), arrays, errors,
+                             skip_corrupt)
         splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for s in wanted:
             idx = [i for i in good if self.items[i][1] == s]
@@ -225,11 +211,7 @@ class FolderCollector:
                 raise DataError(f"no decodable images left in {self._where(pre, s)}")
             # Sorted by (class, path) so the order never depends on archive or filesystem order.
             idx.sort(key=lambda i: (index[self.items[i][2]], self.items[i][3]))
-            h, w, _ = arrays[idx[0]].shape
-            images = np.empty((len(idx), h, w, 3), np.uint8)  # (N, H, W, 3) uint8
-            for j, i in enumerate(idx):
-                images[j] = arrays[i]
             labels = np.array([index[self.items[i][2]] for i in idx], np.int64)
-            splits["train" if s == "train" else "test"] = (images, labels)
+            splits["train" if s == "train" else "test"] = (stack(arrays, idx), labels)
         return Decoded("folder", dataset, classes, splits, split_names={"test": held_out} if held_out else {},
                        skipped=len(bad), skipped_examples=[self._where(self.items[i][3]) for i in bad[:20]])

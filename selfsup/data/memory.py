@@ -44,13 +44,14 @@ def available_memory() -> int | None:
     return min(limits) if limits else None
 
 
-def check_memory(n: int, size: int, copies: float, what: str) -> None:
-    """Refuse, before allocating, ``n`` uint8 RGB images of ``size``^2 held ``copies`` times at the
-    peak of their decoding (measured per path: the result plus its temporaries)."""
-    images = n * size * size * 3
+def check_memory(n: int, size: int | tuple[int, int], copies: float, what: str) -> None:
+    """Refuse, before allocating, ``n`` uint8 RGB images of ``size``^2 (or (H, W)) held ``copies``
+    times at the peak of their decoding (measured per path: the result plus its temporaries)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    images = n * h * w * 3
     need, free = int(images * copies), available_memory()
     if free is not None and need > free:
-        gb = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
-        raise DataError(f"{what}: {n} images of {size}x{size} need about {gb(need)} of memory to decode ({gb(images)} "
+        gb = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+        raise DataError(f"{what}: {n} images of {w}x{h} need about {gb(need)} of memory to decode ({gb(images)} "
                         f"of uint8 pixels, {copies:.3g}x that at the peak), but only {gb(free)} is available; lower "
                         "data.image_size, or stream the source from disk (data.stream=true)")

@@ -8,6 +8,7 @@ hands to the hooks in a :class:`StepInfo`, so no method reads the run's training
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..augment import Augment, ViewConfig, byol_view, multi_crop_views
-from ..config import AugConfig, Config, ConfigError, MultiCropConfig
+from ..config import AugConfig, Config, ConfigError, MultiCropConfig, OneViewOverrides, ViewOverrides
 from ..optim import param_groups
 
 
@@ -43,8 +44,6 @@ class Method(nn.Module):
     sync_bn_default: bool = True
     #: ``optim.clip_grad_mode`` when unset: one global norm (DINO clips each parameter's).
     clip_grad_mode_default: str = "global"
-    #: DDP must look for parameters without a gradient (SwAV's frozen prototypes drop theirs).
-    find_unused_parameters: bool = False
 
     def __init__(self, backbone: nn.Module, *, aug: AugConfig, multicrop: MultiCropConfig,
                  weight_decay: float, exclude_bias_and_norm: bool):
@@ -78,20 +77,31 @@ class Method(nn.Module):
 
     def asymmetric_views(self, size: int, mean, std) -> tuple[ViewConfig, ViewConfig]:
         """BYOL's two views (BYOL Table 6: blur 1.0 / 0.1, solarisation 0 / 0.2), the recipe of
-        BYOL, DINO, Barlow Twins, VICReg, MoCo v3 and NNCLR; blur only if ``aug.blur``."""
+        BYOL, DINO, Barlow Twins, VICReg, MoCo v3 and NNCLR; blur only if ``aug.blur``. The
+        recipe's: :meth:`views` applies the user's overrides."""
         a = self.aug
         v1, v2 = (byol_view(size, i, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std) for i in (1, 2))
         return v1, v2
 
+    def views(self, global_views: list[ViewConfig], local_views: list[ViewConfig] = ()) -> list[Augment]:
+        """The recipe's views as augmentations, with the user's overrides (issue 25): ``aug.*``
+        on every view, then ``aug.view1`` on the first, third, ... global view, ``aug.view2`` on
+        the second, fourth, ... and ``aug.local`` on the local crops. Unset overrides (None)
+        leave the recipe as it is."""
+        a = self.aug
+        made = [with_overrides(v, a, (a.view1, a.view2)[i % 2]) for i, v in enumerate(global_views)]
+        made += [with_overrides(v, a, a.local) for v in local_views]
+        return [Augment(v) for v in made]
+
     def multi_crop(self, global_views: list[ViewConfig], local_from: ViewConfig | None = None) -> list[Augment]:
         """The global views, then ``multicrop.local_crops`` local views of ``local_from``
-        (default: the first global view), as ``multicrop`` describes them."""
+        (default: the first global view, before its overrides), as ``multicrop`` describes them."""
         mc = self.multicrop
         size = global_views[0].size
         local_size = mc.local_size or max(4, round(size * 96 / 224))
         views = multi_crop_views(global_views, mc.local_crops, local_size,
                                  (mc.local_scale_min, mc.local_scale_max), local_from)
-        return [Augment(v) for v in views]
+        return self.views(views[:len(global_views)], views[len(global_views):])
 
     #: What an epoch loss at :meth:`chance_loss` means and what to change, for the trainer's warning.
     chance_advice: str = ""
@@ -120,6 +130,15 @@ class Method(nn.Module):
     def on_step_end(self, info: StepInfo) -> None:
         """Called after every optimiser step (EMA targets, SwAV's prototype renormalisation)."""
 
+    def frozen_now(self) -> list[nn.Parameter]:
+        """Parameters whose gradient this step drops after backward (set to None), so that no
+        optimiser, weight decay or clipping touches them: DINO's last layer and SwAV's prototypes
+        early in training, as the official code's ``cancel_gradients_last_layer``. The gradient is
+        computed and then dropped, so the graph is the same at every step: DDP needs no
+        ``find_unused_parameters`` and a compiled step never recompiles. Decided in
+        :meth:`on_step_start`; none by default."""
+        return []
+
 
 class TwoViewMethod(Method):
     """A method whose loss compares exactly two views, BYOL's asymmetric pair, each sent through
@@ -133,12 +152,25 @@ class TwoViewMethod(Method):
                               f"multicrop.local_crops=0 (multi-crop is for simclr, byol, simsiam, swav and dino)")
 
     def augmentations(self, size: int, mean, std) -> list[Augment]:
-        return [Augment(v) for v in self.asymmetric_views(size, mean, std)]
+        return self.views(list(self.asymmetric_views(size, mean, std)))
 
     def project(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
         """z1, z2 = g(f(x1)), g(f(x2)), one pass per view: (N, D) each."""
         x1, x2 = views
         return self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+
+
+#: Overrides (``aug.*``) whose :class:`ViewConfig` field has another name.
+VIEW_FIELDS = {"hflip_p": "flip_p"}
+
+
+def with_overrides(view: ViewConfig, *layers: ViewOverrides | OneViewOverrides) -> ViewConfig:
+    """``view`` with every field that ``layers`` set (not None), later layers winning."""
+    names = {f.name for f in dataclasses.fields(OneViewOverrides)}  # not aug's recipe knobs (aug.size, ...)
+    changes = {VIEW_FIELDS.get(f.name, f.name): getattr(layer, f.name)
+               for layer in layers for f in dataclasses.fields(layer)
+               if f.name in names and getattr(layer, f.name) is not None}
+    return dataclasses.replace(view, **changes) if changes else view
 
 
 def encode_by_resolution(encoder: Callable[[Tensor], Tensor], views: list[Tensor]) -> Tensor:

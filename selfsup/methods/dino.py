@@ -9,8 +9,11 @@ A student (backbone + head) predicts, at temperature τ_s, the output of a momen
 As the official code: the head is an MLP (GELU) to a bottleneck, L2 normalisation and a
 weight-normalised last layer of K outputs whose norms are fixed at 1; the teacher sees only the
 global crops and same-view pairs are skipped; the centre c is a buffer updated *after* the loss,
-c <- m c + (1 - m) mean(teacher outputs) with m 0.9 over the global batch; τ_t warms up linearly;
-the last layer gets no gradient during the first ``dino.freeze_last_layer_epochs``; gradients
+c <- m c + (1 - m) mean(teacher outputs) with m 0.9 over the global batch; τ_t warms up linearly
+(a non-persistent buffer, so a compiled forward reads each step's value without recompiling);
+the last layer's gradient is dropped after backward during the first
+``dino.freeze_last_layer_epochs`` (:meth:`DINO.frozen_now`, ``utils.cancel_gradients_last_layer``),
+so every step has the same graph and DDP needs no ``find_unused_parameters``; gradients
 are clipped per parameter (``optim.clip_grad``, ``clip_grad_mode`` per_param as DINO's
 ``utils.clip_gradients``). The EMA covers parameters only; the teacher's BN keeps its
 own statistics in train mode, as the momentum teachers of BYOL.
@@ -33,15 +36,10 @@ from .. import distributed as D
 from ..augment import Augment
 from ..config import Config
 from ..heads import mlp
-from ..losses import dino
+from ..losses import dino_multicrop
 from ..momentum import MomentumTeacher, momentum_at
 from ..optim import linear_warmup
 from .base import Method, StepInfo, encode_by_resolution
-
-
-def loss_pairs(n_global: int, n_views: int) -> list[tuple[int, int]]:
-    """(teacher crop, student crop) pairs: every global crop against every other crop."""
-    return [(t, s) for t in range(n_global) for s in range(n_views) if s != t]
 
 
 class L2Norm(nn.Module):
@@ -51,8 +49,7 @@ class L2Norm(nn.Module):
 
 class WeightNormLinear(nn.Module):
     """Linear without bias, weight = g v / ||v|| per output row (weight normalisation); with
-    ``norm_last_layer`` g is fixed at 1, so the K rows are unit vectors. ``frozen`` detaches v:
-    no gradient, so no optimiser (or weight decay) touches it (DINO's ``freeze_last_layer``)."""
+    ``norm_last_layer`` g is fixed at 1, so the K rows are unit vectors."""
 
     def __init__(self, in_dim: int, out_dim: int, norm_last_layer: bool = True):
         super().__init__()
@@ -60,13 +57,11 @@ class WeightNormLinear(nn.Module):
         self.weight_g = None
         if not norm_last_layer:
             self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=1, keepdim=True))  # (K, 1)
-        self.frozen = False
 
     def forward(self, x: Tensor) -> Tensor:  # (N, D) -> (N, K)
-        v = self.weight_v.detach() if self.frozen else self.weight_v
-        w = F.normalize(v, dim=1)  # (K, D)
+        w = F.normalize(self.weight_v, dim=1)  # (K, D)
         if self.weight_g is not None:
-            w = (self.weight_g.detach() if self.frozen else self.weight_g) * w
+            w = self.weight_g * w
         return F.linear(x, w)
 
 
@@ -96,12 +91,14 @@ class DINO(Method):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
         self.teacher = MomentumTeacher(self.backbone, self.projector, self.last_layer)
         self.register_buffer("center", torch.zeros(1, out_dim))  # c: (1, K)
-        self.find_unused_parameters = freeze_last_layer_epochs > 0  # frozen: no gradient at all
+        # τ_t of the step: a tensor, so a compiled forward is built once; not in checkpoints
+        self.register_buffer("teacher_temp", torch.tensor(float(warmup_teacher_temp)), persistent=False)
         self.momentum, self.center_momentum = momentum, center_momentum
-        self.student_temp, self.teacher_temp = student_temp, warmup_teacher_temp  # τ_s; τ_t of the step
+        self.student_temp = student_temp  # τ_s, fixed
         self.warmup_teacher_temp, self.final_teacher_temp = warmup_teacher_temp, teacher_temp
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        self.last_layer_frozen = False  # this step's, from on_step_start
 
     @classmethod
     def from_config(cls, cfg: Config, backbone: nn.Module) -> "DINO":
@@ -123,19 +120,21 @@ class DINO(Method):
     @torch.no_grad()
     def on_step_start(self, info: StepInfo) -> None:
         warmup_steps = self.warmup_teacher_temp_epochs * info.steps_per_epoch
-        self.teacher_temp = linear_warmup(info.step, warmup_steps, self.warmup_teacher_temp, self.final_teacher_temp)
-        self.last_layer.frozen = info.step < self.freeze_last_layer_epochs * info.steps_per_epoch
+        self.teacher_temp.fill_(linear_warmup(info.step, warmup_steps, self.warmup_teacher_temp,
+                                              self.final_teacher_temp))
+        self.last_layer_frozen = info.step < self.freeze_last_layer_epochs * info.steps_per_epoch
+
+    def frozen_now(self) -> list[nn.Parameter]:
+        """The last layer (v, and g unless fixed) during the first ``freeze_last_layer_epochs``."""
+        return list(self.last_layer.parameters()) if self.last_layer_frozen else []
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
         b, n_global = len(views[0]), self.multicrop.global_crops
         z = self.projector(encode_by_resolution(self.backbone, views))  # (V*B, D) unit bottleneck
-        student = self.last_layer(z).split(b)  # V x (B, K)
+        student_out = self.last_layer(z)  # (V*B, K)
         with torch.no_grad():
             teacher_out = self.teacher(torch.cat(views[:n_global]))  # (G*B, K)
-        teacher = teacher_out.split(b)  # G x (B, K)
-        pairs = loss_pairs(n_global, len(views))
-        loss = sum(dino(student[s], teacher[t], self.center, self.student_temp, self.teacher_temp)
-                   for t, s in pairs) / len(pairs)
+        loss = dino_multicrop(student_out, teacher_out, self.center, self.student_temp, self.teacher_temp, n_global)
         self.update_center(teacher_out)  # after the loss: this step's targets used the old centre
         return {"loss": loss, "embedding": z[: n_global * b]}
 

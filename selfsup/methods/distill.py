@@ -121,7 +121,7 @@ class Distill(Method):
         s_mean, s_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
         self.teacher_scale.copy_(s_std / t_std)
         self.teacher_shift.copy_((s_mean - t_mean) / t_std)
-        return [Augment(view)] * (2 if self.contrastive_weight > 0 else 1)
+        return self.views([view] * (2 if self.contrastive_weight > 0 else 1))
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
         b = len(views[0])

@@ -26,7 +26,7 @@ from ..augment import Augment, simclr_view
 from ..config import Config, ConfigError
 from ..heads import ProjectionHead
 from ..losses import info_nce
-from ..momentum import KeyQueue, ema_update, momentum_at, momentum_copy
+from ..momentum import KeyQueue, StepMomentum, ema_update, momentum_at, momentum_copy
 from ..norm import convert_split_batchnorm
 from .base import Method, StepInfo
 
@@ -59,8 +59,9 @@ class MoCo(Method):
             convert_split_batchnorm(self.backbone, self.groups)  # queries too, as on G devices
         self.encoder_k = momentum_copy(self.backbone, self.projector)  # f_k, never trained
         self.queue = KeyQueue(queue_size, dim)  # (K, D)
-        self.m = momentum
+        self.ema = StepMomentum(momentum)  # m of the step, on the device (read inside forward)
         self.shuffle_seed = 0  # outside the loop: step 0 of seed 0
+        self.shuffles: list[Tensor] | None = None  # the step's Shuffle BN permutations, from on_step_start
 
     @classmethod
     def from_config(cls, cfg: Config, backbone: nn.Module) -> "MoCo":
@@ -87,29 +88,45 @@ class MoCo(Method):
         view = simclr_view(size, a.strength, blur=a.blur, scale=(a.scale_min, 1.0), mean=mean, std=std)
         if not self.aug_plus:  # v1: jitter on every image, hue as strong as the rest
             view = dataclasses.replace(view, jitter_p=1.0, hue=min(0.5, view.brightness))
-        return [Augment(view), Augment(view)]
+        return self.views([view, view])
 
     @torch.no_grad()
     def on_step_start(self, info: StepInfo) -> None:
         if self.groups > 1 and info.local_batch % self.groups:
             raise ValueError(f"moco.shuffle_bn_groups={self.groups} needs a batch size divisible by it, "
                              f"got {info.local_batch}")
-        self.m = momentum_at(info.step, info.total_steps, self.base_m, self.momentum_cosine)
+        self.ema.set(momentum_at(info.step, info.total_steps, self.base_m, self.momentum_cosine))
         # the Shuffle BN permutations depend on the seed and the step alone, so a resumed run repeats them
         self.shuffle_seed = info.seed * 1_000_003 + info.step
+        self.shuffles = self.shuffle_permutations(info.local_batch * D.world_size())
+
+    def shuffle_permutations(self, keys: int) -> list[Tensor]:
+        """The step's Shuffle BN permutations of the ``keys`` global keys, one per (query, key)
+        pair, drawn on the host from :attr:`shuffle_seed` and sent to the device (rank 0's to
+        every rank) before the step, so forward reads tensors: no host work inside it."""
+        generator = torch.Generator().manual_seed(self.shuffle_seed)
+        device = self.queue.keys.device
+        perms = []
+        for _ in range(2 if self.symmetric else 1):
+            perm = torch.randperm(keys, generator=generator)  # (M,) on the host
+            if device.type == "cuda":  # a pageable copy would wait for the queued step: pinned + non_blocking does not
+                perm = perm.pin_memory().to(device, non_blocking=True)
+            perms.append(D.broadcast(perm))  # rank 0's shuffle everywhere
+        return perms
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
         x1, x2 = views  # (N, 3, S, S) each
         # query/key views: (x1, x2); symmetric adds (x2, x1) and sums the two losses (CIFAR demo)
         pairs = [(x1, x2), (x2, x1)] if self.symmetric else [(x1, x2)]
         with torch.no_grad():
-            ema_update(self.encoder_k, (self.backbone, self.projector), self.m)  # before the keys
-        shuffle = torch.Generator().manual_seed(self.shuffle_seed)
+            ema_update(self.encoder_k, (self.backbone, self.projector), self.ema)  # before the keys
+        # outside the training loop (no on_step_start): the permutations of shuffle_seed
+        shuffles = self.shuffles or self.shuffle_permutations(len(x1) * D.world_size())
         queue = self.queue.snapshot()  # (K, D): negatives from before this step
         loss, queries, keys = 0.0, [], []
-        for x_q, x_k in pairs:
+        for (x_q, x_k), perm in zip(pairs, shuffles):
             q = self.projector(self.backbone(x_q))  # (N, D)
-            k = self.keys(x_k, shuffle)  # (N, D), normalised, no gradient
+            k = self.keys(x_k, perm)  # (N, D), normalised, no gradient
             loss = loss + info_nce(q, k, queue, self.T, **self.loss_options)
             queries.append(q)
             keys.append(D.gather(k))  # (M, D) in rank order
@@ -117,13 +134,10 @@ class MoCo(Method):
         return {"loss": loss, "embedding": torch.cat(queries)}
 
     @torch.no_grad()
-    def keys(self, x_k: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """k = normalize(f_k(x_k)) with Shuffle BN; rows line up with ``x_k``. (N, ...) -> (N, D)."""
+    def keys(self, x_k: Tensor, perm: Tensor) -> Tensor:
+        """k = normalize(f_k(x_k)) with Shuffle BN by the global permutation ``perm`` (M,) of
+        :meth:`shuffle_permutations`; rows line up with ``x_k``. (N, ...) -> (N, D)."""
         x_all = D.gather(x_k)  # (M, 3, S, S): the global key batch
-        perm = torch.randperm(len(x_all), generator=generator)  # (M,) on the host, seeded by the step
-        if x_all.is_cuda:  # a pageable copy would wait for the queued step: pinned + non_blocking does not
-            perm = perm.pin_memory().to(x_all.device, non_blocking=True)
-        perm = D.broadcast(perm)  # rank 0's shuffle everywhere
         rows = perm.view(D.world_size(), -1)[D.rank()]  # (N,) the images this rank encodes
         k = F.normalize(self.encoder_k(x_all[rows]), dim=1)  # (N, D) in shuffled order
         k_all = D.gather(k)  # (M, D): row j is the key of image perm[j]

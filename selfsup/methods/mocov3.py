@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..heads import mlp
 from ..losses import mocov3
-from ..momentum import MomentumTeacher, momentum_at
+from ..momentum import MomentumTeacher, StepMomentum, momentum_at
 from .base import StepInfo, TwoViewMethod
 
 
@@ -37,7 +37,7 @@ class MoCoV3(TwoViewMethod):
                              last_norm="none" if pred_last_bn else None)
         self.momentum_encoder = MomentumTeacher(self.backbone, self.projector)
         self.T, self.base_m = temperature, momentum
-        self.m = momentum
+        self.ema = StepMomentum(momentum)  # m of the step, on the device (read inside forward)
 
     @classmethod
     def from_config(cls, cfg: Config, backbone: nn.Module) -> "MoCoV3":
@@ -48,13 +48,13 @@ class MoCoV3(TwoViewMethod):
 
     @torch.no_grad()
     def on_step_start(self, info: StepInfo) -> None:
-        self.m = momentum_at(info.step, info.total_steps, self.base_m, cosine=True)  # adjust_moco_momentum
+        self.ema.set(momentum_at(info.step, info.total_steps, self.base_m, cosine=True))  # adjust_moco_momentum
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
         z1, z2 = self.project(views)  # (N, D) each
         q1, q2 = self.predictor(z1), self.predictor(z2)  # (N, D) queries
         with torch.no_grad():
-            self.momentum_encoder.update(self.m)  # before this step's keys, as the official code
+            self.momentum_encoder.update(self.ema)  # before this step's keys, as the official code
             k1, k2 = (self.momentum_encoder(v) for v in views)  # (N, D) keys
         loss = mocov3(q1, k2, self.T) + mocov3(q2, k1, self.T)
         return {"loss": loss, "embedding": torch.cat([z1, z2])}

@@ -8,12 +8,15 @@ among the prototypes) and are predicted from every other crop's scores:
 
 As the official code: the prototypes are renormalised after every optimiser step (so every
 forward sees unit prototypes), codes come from the global crops only and without gradient, the
-prototypes get no gradient during the first ``swav.freeze_prototypes_epochs`` (1: SwAV's
-``freeze_prototypes_niters``, 313 steps of batch 4096 or 5005 of 256 on ImageNet; or exactly
-``swav.freeze_prototypes_steps``), and an
-optional queue of past global-crop embeddings (re-scored with the current prototypes) joins
-Sinkhorn's input from ``swav.queue_start_epoch`` on, once it is full; only the codes of the
-current batch are kept.
+prototypes' gradient is dropped after backward during the first ``swav.freeze_prototypes_epochs``
+(1: SwAV's ``freeze_prototypes_niters``, 313 steps of batch 4096 or 5005 of 256 on ImageNet; or
+exactly ``swav.freeze_prototypes_steps``; :meth:`SwAV.frozen_now`), and an optional queue of past
+global-crop embeddings (re-scored with the current prototypes) joins Sinkhorn's input from
+``swav.queue_start_epoch`` on, once it is full; only the codes of the current batch are kept.
+
+What forward reads of the step is decided in ``on_step_start`` as two booleans (the queue filling,
+the queue in use), each of which turns on once in a run: a compiled forward recompiles at most
+twice, not every step.
 
 The official queue is each rank's own. Here every rank holds the queue of the global batch
 (identical everywhere, so DDP's buffer broadcast and a rank-0 checkpoint keep it whole) and
@@ -58,13 +61,12 @@ class SwAV(Method):
         self.normalize_prototypes()
         self.temperature, self.epsilon, self.sinkhorn_iterations = temperature, epsilon, sinkhorn_iterations
         self.freeze_prototypes_epochs, self.freeze_prototypes_steps = freeze_prototypes_epochs, freeze_prototypes_steps
-        self.find_unused_parameters = bool(freeze_prototypes_epochs if freeze_prototypes_steps is None
-                                           else freeze_prototypes_steps)  # frozen: no gradient at all
-        self.prototypes_frozen = False
         self.queue_length, self.queue_start_epoch = queue_length, queue_start_epoch
         if queue_length:  # (G, L, D): per global crop, the embeddings of the last L / B global batches
             self.register_buffer("queue", torch.zeros(self.multicrop.global_crops, queue_length, dim))
-        self.info: StepInfo | None = None  # the step's, from on_step_start; None outside the loop
+        # the step's, from on_step_start (outside the loop: not frozen, no queue)
+        self.prototypes_frozen = self.queue_filling = self.queue_full = False
+        self.local_batch: int | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, backbone: nn.Module) -> "SwAV":
@@ -94,9 +96,14 @@ class SwAV(Method):
 
     @torch.no_grad()
     def on_step_start(self, info: StepInfo) -> None:
-        self.info = info
         frozen = freeze_steps(self.freeze_prototypes_epochs, info.steps_per_epoch, self.freeze_prototypes_steps)
         self.prototypes_frozen = info.step < frozen
+        self.local_batch = info.local_batch
+        self.queue_filling, self.queue_full = self._queue_state(info)
+
+    def frozen_now(self) -> list[nn.Parameter]:
+        """The prototypes C during the first ``freeze_prototypes_epochs`` (or ``_steps``)."""
+        return [self.prototypes.weight] if self.prototypes_frozen else []
 
     @torch.no_grad()
     def on_step_end(self, info: StepInfo) -> None:
@@ -106,10 +113,8 @@ class SwAV(Method):
         b, n_global, n_crops = len(views[0]), self.multicrop.global_crops, len(views)
         z = F.normalize(self.projector(encode_by_resolution(self.backbone, views)), dim=1)  # (V*B, D)
         C = self.prototypes.weight  # (K, D)
-        if self.prototypes_frozen:
-            C = C.detach()  # frozen: the optimiser skips a parameter without a gradient
         scores = (z @ C.T).split(b)  # V x (B, K)
-        filling, full = self._queue_state()
+        filling, full = self.queue_filling, self.queue_full
         loss, entropy = 0.0, 0.0
         for s in range(n_global):
             with torch.no_grad():
@@ -140,16 +145,16 @@ class SwAV(Method):
             return []
         return [f"the codes are uniform (code entropy {entropy:.4f}, ln K = {chance:.4f}): {self.chance_advice}"]
 
-    def _queue_state(self) -> tuple[bool, bool]:
+    def _queue_state(self, info: StepInfo) -> tuple[bool, bool]:
         """(filling, full): the queue takes embeddings from ``queue_start_epoch`` on and joins
         Sinkhorn's input once it is full, ``L / B`` steps later (a pure function of the step,
         so a resumed run behaves as an uninterrupted one)."""
-        if not self.queue_length or self.info is None:
+        if not self.queue_length:
             return False, False
-        since = self.info.step - self.queue_start_epoch * self.info.steps_per_epoch  # steps of filling
-        return since >= 0, since >= self.queue_length // (self.info.local_batch * D.world_size())
+        since = info.step - self.queue_start_epoch * info.steps_per_epoch  # steps of filling
+        return since >= 0, since >= self.queue_length // (info.local_batch * D.world_size())
 
     def _own_rows(self, queue: Tensor) -> Tensor:
         """The rows of the global queue (L, D) that this rank pushed: (L/W, D), newest first."""
-        w, b = D.world_size(), self.info.local_batch
+        w, b = D.world_size(), self.local_batch
         return queue.view(-1, w, b, queue.shape[1])[:, D.rank()].reshape(-1, queue.shape[1])  # (L/W, D)
