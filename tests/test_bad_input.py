@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 
 from selfsup import checkpoint as ckpt
@@ -159,12 +160,18 @@ FILE_CASES = {
     "empty archive": ("empty_archive", "could not read archive", "empty file"),
     "empty class folder": ("empty_class", "class folder", "train/b has no images"),
     "class folder of non-images": ("no_images", "train/a has no images", "add images or remove the folder"),
-    "images of mixed sizes": ("mixed_sizes", "have different sizes", "pass image_size to resize"),
     "undecodable image": ("corrupt", "junk.png", "--skip-corrupt"),
     "test class missing from train": ("extra_test_class", "class folder(s) that train/ lacks (zebra)", ""),
     "empty folder": ("empty_dir", "no dataset found in folder", "train/<class>/<image>"),
     "file that is not an archive": ("not_archive", "is a file but not a .tar", ""),
 }
+
+
+def test_mixed_sizes_in_the_split_layout_train_at_the_default_size(files, tmp_path, capsys):
+    """Issue 25: no longer bad input; the size follows the model (64 for the CIFAR stem)."""
+    assert main(["pretrain", "--out", str(tmp_path / "out"), "--data", str(files["mixed_sizes"]), "--batch-size", "4",
+                 *FAST]) == 0
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["data"]["image_size"] == 64
 
 
 @pytest.mark.parametrize("name,message,more", FILE_CASES.values(), ids=FILE_CASES.keys())

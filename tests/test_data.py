@@ -557,7 +557,9 @@ def test_resizing_keeps_the_centre_square_and_default_size_takes_mixed_sizes(tmp
     _make_folder(root)
     Image.fromarray(_pixels(7, (9, 9))).save(root / "train" / "cat" / "big.png")
     with pytest.raises(DataError, match=r"different sizes \(5x6 for .*pass image_size"):
-        load_data(root, default_size=4, cache_dir=tmp_path / "cache")  # the split layout needs image_size
+        load_data(root, cache_dir=tmp_path / "cache")  # no size to default to
+    split = load_data(root, default_size=4, cache_dir=tmp_path / "cache")  # the split layout takes it too
+    assert split.chosen_size == 4 and split.train.images.shape[1:] == (4, 4, 3)
     s = load_data(root / "train", default_size=4, holdout=0.34, cache_dir=tmp_path / "cache")  # class folders
     assert s.chosen_size == 4 and s.train.images.shape == (7, 4, 4, 3) and s.test.images.shape == (3, 4, 4, 3)
     _make_folder(tmp_path / "same")

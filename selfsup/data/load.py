@@ -17,7 +17,7 @@ from .download import REMOTES, fetch
 from .folders import is_image_name
 from .memory import check_memory
 from .releases import BUILTIN_SIZES, DIGITS_SIZE, load_digits
-from .sources import IMAGE_FILE_FORMATS, OWN_IMAGE_FORMATS, Source, decode_source, describe_layout, inspect_source
+from .sources import IMAGE_FILE_FORMATS, Source, decode_source, describe_layout, inspect_source
 
 log = logging.getLogger(__package__)  # "selfsup.data": one logger for the whole package
 
@@ -70,8 +70,8 @@ def load_data(
     files = src.fmt in IMAGE_FILE_FORMATS  # images on disk, listed: their sizes can be read up front
     if files:
         log.info("data: %s read as %s", src.path, describe_layout(src, holdout))
-    if src.fmt not in OWN_IMAGE_FORMATS:
-        default_size = None  # the split layout keeps refusing mixed sizes without image_size
+    if src.fmt not in IMAGE_FILE_FORMATS:
+        default_size = None  # archives and releases: their sizes are known only once decoded
 
     def entry_for(size: int | None) -> tuple[str, Path]:
         key = cache_key(src, size, skip_corrupt, holdout)
