@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "checkpoint.pt (distill.teacher)")
     pre.add_argument("--max-minutes", type=float, help="stop at the first epoch end after this long")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    pre.add_argument("--data-changed-ok", action="store_true",
+                     help="--resume even though the data changed since the checkpoint (images added or removed)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.add_argument("--list-presets", action="store_true", help="print the presets and exit")
 
@@ -150,6 +152,8 @@ def _step_options(q: argparse.ArgumentParser, what: str) -> None:
                    help=f"any {what} setting, e.g. --set weight_decay=0 eval_every=5 (see selfsup/semisup.py)")
     q.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly (--epochs and the lr schedule may change)")
+    q.add_argument("--data-changed-ok", action="store_true",
+                   help="--resume even though the data changed since the checkpoint")
 
 
 def _semisup_parsers(sub) -> None:
@@ -224,7 +228,8 @@ def _run_step(a: argparse.Namespace, cls, run, required: str, **flags) -> dict:
     if not a.out:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
     changes = _resume_changes(a.sets, {k: v for k, v in overrides.items() if v is not None}, {"out", "device"})
-    return run(cls(out=a.out, device=a.device or "auto"), resume=True, changes=changes)
+    return run(cls(out=a.out, device=a.device or "auto"), resume=True, changes=changes,
+               data_changed_ok=a.data_changed_ok)
 
 
 def _finetune(a: argparse.Namespace) -> int:
@@ -352,7 +357,7 @@ def _pretrain(a: argparse.Namespace) -> int:
                   if v is not None}
         where = {"train.device", "train.max_minutes", "train.progress", "out"}
         changes = _resume_changes(a.sets, flatten(overrides), where, flatten(load_yaml(a.config)) if a.config else None)
-        pretrain(cfg, resume=True, expect=expect, changes=changes)
+        pretrain(cfg, resume=True, expect=expect, changes=changes, data_changed_ok=a.data_changed_ok)
     else:
         pretrain(cfg)
     D.cleanup()  # leave the torchrun process group cleanly (no-op in a single process)

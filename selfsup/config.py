@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from .backbones import is_vit
 from .errors import ConfigError  # noqa: F401 (defined there; imported from here too)
 from .files import write_text_atomic
 from .presets import LEGACY_TEMPERATURE, load_yaml, method_recipes, preset, upgrade  # noqa: F401 (re-exported)
@@ -505,6 +506,37 @@ def student_temperatures(cfg: Config) -> list[tuple[str, float]]:
             ("distill.temperature", cfg.distill.temperature)]
 
 
+#: seeds are below 2^40: the seeds derived from them (seed * 1_000_003 + step, seed * 7919 + 1 + rank)
+#: then fit the 64-bit seed of torch's generators, even after 2^40 steps
+MAX_SEED = 2**40
+
+#: the widest embedding or hidden layer of a head: 8x the widest any recipe here uses (Barlow
+#: Twins' and VICReg's 8192); a head's last layer holds hidden x dim float32 weights
+MAX_HEAD_DIM = 2**16
+
+#: the fewest channels a ResNet's first stage (64 x model.width) may have
+MIN_CHANNELS = 4
+
+
+def seed_check(key: str, seed: int) -> tuple[bool, str]:
+    """The range check of a seed setting ``key``, a row of :func:`validate`'s table."""
+    return (0 <= seed < MAX_SEED, f"{key} must be in [0, 2^40) = [0, {MAX_SEED}), got {seed}: seeds derived "
+                                  f"from it (seed x 1000003 + step) must fit torch's 64-bit generator seed")
+
+
+def head_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """model.proj_dim and model.proj_hidden within :data:`MAX_HEAD_DIM`, with the memory they would take."""
+    hidden = cfg.model.proj_hidden or 512  # None: the backbone's features, 512 for a ResNet-18
+    rows = []
+    for key, dim, other in (("model.proj_dim", cfg.model.proj_dim, hidden),
+                            ("model.proj_hidden", cfg.model.proj_hidden or 0, cfg.model.proj_dim)):
+        gb = dim * other * 4 / 1e9
+        rows.append((dim <= MAX_HEAD_DIM, f"{key}={dim} is above {MAX_HEAD_DIM} (2^16, 8x Barlow Twins' 8192): "
+                                          f"one head layer alone would hold {dim} x {other} float32 weights = "
+                                          f"{gb:,.1f} GB"))
+    return rows
+
+
 def check_finite(section: object, prefix: str = "") -> None:
     """Every number in a config is finite: inf and NaN are refused with the key named (they would
     end in a traceback or train into NaN)."""
@@ -569,8 +601,13 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling must be linear, sqrt or none"),
         (cfg.optim.name in ("lars", "sgd", "adamw"), f"optim.name '{cfg.optim.name}' unknown; choose lars, sgd or adamw"),
         (cfg.model.width > 0, "model.width must be positive"),
+        (is_vit(cfg.model.backbone) or int(64 * cfg.model.width) >= MIN_CHANNELS,
+         f"model.width={cfg.model.width:g} gives the ResNet's first stage {max(1, int(64 * cfg.model.width))} "
+         f"channel(s) (64 x width); use at least {MIN_CHANNELS / 64:g} ({MIN_CHANNELS} channels)"),
         (cfg.model.proj_layers >= 1, "model.proj_layers must be at least 1"),
         (cfg.model.proj_dim >= 1, "model.proj_dim must be at least 1"),
+        *head_checks(cfg),
+        seed_check("train.seed", cfg.train.seed),
         (cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size must be at least 8"),
         (cfg.aug.size is None or cfg.aug.size >= 8, "aug.size must be at least 8"),
         (0 < cfg.aug.scale_min <= 1, "aug.scale_min must be in (0, 1]"),

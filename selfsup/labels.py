@@ -18,8 +18,10 @@ from .files import write_text_atomic
 LABELS_FILE = "labels.txt"
 
 
-def _per_class(spec: str, counts: np.ndarray) -> np.ndarray:
-    """How many images of each class a fraction or count asks for; (C,) int."""
+def parse_request(spec: str) -> tuple[float | None, int | None]:
+    """A request that is not a file, checked before any data is read: a fraction (``"1%"`` ->
+    ``(1.0, None)``) or a count per class (``"50"`` -> ``(None, 50)``)."""
+    spec = str(spec).strip()
     if spec.endswith("%"):
         try:
             percent = float(spec[:-1])
@@ -27,18 +29,25 @@ def _per_class(spec: str, counts: np.ndarray) -> np.ndarray:
             raise DataError(f"--labels '{spec}' is not a percentage; use e.g. 1% or 10%") from None
         if not 0 < percent <= 100:
             raise DataError(f"--labels {spec}: a fraction must be in (0%, 100%]")
+        return percent, None
+    if not re.fullmatch(r"\d+", spec):
+        raise DataError(f"--labels '{spec}' is neither a fraction (1%), a count per class (50) nor "
+                        f"an existing file of image indices")
+    if int(spec) < 1:
+        raise DataError(f"--labels {spec}: the count per class must be at least 1")
+    return None, int(spec)
+
+
+def _per_class(spec: str, counts: np.ndarray) -> np.ndarray:
+    """How many images of each class a fraction or count asks for; (C,) int."""
+    percent, n = parse_request(spec)
+    if percent is not None:
         want = np.rint(counts * percent / 100).astype(np.int64)
         if want.min() < 1:
             c = int(want.argmin())
             raise DataError(f"--labels {spec} gives no image of class {c} ({counts[c]} images); "
                             f"ask for a larger fraction or a count per class such as 1")
         return want
-    if not re.fullmatch(r"\d+", spec):
-        raise DataError(f"--labels '{spec}' is neither a fraction (1%), a count per class (50) nor "
-                        f"an existing file of image indices")
-    n = int(spec)
-    if n < 1:
-        raise DataError(f"--labels {spec}: the count per class must be at least 1")
     if n > counts.min():
         c = int(counts.argmin())
         raise DataError(f"--labels {spec}: class {c} has only {counts[c]} training images; ask for "
@@ -50,7 +59,7 @@ def read_indices(path: str | Path, num_images: int) -> np.ndarray:
     """Indices listed in ``path`` (one integer per line; blank lines and ``#`` comments skipped)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not an index
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); a "
                         "label file lists image indices, one per line") from None

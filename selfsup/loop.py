@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from . import distributed as D
 from .device import autocast_dtype, configure_cuda
-from .errors import ConfigError, Interrupted, TrainingError
+from .errors import ConfigError, DataError, Interrupted, TrainingError
 from .optim import clip_gradients, cosine, set_lr, set_weight_decay, warmup_cosine
 from .runguard import EXIT_CODES, RunLock, StopSignals
 from .runs import CHECKPOINT, CONFIG, METRICS, BackboneSpec, save_run
@@ -77,17 +77,27 @@ def refuse_existing(out: Path, hint: str) -> None:
 
 def truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop metric lines of epochs that the checkpoint does not contain (all of them on a fresh
-    start), and a last line cut short by a kill."""
+    start), a last line cut short by a kill, and (with a warning naming it) a line that is not
+    UTF-8 text."""
     if not path.exists():
         return
 
     def epoch_of(line: str) -> float:
         try:
             return json.loads(line).get("epoch", 0)
-        except ValueError:  # a partial line written as the process was killed
+        except (ValueError, AttributeError):  # a partial line written as the process was killed, or not an object
             return math.inf
 
-    keep = [line for line in path.read_text().splitlines() if line.strip() and epoch_of(line) <= epochs_done]
+    keep = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            log(f"warning: '{path}' line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                f"dropped it")
+            continue
+        if line.strip() and epoch_of(line) <= epochs_done:
+            keep.append(line)
     ckpt.write_text_atomic("".join(line + "\n" for line in keep), path)
 
 
@@ -396,21 +406,27 @@ def _epoch(loop: Loop, epoch: int, first: int, partial: dict,
     sums = EpochSums.start(loop.device, partial)
     watch = FiniteWatch(loop.device, steps, loop.nonfinite_advice, loop.out)
     t0 = time.perf_counter() - float(partial.get("seconds", 0.0))
-    lr = 0.0
-    for i, item in enumerate(loop.batches(epoch, first), start=first):
-        step = epoch * steps + i
-        lr = loop.schedule.apply(loop.optimizer, step)
-        output = loop.step(step, item, lr)
-        sums.add(output)
-        watch.add(step, output["loss"])
-        if loop.progress is not None and (i + 1) % loop.log_every == 0:
-            loop.progress.set_postfix(loss=f"{output['loss'].item():.4f}", lr=f"{lr:.3g}", refresh=False)  # syncs
-            loop.progress.update(loop.log_every)
-        if i + 1 < steps and loop.stop.requested:
-            watch.flush()
-            seconds = time.perf_counter() - t0
-            loop.save(epoch, step + 1, sums.partial(i + 1, seconds, train_seconds + seconds))
-            raise _interrupted(loop, f"step {i + 1}/{steps} of epoch {epoch + 1}")
+    lr, done = 0.0, first
+    try:
+        for i, item in enumerate(loop.batches(epoch, first), start=first):
+            step = epoch * steps + i
+            lr = loop.schedule.apply(loop.optimizer, step)
+            output = loop.step(step, item, lr)
+            sums.add(output)
+            watch.add(step, output["loss"])
+            done = i + 1
+            if loop.progress is not None and (i + 1) % loop.log_every == 0:
+                loop.progress.set_postfix(loss=f"{output['loss'].item():.4f}", lr=f"{lr:.3g}", refresh=False)  # syncs
+                loop.progress.update(loop.log_every)
+            if i + 1 < steps and loop.stop.requested:
+                watch.flush()
+                seconds = time.perf_counter() - t0
+                loop.save(epoch, step + 1, sums.partial(i + 1, seconds, train_seconds + seconds))
+                raise _interrupted(loop, f"step {i + 1}/{steps} of epoch {epoch + 1}")
+    except DataError as e:  # a streamed file that became unreadable: keep the steps done, as a stop does
+        watch.flush()
+        seconds = time.perf_counter() - t0
+        raise _data_failed(loop, e, epoch, done, sums.partial(done, seconds, train_seconds + seconds)) from None
     watch.flush()
     return sums, time.perf_counter() - t0, lr
 
@@ -445,6 +461,19 @@ def _report(loop: Loop, metrics: dict, scalars: list[str]) -> None:
         f"{metrics['images_per_s']:.0f} img/s{loop.describe(metrics)}{extra}")
     for warning in loop.warnings(metrics):
         log(warning)
+
+
+def _data_failed(loop: Loop, error: DataError, epoch: int, done: int, partial: dict) -> DataError:
+    """A data error after ``done`` steps of ``epoch``: the checkpoint of those steps first (as on a
+    stop signal; with nothing trained, or across ranks, where the others wait in a collective,
+    none), then the error with where the checkpoint is and the command that continues the run."""
+    if D.world_size() > 1 or (epoch == 0 and done == 0):
+        return error
+    steps = loop.schedule.steps_per_epoch
+    loop.save(epoch, epoch * steps + done, partial if done else None)
+    where = f"step {done}/{steps} of epoch {epoch + 1}" if done else f"the end of epoch {epoch}"
+    return DataError(f"{error}. The run stopped after {where}, saved in '{loop.out / CHECKPOINT}'; once the data "
+                     f"is repaired, continue with: {loop.resume_command}")
 
 
 def _interrupted(loop: Loop, where: str) -> Interrupted:

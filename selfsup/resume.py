@@ -21,9 +21,10 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import Config, apply_updates, flatten, from_dict, nest, validate
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .loop import Position, fresh_out, lock_folder, log, refuse_existing
-from .runs import CHECKPOINT, load_run, make_consistent, saved_config
+from .presets import load_yaml
+from .runs import CHECKPOINT, CONFIG, load_run, make_consistent, saved_config
 
 #: The command that wrote a run checkpoint, by its ``kind`` entry (pre-training writes none).
 PRETRAIN = "pretrain"
@@ -102,11 +103,67 @@ def apply_changes(saved: Any, changes: dict, out: Path, epochs_done: int, *,
     return changed_cfg
 
 
+#: Settings of where a run is computed, which a resume always takes from its command.
+WHERE = ("out", "train.device", "train.progress", "train.max_minutes")
+
+
+def hand_edits(out: Path, saved: Config, changes: dict) -> dict:
+    """The settings of ``out``'s ``config.yaml`` edited by hand since the checkpoint's ``saved``
+    ones, except those ``changes`` (the command line) sets: the :data:`RESUMABLE` ones, to apply
+    as if passed with --set (logged); any other is refused by file and key."""
+    path = out / CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        data = load_yaml(path)
+        if not isinstance(data, dict):
+            raise ConfigError(f"it holds a YAML {type(data).__name__}, not the run's settings")
+        on_disk = flatten(dataclasses.asdict(from_dict(data)))
+    except ConfigError as e:
+        raise ConfigError(f"--resume: '{path}' cannot be read back ({e}); fix it, or delete it to resume with the "
+                          f"checkpoint's settings") from None
+    before = flatten(dataclasses.asdict(saved))
+    edits = {k: v for k, v in on_disk.items() if k not in WHERE and k not in changes and before.get(k) != v}
+    for key, value in edits.items():
+        if key not in RESUMABLE:
+            raise ConfigError(f"{path}: {key} was edited to {value} but the checkpoint was trained with "
+                              f"{before.get(key)}; resume cannot change it (put it back, or start a new run)")
+        log(f"resume: {key} = {value} taken from '{path}' (edited by hand)")
+    return edits
+
+
+def check_same_data(state: dict, now: dict, allow: bool) -> None:
+    """Refuse to resume ``state`` on data whose identity ``now`` (source, image count and size,
+    the cache key of its files, a stream's index) differs from the one its checkpoint records, naming what changed; ``allow``:
+    log it and go on. A checkpoint without the record (an older selfsup) resumes as before."""
+    then = state.get("data")
+    if not isinstance(then, dict):
+        return
+    fields = {"source": "data.source {}", "images": "{} images", "image_size": "images of {} pixels",
+              "index": "index {}", "cache_key": "files (names, sizes, times) {}"}
+    changed = [f"{fields[k].format(_shown(then.get(k)))} then, {fields[k].format(_shown(now.get(k)))} now"
+               for k in fields if k in then and k in now and then[k] != now[k]]  # fields both record
+    if not changed:
+        return
+    what = f"the data changed since the checkpoint: {'; '.join(changed)} (data.source {now.get('source')})"
+    if not allow:
+        raise DataError(f"--resume: {what}; pass --data-changed-ok to continue anyway")
+    log(f"resume: {what}; continuing on the new data (--data-changed-ok)")
+
+
+def _shown(value: Any) -> str:
+    """A data identity field as a message shows it: a size as HxW, a digest's first 12 digits."""
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value)
+    return value[:12] if isinstance(value, str) and len(value) == 64 else str(value)
+
+
 def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack,
                 changes: dict | None = None) -> tuple[Config, Path, dict | None]:
     """The run's folder, locked; on resume its checkpoint and the saved settings, which hold
     except where the run is computed (device, progress bar, time limit) and for the
-    :data:`RESUMABLE` ``changes`` (dotted keys)."""
+    :data:`RESUMABLE` ``changes`` (dotted keys), of the command line or edited by hand in the
+    folder's ``config.yaml`` (:func:`hand_edits`)."""
     if not cfg.out:  # a fresh folder per run, so repeating a command never clobbers a run
         if resume:
             raise ConfigError("--resume needs --out DIR, the run to continue")
@@ -117,6 +174,7 @@ def open_folder(cfg: Config, resume: bool, expect: dict, held: ExitStack,
         return cfg, out, None
     saved = from_dict(state["config"])  # the run's own settings; where it runs may change
     ckpt.check_expected(saved.to_dict(), expect, out / CHECKPOINT)
+    changes = {**hand_edits(out, saved, changes or {}), **(changes or {})}
     saved.out = cfg.out
     saved.train.device, saved.train.progress = cfg.train.device, cfg.train.progress
     saved.train.max_minutes = cfg.train.max_minutes

@@ -34,6 +34,24 @@ __all__ = ["EXIT_CODES", "LOCK", "Interrupted", "RunLock", "StopSignals"]
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
+_HELD: set[int] = set()  # the fds of the locks this process holds
+
+
+def _close_inherited() -> None:
+    """In a forked child (DataLoader or decode worker): close the parent's lock fds, so a child
+    outliving a killed parent does not keep its run folder locked."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -59,6 +77,7 @@ class RunLock:
         self.path = Path(out) / LOCK
         self.held = False
         self._fd: int | None = None
+        self._pid = 0
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +111,8 @@ class RunLock:
                 raise
             self._fd = fd
             self.held = True
+            self._pid = os.getpid()
+            _HELD.add(fd)
             return
         raise TrainingError(f"could not take the lock {self.path}; another run keeps creating it")
 
@@ -134,9 +155,10 @@ class RunLock:
         return owner.get("host") == socket.gethostname() and not _pid_alive(owner["pid"])
 
     def release(self) -> None:
-        if self.held:
+        if self.held and self._pid == os.getpid():  # a forked child has no lock to give up
             # Unlinked while still locked: a process that opened the old file sees it replaced.
             self.path.unlink(missing_ok=True)
+            _HELD.discard(self._fd)
             os.close(self._fd)
             self._fd = None
             self.held = False

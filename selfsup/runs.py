@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .backbones import build_backbone, is_vit
+from .backbones import NAMES as BACKBONE_NAMES, build_backbone, is_vit
 from .errors import CheckpointError, ConfigError, TrainingError
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,6 +45,37 @@ META_KEY = "selfsup"  # the safetensors metadata entry holding an export's spec
 def eval_file(name: str) -> str:
     """The file ``selfsup eval`` writes its result to, e.g. ``eval_knn.json``."""
     return f"eval_{name}.json"
+
+
+def is_count(v: object, least: int) -> bool:
+    """A JSON whole number (not a bool) of at least ``least``."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def is_channels(v: object) -> bool:
+    """A JSON list of three finite numbers, one per colour channel."""
+    return isinstance(v, (list, tuple)) and len(v) == 3 and all(is_number(x) and math.isfinite(x) for x in v)
+
+
+#: What each field of a spec on disk must be (None is allowed where the field's default is None):
+#: the test, and its words in the error.
+SPEC_RULES: dict[str, tuple[Any, str]] = {
+    "backbone": (lambda v: v in BACKBONE_NAMES, f"one of {', '.join(BACKBONE_NAMES)}"),
+    "width": (lambda v: is_number(v) and math.isfinite(v) and v > 0, "a positive number"),
+    "cifar_stem": (lambda v: isinstance(v, bool), "true or false"),
+    "binary_weights": (lambda v: isinstance(v, bool), "true or false"),
+    "patch_size": (lambda v: is_count(v, 1), "a whole number >= 1"),
+    "image_size": (lambda v: is_count(v, 1), "a whole number >= 1"),
+    "data_image_size": (lambda v: is_count(v, 1), "a whole number >= 1"),
+    "mean": (is_channels, "a list of 3 finite numbers (one per colour channel)"),
+    "std": (lambda v: is_channels(v) and min(v) > 0, "a list of 3 positive finite numbers (one per colour channel)"),
+    "num_classes": (lambda v: is_count(v, 1), "a whole number >= 1"),
+    "head_layers": (lambda v: is_count(v, 0), "a whole number >= 0"),
+    "pretrain_config": (lambda v: isinstance(v, dict), "a JSON object"),
+    "random_init": (lambda v: isinstance(v, bool), "true or false"),
+    **{name: (lambda v: isinstance(v, str), "text")
+       for name in ("method", "data", "pretrain_method", "teacher", "format", "layout", "stem")},
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +134,8 @@ class BackboneSpec:
 
     @classmethod
     def from_json(cls, obj: Any, source: str | Path) -> BackboneSpec:
-        """The spec a JSON object describes (any version's); ``source`` names it in errors."""
+        """The spec a JSON object describes (any version's), each field checked against
+        :data:`SPEC_RULES`; ``source`` (the file) names it in errors."""
         if not isinstance(obj, dict):
             raise CheckpointError(f"the description of '{source}' is a JSON {type(obj).__name__}, not an "
                                   f"object; was it written by selfsup?")
@@ -113,9 +145,13 @@ class BackboneSpec:
                                   f"written by selfsup?")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         values = {k: v for k, v in obj.items() if k in known}
-        values["mean"], values["std"] = tuple(obj["mean"]), tuple(obj["std"])
         if values.get("binary_weights") is None:
             values["binary_weights"] = True
+        for name, (ok, what) in SPEC_RULES.items():
+            value = values.get(name)
+            if (value is not None or name in cls.REQUIRED) and not ok(value):
+                raise CheckpointError(f"{source}: {name} must be {what}, got {value!r}")
+        values["mean"], values["std"] = tuple(obj["mean"]), tuple(obj["std"])
         return cls(**values, extra={k: v for k, v in obj.items() if k not in known})
 
 
@@ -276,7 +312,7 @@ def read_backbone(path: Path) -> tuple[dict[str, Tensor], BackboneSpec]:
         raise CheckpointError(f"'{spec_path}' is not valid JSON ({e}); it describes {path.name}") from None
     if not isinstance(meta, dict) or not isinstance(state, dict):
         raise CheckpointError(f"'{path}' with '{spec_path.name}' is not a selfsup backbone")
-    return state, BackboneSpec.from_json(meta, path)
+    return state, BackboneSpec.from_json(meta, spec_path)
 
 
 def load_backbone(path: str | Path, *, random_init: bool = False) -> tuple[nn.Module, BackboneSpec]:
@@ -293,8 +329,11 @@ def load_backbone(path: str | Path, *, random_init: bool = False) -> tuple[nn.Mo
         raise CheckpointError(f"checkpoint '{path}' does not exist (expected a run folder, "
                               f"its {CHECKPOINT} or its {BACKBONE})")
     weights, spec = read_backbone(path)
-    backbone = build_backbone(spec.backbone, width=spec.width, cifar_stem=spec.cifar_stem,
-                              binary_weights=spec.binary_weights, **spec.vit_args())
+    try:
+        backbone = build_backbone(spec.backbone, width=spec.width, cifar_stem=spec.cifar_stem,
+                                  binary_weights=spec.binary_weights, **spec.vit_args())
+    except ValueError as e:  # fields each valid, but not together (a ViT given a width)
+        raise CheckpointError(f"'{path}': its description builds no backbone: {e}") from None
     if not random_init:
         if is_vit(spec.backbone):
             about = f"patch {backbone.patch_size}, position embeddings for {spec.image_size}-pixel views"
@@ -350,11 +389,12 @@ def make_consistent(out: Path, state: dict) -> str | None:
 def save_run(out: Path, state: dict, backbone: nn.Module, spec: BackboneSpec) -> None:
     """A run's checkpoint (``state`` with the spec as its ``meta``), then its backbone alone with
     the spec evaluations read; each atomic. A failed write (e.g. ENOSPC) leaves the previous
-    files untouched and says so."""
+    files untouched and says so, or that there were none."""
     try:
         ckpt.save_atomic({**state, "meta": spec.to_json()}, out / CHECKPOINT)
         save_backbone(out / BACKBONE, backbone.state_dict(), spec)
     except OSError as e:
-        raise TrainingError(f"could not write the checkpoint in '{out}': {e.strerror or e}; the previous "
-                            f"checkpoint there is intact. Free space, then resume with the command that "
-                            f"made the run and --resume") from None
+        then = ("the previous checkpoint there is intact. Free space, then resume with the command that made "
+                "the run and --resume" if (out / CHECKPOINT).exists() else
+                "no checkpoint had been written yet; start again with more free space")
+        raise TrainingError(f"could not write the checkpoint in '{out}': {e.strerror or e}; {then}") from None

@@ -32,11 +32,11 @@ from torch import Tensor, nn
 
 from . import labels as L
 from .augment import Augment, crop_flip_view, eval_view
-from .backbones import build_backbone
+from .backbones import NAMES as BACKBONE_NAMES, build_backbone, is_vit
 from . import checkpoint as ckpt
-from .config import MIN_TEMPERATURE, Config, from_dict, parse_set
+from .config import MIN_TEMPERATURE, Config, from_dict, parse_set, seed_check
 from .config import apply_updates as apply_settings  # the typed --set machinery of run configs
-from .data import ImageDataset, load_data
+from .data import DataSplits, ImageDataset, load_data
 from .device import autocast, grad_scaler, resolve_device
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from .evaluate import extract_features
@@ -47,7 +47,7 @@ from .loop import (Loop, Position, Schedule, backward_step, fresh_out, guarded, 
 from .losses import distill as distill_loss
 from .norm import plain_batchnorm
 from .optim import build_optimizer, param_groups, scale_lr
-from .resume import apply_changes, open_run, restore
+from .resume import apply_changes, check_same_data, open_run, restore
 from .runguard import StopSignals
 from .runs import CHECKPOINT, BackboneSpec, load_run, read_metrics, run_dir, run_spec, saved_config
 from .train import build_method, pretrain
@@ -100,7 +100,8 @@ class StudentConfig(StepConfig):
     run's schedule (here SimCLR's CIFAR LARS 1.0 x B/256, wd 1e-4), crop + flip only."""
     teacher: str = ""                # a fine-tuned (or distilled) run folder
     student: str = "resnet18"
-    width: float | None = None       # the student's width (None: the teacher's)
+    width: float | None = None       # a ResNet student's width (None: the teacher's)
+    patch_size: int | None = None    # a ViT student's patch side (None: :func:`student_patch`)
     temperature: float = 1.0         # tau: 1.0 big-to-small, 0.1 self-distillation (SimCLRv2 section 2)
     alpha: float = 1.0               # weight of the distillation term; 1 - alpha weighs the labelled CE
     augment: bool = True             # crop + flip per step; off: the teacher's logits are computed once
@@ -125,14 +126,20 @@ def validate_step(cfg: StepConfig) -> None:
         (cfg.eval_every >= 1, "eval_every must be at least 1"),
         (cfg.checkpoint_every >= 1, "checkpoint_every must be at least 1"),
         (cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision must be auto, bf16, fp16 or fp32"),
+        seed_check("seed", cfg.seed),
     ]
     if isinstance(cfg, FinetuneConfig):
-        checks.append((cfg.head_layers >= 0, "head_layers (--from-head-layer) must be >= 0"))
+        checks += [(cfg.head_layers >= 0, "head_layers (--from-head-layer) must be >= 0"),
+                   seed_check("label_seed", cfg.label_seed)]
     if isinstance(cfg, StudentConfig):
         checks += [(cfg.temperature >= MIN_TEMPERATURE, f"temperature must be at least {MIN_TEMPERATURE:g} (the "
                                                         f"distillation loss divides logits by it)"),
                    (0 <= cfg.alpha <= 1, "alpha must be in [0, 1]"),
-                   (cfg.width is None or cfg.width > 0, "width must be positive")]
+                   (cfg.width is None or cfg.width > 0, "width must be positive"),
+                   (cfg.width is None or not is_vit(cfg.student), f"width {cfg.width} applies to ResNet "
+                    f"students; a {cfg.student} has a fixed width (patch_size sets its patches)"),
+                   (cfg.patch_size is None or (is_vit(cfg.student) and cfg.patch_size >= 1),
+                    f"patch_size {cfg.patch_size} must be at least 1, for a ViT student (not {cfg.student})")]
     numbers = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
     checks += [(math.isfinite(v), f"{name} must be a finite number, got {v}") for name, v in numbers
                if isinstance(v, float)]
@@ -270,13 +277,23 @@ def top1(model: nn.Module, data: ImageDataset, spec: BackboneSpec, device: torch
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
+def data_identity(source: str, splits: DataSplits, n: int) -> dict:
+    """What a step's checkpoint records of its data (``n`` training images of ``source``), so a
+    resume on other data is refused (:func:`resume.check_same_data`), as pre-training's is."""
+    return {"source": str(source), "images": n, **({"cache_key": splits.cache_key} if splits.cache_key else {})}
+
+
 def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tensor], n: int, cfg: StepConfig,
          out: Path, kind: str, spec: BackboneSpec, test: ImageDataset, device: torch.device,
-         dtype: torch.dtype | None, state: dict | None, stop: StopSignals) -> dict:
+         dtype: torch.dtype | None, state: dict | None, stop: StopSignals, data_id: dict,
+         data_changed_ok: bool = False) -> dict:
     """Minimise ``batch_loss(indices, generator)`` over seeded permutations of ``n`` items with a
     warm-up + cosine schedule, in the loop of :mod:`selfsup.loop` (from ``state``'s position on
-    resume); test top-1 every ``eval_every`` epochs; a checkpoint every ``checkpoint_every``
-    epochs, at the end and on a stop signal. Returns the last metrics."""
+    resume, refused on data other than ``data_id`` unless ``data_changed_ok``); test top-1 every
+    ``eval_every`` epochs; a checkpoint every ``checkpoint_every`` epochs, at the end and on a
+    stop signal. Returns the last metrics."""
+    if state is not None:
+        check_same_data(state, data_id, data_changed_ok)
     batch = min(cfg.batch_size, n)
     # a 1 % subset is a few batches: keep the last partial one unless BN cannot take it (1 item)
     steps_per_epoch = n // batch + (n % batch >= 2)
@@ -306,7 +323,7 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
         return {"test_top1": top1(model, test, spec, device, cfg, dtype)} if due else {}
 
     def save(epochs: int, step: int, partial: dict | None) -> None:
-        save_checkpoint(out, model, spec, config=dataclasses.asdict(cfg), epoch=epochs, kind=kind,
+        save_checkpoint(out, model, spec, config=dataclasses.asdict(cfg), epoch=epochs, kind=kind, data=data_id,
                         **resumable(step, optimizer, [generator.get_state()], partial, scaler))
 
     if start.epoch >= cfg.epochs:  # a finished run: its result again (the weights are the saved ones)
@@ -327,9 +344,11 @@ def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tens
 # Step 2: fine-tuning
 
 
-def finetune(cfg: FinetuneConfig, *, resume: bool = False, changes: dict | None = None) -> dict:
+def finetune(cfg: FinetuneConfig, *, resume: bool = False, changes: dict | None = None,
+             data_changed_ok: bool = False) -> dict:
     """Fine-tune a pre-training run on a labelled subset (SimCLRv2 §2); returns the last metrics.
-    ``resume``: continue the run in ``cfg.out`` (``changes``: settings to change, :data:`RESUMABLE`)."""
+    ``resume``: continue the run in ``cfg.out`` (``changes``: settings to change, :data:`RESUMABLE`;
+    ``data_changed_ok``: on data that changed since its checkpoint)."""
     with _step_run(cfg, "finetune", resume, changes) as run:
         cfg, out, state, device, dtype = run.cfg, run.out, run.state, run.device, run.dtype
         method, spec, source = (_pretrained(cfg) if state is None else
@@ -361,7 +380,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, changes: dict | None 
             return F.cross_entropy(logits.float(), targets[idx])
 
         metrics = _fit(model, batch_loss, len(indices), cfg, out, "finetune", spec, splits.test, device, dtype,
-                       state, run.stop)
+                       state, run.stop, data_identity(cfg.data, splits, len(splits.train)), data_changed_ok)
     return dict(metrics, out=str(out), labelled=len(indices))
 
 
@@ -389,9 +408,11 @@ def _pretrained(cfg: FinetuneConfig) -> tuple[nn.Module, BackboneSpec, str]:
 # Step 3: distillation
 
 
-def distill(cfg: StudentConfig, *, resume: bool = False, changes: dict | None = None) -> dict:
+def distill(cfg: StudentConfig, *, resume: bool = False, changes: dict | None = None,
+            data_changed_ok: bool = False) -> dict:
     """Distil a fine-tuned teacher into a student on all training images (SimCLRv2 §2 eq. 2).
-    ``resume``: continue the run in ``cfg.out`` (``changes``: settings to change, :data:`RESUMABLE`)."""
+    ``resume``: continue the run in ``cfg.out`` (``changes``: settings to change, :data:`RESUMABLE`;
+    ``data_changed_ok``: on data that changed since its checkpoint)."""
     with _step_run(cfg, "distill", resume, changes) as run:
         cfg, out, state, device, dtype = run.cfg, run.out, run.state, run.device, run.dtype
         teacher, tspec, tfolder = load_classifier(cfg.teacher)
@@ -404,16 +425,30 @@ def distill(cfg: StudentConfig, *, resume: bool = False, changes: dict | None = 
             raise ConfigError(f"the teacher '{cfg.teacher}' predicts {tspec.num_classes} classes, "
                               f"'{cfg.data}' has {len(splits.train.classes)}; distil on the teacher's data")
         all_images, labels = _distill_images(cfg, splits, tfolder)
-        spec = dataclasses.replace(tspec, method="distill", backbone=cfg.student, width=cfg.width or tspec.width,
-                                   head_layers=0, pretrain_config=None, teacher=str(tfolder), random_init=False)
+        vit = is_vit(cfg.student)  # a ViT has no width, and a patch size of its own
+        spec = dataclasses.replace(tspec, method="distill", backbone=cfg.student,
+                                   width=1.0 if vit else cfg.width or tspec.width,
+                                   patch_size=student_patch(cfg, tspec) if vit else tspec.patch_size, head_layers=0, pretrain_config=None, teacher=str(tfolder), random_init=False)
         student = build_classifier(spec).to(device, memory_format=torch.channels_last)
         teacher_top1 = top1(teacher, splits.test, tspec, device, cfg, dtype)
         log(f"distilling the teacher {tfolder} (test top-1 {teacher_top1:.2f}%) into {cfg.student} "
             f"(width {spec.width:g}) on {len(all_images)} images, tau {cfg.temperature:g}, alpha {cfg.alpha:g}")
         batch_loss = _distill_loss(cfg, teacher, student, spec, all_images, labels, device, dtype)
         metrics = _fit(student, batch_loss, len(all_images), cfg, out, "distill", spec, splits.test, device, dtype,
-                       state, run.stop)
+                       state, run.stop, data_identity(cfg.data, splits, len(all_images)), data_changed_ok)
     return dict(metrics, out=str(out), teacher_top1=teacher_top1)
+
+
+def student_patch(cfg: StudentConfig, tspec: BackboneSpec) -> int:
+    """A ViT student's patch side: ``cfg.patch_size``, else its ViT teacher's, else the largest of
+    16, 8, 4 and 2 that cuts the teacher's views into at least 8 x 8 whole patches (4 at 32 pixels,
+    as the CIFAR ViT recipes), else 1."""
+    if cfg.patch_size is not None:
+        return cfg.patch_size
+    if is_vit(tspec.backbone) and tspec.patch_size is not None:
+        return tspec.patch_size
+    size = tspec.image_size
+    return next((p for p in (16, 8, 4, 2) if size % p == 0 and size // p >= 8), 1)
 
 
 def _distill_images(cfg: StudentConfig, splits, tfolder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -491,6 +526,7 @@ def semisup(out: str | Path, *, pretrain_cfg: Config | None, pretrained: str | N
         else:
             if pretrained is None and pretrain_cfg is None:
                 raise ConfigError("semisup needs a pre-training config or --pretrained RUN")
+            check_recipe(pretrained, finetune_cfg, distill_cfg)  # before the plan: a refusal leaves none
             plan = {"pretrained": pretrained, "pretrain": None if pretrain_cfg is None else pretrain_cfg.to_dict(),
                     "finetune": dataclasses.asdict(finetune_cfg), "distill": dataclasses.asdict(distill_cfg)}
             ckpt.write_text_atomic(yaml.safe_dump(plan, sort_keys=False), out / PLAN)
@@ -499,6 +535,21 @@ def semisup(out: str | Path, *, pretrain_cfg: Config | None, pretrained: str | N
         except Interrupted as e:  # a step's stop: the recipe continues where that step does
             raise e.continued_by(f"selfsup semisup --out {out} --resume") from None
     return table
+
+
+def check_recipe(pretrained: str | None, finetune_cfg: FinetuneConfig, distill_cfg: StudentConfig) -> None:
+    """What can be checked of a new recipe before its plan is written and any data is read: the
+    labels request, the student's backbone and the pre-trained run, if one is given."""
+    if not Path(finetune_cfg.labels).is_file():
+        L.parse_request(finetune_cfg.labels)
+    if distill_cfg.student not in BACKBONE_NAMES:
+        raise ConfigError(f"--student '{distill_cfg.student}' unknown; choose {', '.join(BACKBONE_NAMES)}")
+    if pretrained is not None:
+        file, state = load_run(pretrained, who="--pretrained", kind="pre-training")
+        spec = run_spec(state, file)
+        if spec.num_classes is not None:
+            raise ConfigError(f"--pretrained '{file}' is a {spec.method} run; pass a "
+                              f"pre-training run (selfsup pretrain)")
 
 
 def _read_plan(out: Path, device: str) -> tuple[Config | None, str | None, FinetuneConfig, StudentConfig]:

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .augment import Augment, ViewConfig, sample_crop_boxes
 from .data import (LIST_SUFFIXES, DataError, is_hidden_name, is_image_name, open_regular, scan_image_folder, to_rgb,
-                   training_images, upright)
+                   training_images, upright, worker_init)
 from .loader import epoch_permutation
 
 #: Normalisation for streamed data (there is no decoded array to measure): ImageNet's.
@@ -75,6 +75,7 @@ class ImageStream:
         self.shards: list[str] = shards
         self.skip_corrupt = bool(skip_corrupt)
         self.files: list[str] = []
+        self.root: str | None = None  # a folder's real path: a file read must still lie inside it
         self.members = np.zeros((0, 3), dtype=np.int64)  # (N, 3): shard, data offset, size
         if shards:
             self.members = self._index_shards(shards)
@@ -88,21 +89,24 @@ class ImageStream:
         else:
             raise DataError(f"data.stream: '{spec}' is neither an image folder nor .tar shards "
                             f"(a .tar file, a folder of them, or a glob like 'shards/train-*.tar')")
+        if self.files and path.is_dir():
+            self.root = os.path.realpath(path)
         if not len(self):
             raise DataError(f"data.stream: no images found in '{spec}'")
         self._open: dict[int, object] = {}  # per process: the shard files it has open
 
-    @staticmethod
-    def _index_shards(shards: list[str]) -> np.ndarray:
+    def _index_shards(self, shards: list[str]) -> np.ndarray:
         rows = []
         for s, shard in enumerate(shards):
-            try:
-                with tarfile.open(shard, mode="r:") as tf:  # uncompressed only: members are read by seeking
-                    rows += [(s, m.offset_data, m.size) for m in tf if m.isfile() and is_image_name(m.name)
-                             and not any(is_hidden_name(p) for p in m.name.split("/"))]
-            except tarfile.ReadError as e:
-                raise DataError(f"data.stream: '{shard}' is not an uncompressed .tar ({e}); streaming "
-                                f"seeks to each image, so decompress the shards first (gunzip)") from None
+            members, damage = _shard_members(shard)
+            rows += [(s, offset, size) for offset, size in members]
+            if damage is None:
+                continue
+            if not self.skip_corrupt:
+                raise DataError(f"data.stream: {damage}; write the shard again, or pass --skip-corrupt "
+                                f"(data.skip_corrupt) to stream its readable members only")
+            warnings.warn(f"data.stream: {damage}; streaming its {len(members)} readable member(s) because "
+                          f"skip_corrupt is set", stacklevel=3)
         return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
     def __len__(self) -> int:
@@ -111,7 +115,7 @@ class ImageStream:
     def read(self, i: int) -> bytes:
         """The encoded bytes of image ``i``, from its file (regular files only) or its shard."""
         if self.files:
-            with open_regular(self.files[i]) as f:
+            with open_regular(self.files[i], self.root) as f:  # a link swapped in since listing is refused
                 return f.read()
         shard, offset, size = (int(v) for v in self.members[i])
         f = self._open.get(shard)
@@ -149,6 +153,43 @@ class ImageStream:
         if not out:
             raise DataError(f"data.stream: none of the images could be decoded for the monitors (first: {self.name(0)})")
         return np.stack(out)  # (n, S, S, 3)
+
+
+def _shard_members(shard: str) -> tuple[list[tuple[int, int]], str | None]:
+    """The (data offset, size) of a shard's image members, and what is wrong with the shard
+    (None: nothing): empty, a bad header (tarfile stops there silently), or cut short."""
+    size = os.path.getsize(shard)
+    if size == 0:
+        return [], f"shard {shard} is empty"
+    with open(shard, "rb") as f:
+        magic = f.read(6)
+    if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":
+        raise DataError(f"data.stream: '{shard}' is a compressed .tar, not an uncompressed one; streaming "
+                        f"seeks to each image, so decompress the shards first (gunzip)")
+    rows: list[tuple[int, int]] = []
+    end = 0  # where the next header should be
+    try:
+        with tarfile.open(shard, mode="r:") as tf:  # uncompressed only: members are read by seeking
+            for m in tf:
+                if m.offset_data + m.size > size:
+                    return rows, (f"shard {shard} is truncated: member {m.name} needs "
+                                  f"{m.offset_data + m.size - size} bytes past the end")
+                if m.isfile() and is_image_name(m.name) and not any(is_hidden_name(p) for p in m.name.split("/")):
+                    rows.append((m.offset_data, m.size))
+                end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            end = tf.offset  # where the members stopped: the end-of-archive blocks, if nothing is wrong
+    except tarfile.ReadError:  # a bad first header, or the data stops before the next header
+        pass
+    if end >= size:
+        return rows, f"shard {shard} is truncated: it stops at byte {size}, before its end-of-archive marker"
+    with open(shard, "rb") as f:
+        f.seek(end)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE and block.strip(b"\0"):
+        return rows, f"shard {shard} is truncated: its header at byte {end} is cut short"
+    if block.strip(b"\0"):
+        return rows, f"shard {shard}: bad tar header at byte {end}, the members after it are unreadable"
+    return rows, None
 
 
 def decode_crops(src: bytes | str, views: list[ViewConfig], generator: torch.Generator,
@@ -291,6 +332,10 @@ class _RankBatches(torch.utils.data.Sampler):
             yield [(self.epoch, i) for i in perm[lo:lo + self.local_batch]]
 
 
+def _init_worker(worker_id: int) -> None:
+    worker_init()  # the loop stops the run on a signal; a worker dies with its parent
+
+
 def _collate(batch: _Batch) -> tuple[list[Tensor], list[tuple[str, str]], str | None]:
     if batch.error is not None:
         return [], batch.skipped, batch.error
@@ -319,6 +364,7 @@ class StreamLoader:
         self.loader = torch.utils.data.DataLoader(
             Crops(stream, views, seed), batch_sampler=self.sampler, num_workers=workers,
             collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            worker_init_fn=_init_worker,
             prefetch_factor=4 if workers > 0 else None)
 
     def __len__(self) -> int:

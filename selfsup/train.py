@@ -9,6 +9,7 @@ end of each epoch (each read is a host-device synchronisation).
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import shlex
 import sys
@@ -33,7 +34,7 @@ from .loop import (Loop, Position, Schedule, backward_step, guarded, log, prepar
                    save_checkpoint, start_folder)
 from .methods import METHODS, Method, StepInfo, check_config
 from .optim import build_optimizer, scale_lr
-from .resume import open_folder, restore
+from .resume import check_same_data, open_folder, restore
 from .runguard import StopSignals
 from .runs import CHECKPOINT, TENSORBOARD, BackboneSpec, load_backbone, load_run, saved_config
 from .stream import ImageStream, StreamLoader
@@ -154,18 +155,41 @@ class Run:
     start: Position
     stop: StopSignals
     held: ExitStack             # the run lock and what closes with the run
+    data_id: dict               # what the checkpoint records of the data (:func:`data_identity`)
+
+
+def data_identity(cfg: Config, data: Images) -> dict:
+    """What a checkpoint records of the data it trained on, so a resume on other data is refused
+    (:func:`resume.check_same_data`): the source and the image count; the decoded images' side and
+    the cache key (which files, their sizes and times), or a stream's index (a digest of its file
+    names, or of its shards and members)."""
+    images = data.images
+    identity = {"source": str(cfg.data.source), "images": len(images)}
+    if isinstance(images, ImageStream):
+        digest = hashlib.sha256("\n".join(images.files or images.shards).encode())
+        digest.update(images.members.tobytes())
+        identity["index"] = digest.hexdigest()
+    else:
+        identity["image_size"] = [int(side) for side in images.shape[1:3]]
+        if data.splits is not None and data.splits.cache_key:  # the files' paths, sizes and times
+            identity["cache_key"] = data.splits.cache_key
+    return identity
 
 
 def build_run(cfg: Config, *, resume: bool = False, expect: dict | None = None,
-              stop: StopSignals, held: ExitStack, changes: dict | None = None) -> Run:
+              stop: StopSignals, held: ExitStack, changes: dict | None = None, data_changed_ok: bool = False) -> Run:
     """Everything a run of ``cfg`` trains with. The folder is locked for as long as ``held``;
-    ``resume``: the saved run continues (its settings, weights and position), ``expect``: settings
-    it must have. ``stop``: the signals :func:`fit` honours."""
+    ``resume``: the saved run continues (its settings, weights and position) on the same data
+    (``data_changed_ok``: or on changed data), ``expect``: settings it must have. ``stop``: the
+    signals :func:`fit` honours."""
     device = resolve_device(cfg.train.device)
     D.setup(str(device))
     cfg, out, state = open_folder(cfg, resume, expect or {}, held, changes)
     dtype = prepare_device(device, cfg.train.precision, cfg.train.seed, cfg.train.cudnn_benchmark)
     data = load_images(cfg)
+    data_id = data_identity(cfg, data)
+    if state is not None:
+        check_same_data(state, data_id, data_changed_ok)
     spec = backbone_spec(cfg, data.size, data.mean, data.std)
     method, optimizer, augmentations = build_parts(cfg, device, data.size, data.mean, data.std)
     loader, augmentations = build_loader(cfg, data.images, augmentations, device)
@@ -181,7 +205,7 @@ def build_run(cfg: Config, *, resume: bool = False, expect: dict | None = None,
     monitors = build_monitors(cfg, method, data.splits, len(data.images), (data.size, data.mean, data.std),
                               _monitor_sample(data, cfg), device, dtype, state)
     return Run(cfg, out, device, dtype, data, spec, method, model, optimizer, scaler, augmentations, loader,
-               schedule, generator, monitors, start, stop, held)
+               schedule, generator, monitors, start, stop, held, data_id)
 
 
 def _monitor_sample(data: Images, cfg: Config):
@@ -312,22 +336,27 @@ def _save(run: Run, epoch: int, step: int, partial: dict | None = None) -> None:
     if not D.is_main():
         return
     extra = resumable(step, run.optimizer, generators, partial, run.scaler)
+    extra["data"] = run.data_id
     if run.monitors.probe is not None:
         extra["online_linear"] = run.monitors.probe.run_state()
     save_checkpoint(run.out, run.method, run.spec, config=run.cfg.to_dict(), epoch=epoch, **extra)
 
 
-def pretrain(cfg: Config, *, resume: bool = False, expect: dict | None = None, changes: dict | None = None) -> dict:
+def pretrain(cfg: Config, *, resume: bool = False, expect: dict | None = None, changes: dict | None = None,
+             data_changed_ok: bool = False) -> dict:
     """Pre-train ``cfg.method`` and return the last epoch's metrics (with kNN before/after).
 
     The run folder is locked for the run's duration (:class:`RunLock`). SIGTERM / SIGINT finish
-    the current step, checkpoint and raise :class:`Interrupted`. ``expect`` (resume): settings
-    such as ``{"method": "moco"}`` that the saved run must have; ``changes``: settings to change
-    on resume, as dotted keys (:data:`selfsup.resume.RESUMABLE`; others are refused by name).
+    the current step, checkpoint and raise :class:`Interrupted`; a streamed image that cannot be
+    read checkpoints the steps done, then raises its :class:`DataError`. ``expect`` (resume):
+    settings such as ``{"method": "moco"}`` that the saved run must have; ``changes``: settings to
+    change on resume, as dotted keys (:data:`selfsup.resume.RESUMABLE`; others are refused by
+    name); ``data_changed_ok``: resume even though the data changed since the checkpoint.
     """
     check_config(cfg)  # the method's own rules too (resolve checks each field only)
     with guarded() as (stop, held):
-        return fit(build_run(cfg, resume=resume, expect=expect, stop=stop, held=held, changes=changes))
+        return fit(build_run(cfg, resume=resume, expect=expect, stop=stop, held=held, changes=changes,
+                             data_changed_ok=data_changed_ok))
 
 
 def _tensorboard(out: Path):

@@ -52,7 +52,18 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (truncated / "backbone.pt").write_bytes(data[: len(data) // 3])
     (truncated / "backbone.json").write_text(json.dumps(meta))
     paths["truncated_ckpt"] = truncated
+    for name, damage in DAMAGED_SPECS.items():  # issue 28: backbone.json edited by hand
+        folder = root / name
+        folder.mkdir()
+        (folder / "backbone.pt").write_bytes((run / "backbone.pt").read_bytes())
+        (folder / "backbone.json").write_text(json.dumps({**meta, **damage}))
+        paths[name] = folder
     return paths
+
+
+#: backbone.json fields damaged by hand, each a run folder of :func:`files`
+DAMAGED_SPECS = {"width_text": {"width": "0.5"}, "short_mean": {"mean": [0.5, 0.5]}, "image_size_0": {"image_size": 0},
+                 "vit_with_width": {"backbone": "vit_tiny", "width": 0.5}}
 
 
 def _one_line_error(capsys, rc: int, message: str, code: int = 2) -> None:
@@ -129,6 +140,22 @@ PRETRAIN_CASES = {
                                  "mocov3.momentum must be in [0, 1]"),
     "NNCLR support set not whole batches": (["--method", "nnclr", "--batch-size", "64", "--set", "nnclr.support_size=100"],
                                             "nnclr.support_size 100 must be a multiple of the embeddings queued"),
+    # issue 28: settings that make no sense
+    "VICReg with every loss weight 0": (["--method", "vicreg", "--set", "vicreg.sim_coeff=0", "vicreg.std_coeff=0",
+                                         "vicreg.cov_coeff=0"], "are all 0: the loss would always be zero"),
+    "a loss BYOL never reads": (["--method", "byol", "--set", "loss=dcl"],
+                                "loss=dcl is read by simclr and moco only; byol's loss is its own"),
+    "a loss DINO never reads": (["--method", "dino", "--set", "loss=info_nce"], "dino's loss is its own"),
+    "projection too large to allocate": (["--set", "model.proj_dim=100000000"],
+                                         "model.proj_dim=100000000 is above 65536 (2^16, 8x Barlow Twins' 8192): one "
+                                         "head layer alone would hold 100000000 x 512 float32 weights = 204.8 GB"),
+    "hidden layer too large": (["--set", "model.proj_hidden=10000000"], "model.proj_hidden=10000000 is above 65536"),
+    "width giving one channel": (["--set", "model.width=0.01"],
+                                 "model.width=0.01 gives the ResNet's first stage 1 channel(s) (64 x width); use "
+                                 "at least 0.0625 (4 channels)"),
+    "negative seed": (["--set", "train.seed=-1"], "train.seed must be in [0, 2^40) = [0, 1099511627776), got -1"),
+    "seed beyond 64 bits": (["--set", "train.seed=99999999999999999999"],
+                            "train.seed must be in [0, 2^40) = [0, 1099511627776), got 99999999999999999999"),
     # unknown names, with a did-you-mean where one is close
     "unknown key": (["--set", "train.epoch=3"], "unknown config key 'train.epoch'; did you mean 'train.epochs'?"),
     "unknown section": (["--set", "trian.epochs=3"], "unknown config key 'trian'; did you mean 'train'?"),
@@ -221,6 +248,15 @@ OTHER_CASES = {
                                        "is unreadable or truncated"),
     "eval with a broken description": (["eval", "knn", "--checkpoint", "{bad_json}", "--data", "digits"],
                                        "backbone.json' is not valid JSON"),
+    "eval of a description with a width as text": (["eval", "knn", "--checkpoint", "{width_text}", "--data", "digits"],
+                                                   "width_text/backbone.json: width must be a positive number, got '0.5'"),
+    "eval of a description with 2 means for 3 channels": (
+        ["eval", "knn", "--checkpoint", "{short_mean}", "--data", "digits"],
+        "short_mean/backbone.json: mean must be a list of 3 finite numbers (one per colour channel), got [0.5, 0.5]"),
+    "eval of a description with image size 0": (["eval", "knn", "--checkpoint", "{image_size_0}", "--data", "digits"],
+                                                "image_size_0/backbone.json: image_size must be a whole number >= 1, got 0"),
+    "eval of a ViT described with a width": (["eval", "knn", "--checkpoint", "{vit_with_width}", "--data", "digits"],
+                                             "its description builds no backbone: width 0.5 applies to ResNets only"),
     "eval with k = 0": (["eval", "knn", "--checkpoint", "{run}", "--data", "digits", "--k", "0"],
                         "--k must be a positive finite number, got 0"),
     "eval with an infinite lr": (["eval", "linear", "--checkpoint", "{run}", "--data", "digits", "--lr", "inf"],
@@ -293,6 +329,18 @@ STEP_CASES = {
                                                "checkpoint_every=0"], "checkpoint_every must be at least 1"),
     "distill at a vanishing temperature": (["distill", "--teacher", "{finetuned}", "--temperature", "1e-30"],
                                            "distill: temperature must be at least 0.001"),
+    "a fine-tuned run as a distillation teacher": (["pretrain", "--method", "distill", "--teacher", "{finetuned}",
+                                                    "--data", "digits", "--out", "{tmp}"],
+                                                   "is a fine-tuning run (selfsup finetune); a distillation teacher is "
+                                                   "a pre-training run (selfsup pretrain)"),
+    "finetune with a negative seed": (["finetune", "--checkpoint", "{pretrained}", "--set", "seed=-1"],
+                                      "finetune: seed must be in [0, 2^40)"),
+    "finetune with a huge label seed": (["finetune", "--checkpoint", "{pretrained}", "--set", "label_seed=99999999999999999999"],
+                                        "finetune: label_seed must be in [0, 2^40)"),
+    "a ViT student given a width": (["distill", "--teacher", "{finetuned}", "--student", "vit_tiny", "--set", "width=0.5"],
+                                    "distill: width 0.5 applies to ResNet students; a vit_tiny has a fixed width"),
+    "a patch size for a ResNet student": (["distill", "--teacher", "{finetuned}", "--set", "patch_size=4"],
+                                          "distill: patch_size 4 must be at least 1, for a ViT student (not resnet18)"),
     "pretrain with a fine-tuned run's config": (["pretrain", "--config", "{finetuned}/config.yaml"],
                                                 "holds the settings of a selfsup finetune run, not of a pre-training"),
     "finetune into a file": (["finetune", "--checkpoint", "{pretrained}", "--out", "{a_file}"],

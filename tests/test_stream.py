@@ -3,7 +3,9 @@ crops at decode time that are a pure function of (seed, epoch, image), tar shard
 training run that streams."""
 import io
 import json
+import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from PIL import Image
 from selfsup.augment import simclr_view
 from selfsup.cli import main
 from selfsup.data import DataError
-from selfsup.stream import ImageStream, StreamLoader, decode_crops
+from selfsup.stream import Crops, ImageStream, StreamLoader, decode_crops
 
 N = 24
 
@@ -130,3 +132,61 @@ def test_class_folders_and_list_files_stream_all_but_the_hold_out(tmp_path):
     (tmp_path / "bad.txt").write_text("pets/c0/000.png\npets/c0/nope.png\n")
     with pytest.raises(DataError, match=r"bad\.txt, line 2: 'pets/c0/nope\.png' not found"):
         ImageStream(tmp_path / "bad.txt")
+
+
+
+def _shard(path, n=6):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            buf = io.BytesIO()
+            _solid(i).save(buf, "PNG")
+            info = tarfile.TarInfo(f"{i:03d}.png")
+            info.size = len(buf.getvalue())
+            tf.addfile(info, io.BytesIO(buf.getvalue()))
+    return path
+
+
+def test_damaged_shards_are_named_and_skipped_only_with_skip_corrupt(tmp_path):
+    with tarfile.open(_shard(tmp_path / "ref.tar")) as tf:
+        offsets = [m.offset for m in tf]
+    bad = _shard(tmp_path / "bad" / "a.tar")
+    raw = bytearray(bad.read_bytes())
+    raw[offsets[3]:offsets[3] + 100] = b"\xff" * 100  # the 4th member's header (its name) garbled
+    bad.write_bytes(bytes(raw))
+    short = _shard(tmp_path / "short" / "a.tar")
+    short.write_bytes(short.read_bytes()[:offsets[4] + 532])  # the 5th member's data cut short
+    empty = tmp_path / "empty" / "a.tar"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    cases = [(bad, f"shard {bad}: bad tar header at byte {offsets[3]}, the members after it are unreadable", 3),
+             (short, f"shard {short} is truncated: member 004.png needs", 4),
+             (empty, f"shard {empty} is empty", 0)]
+    for shard, message, kept in cases:
+        _shard(shard.parent / "b.tar")  # a good shard beside it
+        with pytest.raises(DataError) as e:
+            ImageStream(shard.parent)
+        assert message in str(e.value) and "gunzip" not in str(e.value)
+        with pytest.warns(UserWarning, match=f"{message}.*readable member"):
+            stream = ImageStream(shard.parent, skip_corrupt=True)
+        assert len(stream) == kept + 6
+        assert [Image.open(io.BytesIO(stream.read(i))).size for i in range(len(stream))]
+
+
+def test_a_file_swapped_for_a_link_outside_the_root_after_listing_is_refused(tmp_path):
+    root = _folder(tmp_path / "data", 8)
+    secret = tmp_path / "secret.png"
+    _solid(99).save(secret)
+    strict, skipping = ImageStream(root), ImageStream(root, skip_corrupt=True)
+    victim = strict.files[2]
+    os.remove(victim)
+    os.symlink(secret, victim)  # swapped after the listing
+    with pytest.raises(DataError, match="is now a symbolic link to .*secret.png, outside"):
+        strict.read(2)
+    batch = Crops(strict, [simclr_view(6)], 0).__getitems__([(0, 2)])
+    assert "symbolic link" in batch.error and victim in batch.error
+    batch = Crops(skipping, [simclr_view(6)], 0).__getitems__([(0, 2)])  # counted; the next image instead
+    assert batch.error is None and len(batch.crops) == 1 and [name for name, _ in batch.skipped] == [victim]
+    os.remove(victim)
+    os.symlink(strict.files[3], victim)  # a link inside the folder is still read
+    assert strict.read(2) == Path(strict.files[3]).read_bytes()

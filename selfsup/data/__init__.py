@@ -46,12 +46,12 @@ The package, one subsystem per module (each imports only the ones above it):
 """
 from .cache import default_cache_dir
 from .datasets import DataError, DataSplits, ImageDataset
-from .decode import decode_image, open_regular, to_rgb, upright
+from .decode import decode_image, open_regular, to_rgb, upright, worker_init
 from .folders import IMAGE_EXTENSIONS, is_hidden_name, is_image_name, scan_image_folder
 from .layouts import LIST_SUFFIXES, training_images
 from .load import builtin_image_size, load_data
 from .memory import available_memory
 
 __all__ = ["DataError", "ImageDataset", "DataSplits", "load_data", "builtin_image_size", "default_cache_dir",
-           "IMAGE_EXTENSIONS", "available_memory", "decode_image", "to_rgb", "upright", "open_regular",
+           "IMAGE_EXTENSIONS", "available_memory", "decode_image", "to_rgb", "upright", "open_regular", "worker_init",
            "is_image_name", "is_hidden_name", "scan_image_folder", "LIST_SUFFIXES", "training_images"]

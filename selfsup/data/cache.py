@@ -18,7 +18,7 @@ from typing import IO
 
 import numpy as np
 
-from ..files import write_atomic, write_text_atomic
+from ..files import remove_temporaries, write_atomic, write_text_atomic
 from .datasets import DataSplits, Decoded, ImageDataset
 from .sources import Source
 
@@ -117,6 +117,7 @@ def splits_in_memory(dec: Decoded, meta: dict, unlabeled: bool) -> DataSplits:
 def write_cache(entry: Path, dec: Decoded, meta: dict) -> None:
     """Write an entry: every split's arrays, then ``meta.json``, each atomically."""
     entry.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(entry)  # of a write killed half-way (SIGKILL): never read, only in the way
     for s, (images, labels) in dec.splits.items():
         write_atomic(entry / f"{s}.npy", lambda f: _write_npy(f, images))
         write_atomic(entry / f"{s}_labels.npy", lambda f: _write_npy(f, labels))

@@ -89,6 +89,7 @@ class DataSplits:
     test: ImageDataset | None  # labelled held-out split: 'test', or 'val' when there is no 'test'
     unlabeled: ImageDataset | None  # only STL-10 'unlabeled', and only when requested
     chosen_size: int | None = None  # the side load_data's default_size picked: a folder of mixed sizes
+    cache_key: str | None = None  # the decoded cache's key: the files' identity (paths, sizes, times) and settings
 
 
 @dataclass

@@ -10,7 +10,9 @@ import concurrent.futures as cf
 import io
 import logging
 import multiprocessing
+import multiprocessing.synchronize
 import os
+import signal
 import stat
 import sys
 import warnings
@@ -20,6 +22,7 @@ from typing import IO, Callable
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import Interrupted
 from .datasets import DataError
 
 log = logging.getLogger(__package__)  # "selfsup.data": one logger for the whole package
@@ -27,18 +30,52 @@ log = logging.getLogger(__package__)  # "selfsup.data": one logger for the whole
 CHUNK = 1024  # images per decode task: big enough to amortise process round trips
 
 
-def open_regular(path: str) -> IO[bytes]:
-    """``open(path, 'rb')`` for a regular file only: a named pipe would block the read for ever."""
+def open_regular(path: str, inside: str | None = None) -> IO[bytes]:
+    """``open(path, 'rb')`` for a regular file only: a named pipe would block the read for ever.
+    ``inside`` (a real folder path): the file opened must lie in it, as it did when listed; a
+    file swapped since for a link to elsewhere is refused (:class:`DataError`)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not wait either
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise OSError(f"{path} is not a regular file (a {file_kind(mode)})")
+        if inside is not None:
+            real = opened_path(fd, path)
+            if os.path.commonpath([real, inside]) != inside:
+                raise DataError(f"{path} is now a symbolic link to {real}, outside {inside}: it changed after the "
+                                "folder was listed, and is not read")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def opened_path(fd: int, path: str) -> str:
+    """The real path of the file open as ``fd`` (Linux: what the kernel opened, so a link swapped in
+    after the open does not matter; elsewhere the real path of ``path`` if it is still that file)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = os.path.realpath(path)
+        st, mine = os.stat(real), os.fstat(fd)
+        return real if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino) else os.path.abspath(path)
+
+
+def worker_init() -> None:
+    """Start of a forked worker (decoding, streaming): SIGTERM/SIGINT are the parent's to handle,
+    and the worker dies with its parent (Linux), so a killed run leaves no worker behind."""
+    parent = os.getppid()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the worker ends when it next talks to its parent
+        return
+    if os.getppid() != parent:  # the parent died before prctl: nobody would send the signal
+        os._exit(1)
 
 
 def file_kind(mode: int) -> str:
@@ -163,6 +200,7 @@ class Decoder:
         self.pending: list[bytes | str] = []
         self.futures: deque[cf.Future] = deque()
         self.pool: cf.ProcessPoolExecutor | None = None
+        self.abort: multiprocessing.synchronize.Event | None = None  # set: the workers drop what is left
         self.arrays: list[np.ndarray | None] = []
         self.errors: list[str | None] = []
 
@@ -175,8 +213,12 @@ class Decoder:
         batch, self.pending = self.pending, []
         if not batch:
             return
-        if self.pool is None and self.workers > 1 and len(batch) >= self.chunk:
-            self.pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+        started = self.pool is None and self.workers > 1 and len(batch) >= self.chunk
+        if started:
+            fork = multiprocessing.get_context("fork")
+            self.abort = fork.Event()
+            self.pool = cf.ProcessPoolExecutor(self.workers, mp_context=fork, initializer=_start_worker,
+                                               initargs=(self.abort,))
         if self.pool is not None:
             try:
                 with warnings.catch_warnings():
@@ -198,7 +240,8 @@ class Decoder:
 
     def _collect(self) -> None:
         try:
-            result = self.futures.popleft().result()
+            result = self.futures[0].result()  # queued while waiting: a signal here lets close() stop them
+            self.futures.popleft()
         except cf.process.BrokenProcessPool as e:
             raise DataError(f"a worker process died while decoding {self.label} (out of memory?); set "
                             "SELFSUP_DECODE_WORKERS=1 to decode in this process instead") from e
@@ -208,12 +251,13 @@ class Decoder:
         arrays, errors = result
         self.arrays.extend(list(arrays))
         self.errors.extend(errors)
-        if self.bar is None:
-            from tqdm import tqdm  # imported late: most runs never decode
+        if self.bar is None and sys.stderr is not None and sys.stderr.isatty():  # no tqdm off a terminal: its monitor
+            from tqdm import tqdm  # thread's start swallows a stop signal (imported late: most runs never decode)
 
             self.bar = tqdm(total=self.total, desc=f"decoding {os.path.basename(self.label)}", unit="img",
-                            disable=None, leave=False, file=sys.stderr)  # disable=None: off unless a tty
-        self.bar.update(len(errors))
+                            leave=False, file=sys.stderr)
+        if self.bar is not None:
+            self.bar.update(len(errors))
 
     def finish(self) -> tuple[list[np.ndarray | None], list[str | None]]:
         if self.pool is not None:
@@ -225,7 +269,12 @@ class Decoder:
         return self.arrays, self.errors
 
     def close(self) -> None:
+        """Stop the workers; when decoding was cut short (a signal, an error), at once: their
+        results are never used, so nothing half-decoded reaches the cache."""
         if self.pool is not None:
+            if self.futures:  # each worker stops after its current image (killing one can hang the pool)
+                self.abort.set()
+                self.futures.clear()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
         if self.bar is not None:
@@ -263,15 +312,28 @@ def stack(arrays: list[np.ndarray | None], idx: list[int]) -> np.ndarray:
     return out
 
 
+_abort: multiprocessing.synchronize.Event | None = None  # in a worker: the pool's Decoder.abort
+
+
+def _start_worker(abort: multiprocessing.synchronize.Event) -> None:
+    global _abort
+    _abort = abort
+    worker_init()
+
+
 def _decode_chunk(payloads: list[bytes | str],
                   image_size: int | None) -> tuple[np.ndarray | list, list[str | None]]:
     """Decode encoded images (bytes, or file paths); runs in worker processes."""
     arrays: list[np.ndarray | None] = []
     errors: list[str | None] = []
     for p in payloads:
+        if _abort is not None and _abort.is_set():
+            return [], []  # decoding was cut short: nobody reads this
         try:
             arrays.append(decode_image(p, image_size))
             errors.append(None)
+        except Interrupted:  # a stop signal (decoding in this process) says nothing about the file
+            raise
         except Exception as e:  # noqa: BLE001 - any decoder failure marks just this file as bad
             arrays.append(None)
             errors.append(f"{type(e).__name__}: {e}")

@@ -38,8 +38,8 @@ def load_data(
     ``image_size`` resizes every image's shorter side to that and crops the centre square (digits
     default to 32; other sources keep their native size, which must then be the same for all
     images). ``default_size``: the side used instead when ``image_size`` is None and the images of
-    class folders, an unlabelled folder or a list differ in size (None, and always for the split
-    layout: refuse them, asking for image_size); the result's
+    a folder or a list differ in size (None, and for an archive: refuse them, asking for
+    image_size); the result's
     ``chosen_size`` says when it was used. ``holdout``: the fraction of each class held out as the
     test split of class folders and labelled lists. ``unlabeled`` also loads STL-10's unlabeled
     split. ``skip_corrupt`` leaves out images that fail to decode (with a warning) instead of
@@ -80,9 +80,10 @@ def load_data(
     # A folder of mixed sizes decoded at default_size has the entry of image_size=default_size.
     defaulted = image_size is None and default_size is not None
     for size, mixed in [(image_size, False)] + ([(default_size, True)] if defaulted else []):
-        splits = _cached(*entry_for(size), src, text, unlabeled, mixed)
+        key, entry = entry_for(size)
+        splits = _cached(key, entry, src, text, unlabeled, mixed)
         if splits is not None:
-            splits.chosen_size = size if mixed else None
+            splits.chosen_size, splits.cache_key = (size if mixed else None), key
             return splits
 
     size, mixed = image_size, False
@@ -127,7 +128,7 @@ def load_data(
     if unlabeled and decoded.fmt != "stl10":
         raise DataError(_no_unlabeled(text, decoded.fmt))
     log.info("decoded %s in %.1f s (%s); %s", src.path, time.perf_counter() - t0, _describe(splits), where)
-    splits.chosen_size = size if mixed else None
+    splits.chosen_size, splits.cache_key = (size if mixed else None), key
     return splits
 
 

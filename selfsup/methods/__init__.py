@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..config import Config, check_placeholders, validate
+from ..errors import ConfigError
 from .barlow_twins import BarlowTwins
 from .base import METHODS, Method, StepInfo
 from .byol import BYOL
@@ -36,6 +37,9 @@ def check_config(cfg: Config) -> Config:
     then the presets' placeholders. The trainer's entry calls it; :func:`~selfsup.config.resolve`
     alone checks the fields only."""
     validate(cfg)
+    if cfg.loss != Config.loss and not METHODS[cfg.method].reads_loss:
+        readers = " and ".join(name for name, method in METHODS.items() if method.reads_loss)
+        raise ConfigError(f"loss={cfg.loss} is read by {readers} only; {cfg.method}'s loss is its own")
     METHODS[cfg.method].check(cfg)
     check_placeholders(cfg)
     return cfg

@@ -44,6 +44,8 @@ class Method(nn.Module):
     sync_bn_default: bool = True
     #: ``optim.clip_grad_mode`` when unset: one global norm (DINO clips each parameter's).
     clip_grad_mode_default: str = "global"
+    #: Whether the method reads the top-level ``loss`` (and ``dclw_sigma``); the others' loss is their own.
+    reads_loss: bool = False
 
     def __init__(self, backbone: nn.Module, *, aug: AugConfig, multicrop: MultiCropConfig,
                  weight_decay: float, exclude_bias_and_norm: bool):

@@ -41,6 +41,11 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, BackboneSpec]:
     checkpoint.pt. Errors name the file and what is wrong with it."""
     file, state = load_run(path, who="distill.teacher", kind="pre-training",
                            hint=f"; pass the run folder (its {CHECKPOINT} holds the projection head a teacher needs)")
+    spec = run_spec(state, file)
+    if spec.num_classes is not None:  # a classifier of SimCLRv2's steps (selfsup finetune / distill)
+        made = "a fine-tuning run" if spec.method == "finetune" else f"a {spec.method} run"
+        raise CheckpointError(f"distill.teacher '{file}' is {made} (selfsup {spec.method}); a distillation "
+                              f"teacher is a pre-training run (selfsup pretrain)")
     try:
         saved = from_dict(state["config"])
     except ConfigError as e:
@@ -50,7 +55,7 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, BackboneSpec]:
     about = f"a {saved.method} {m.backbone} (width {m.width})"
     try:
         backbone = build_backbone(m.backbone, width=m.width, cifar_stem=m.cifar_stem,
-                                  binary_weights=m.binary_weights, **run_spec(state, file).vit_args())
+                                  binary_weights=m.binary_weights, **spec.vit_args())
         method = METHODS[saved.method].from_config(saved, backbone)
         method.load_state_dict(state["model"])
     except (RuntimeError, KeyError, ValueError) as e:
@@ -60,7 +65,7 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, BackboneSpec]:
         raise CheckpointError(f"distill.teacher '{file}' is {about} without a projection head to distil")
     teacher = nn.Sequential(method.backbone, method.projector)
     teacher.requires_grad_(False)
-    return teacher.eval(), run_spec(state, file)
+    return teacher.eval(), spec
 
 
 class Distill(Method):

@@ -37,6 +37,7 @@ LOSSES = {"info_nce": {}, "nt_xent": {}, "dcl": {"decoupled": True}, "dclw": {"d
 
 class MoCo(Method):
     sync_bn_default = False  # Shuffle BN, not global BN
+    reads_loss = True
 
     def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, mlp: bool, queue_size: int,
                  momentum: float, momentum_cosine: bool, temperature: float, symmetric: bool,

@@ -38,6 +38,8 @@ from .base import Method, encode_by_resolution
 
 
 class SimCLR(Method):
+    reads_loss = True
+
     def __init__(self, backbone: nn.Module, *, dim: int, hidden_dim: int | None, layers: int, loss: str,
                  temperature: float, dclw_sigma: float, memory_size: int, memory_momentum: float, **shared: Any):
         """dim, hidden_dim (None: the backbone's width), layers: the projection head g (SimCLRv2:

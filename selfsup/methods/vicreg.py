@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
+from ..errors import ConfigError
 from ..heads import mlp
 from ..losses import vicreg
 from .base import TwoViewMethod
@@ -33,6 +34,14 @@ class VICReg(TwoViewMethod):
         m, c = cfg.model, cfg.vicreg
         return cls(backbone, dim=m.proj_dim, hidden_dim=m.proj_hidden, layers=m.proj_layers, sim_coeff=c.sim_coeff,
                    std_coeff=c.std_coeff, cov_coeff=c.cov_coeff, **cls.shared_settings(cfg))
+
+    @staticmethod
+    def check(cfg: Config) -> None:
+        TwoViewMethod.check(cfg)
+        c = cfg.vicreg
+        if c.sim_coeff == c.std_coeff == c.cov_coeff == 0:
+            raise ConfigError("vicreg.sim_coeff, vicreg.std_coeff and vicreg.cov_coeff are all 0: the loss would "
+                              "always be zero; give at least one a positive weight (VICReg's: 25, 25 and 1)")
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
         z1, z2 = self.project(views)  # (N, D) each, BN per view
