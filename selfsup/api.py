@@ -21,7 +21,8 @@ from .embeddings import Embeddings, embed  # noqa: F401 (the API's: selfsup.embe
 from .runs import BackboneSpec
 
 
-def pretrain(config: Config | dict[str, Any] | None = None, *, resume: bool = False) -> dict:
+def pretrain(config: Config | dict[str, Any] | None = None, *, resume: bool = False,
+             data_changed_ok: bool = False) -> dict:
     """Pre-train from a :class:`Config` or a nested dict and return the last epoch's metrics.
 
     A dict may name a ``preset`` and override any setting, as ``--preset`` and ``--set`` do::
@@ -31,7 +32,7 @@ def pretrain(config: Config | dict[str, Any] | None = None, *, resume: bool = Fa
     if config is None or isinstance(config, dict):
         overrides = dict(config or {})
         config = resolve(preset_name=overrides.pop("preset", None), overrides=overrides)
-    return train.pretrain(config, resume=resume)
+    return train.pretrain(config, resume=resume, data_changed_ok=data_changed_ok)
 
 
 class Backbone(nn.Module):

@@ -191,6 +191,8 @@ def _semisup_parsers(sub) -> None:
     ss.add_argument("--no-progress", action="store_true", help="no progress bar while pre-training")
     ss.add_argument("--resume", action="store_true",
                     help="continue the recipe in --out with its own settings, each step where it stopped")
+    ss.add_argument("--data-changed-ok", action="store_true",
+                    help="--resume even though the data changed since the steps' checkpoints")
     ss.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="STEP.KEY=VALUE",
                     help="settings per step: pretrain.model.width=0.25 finetune.epochs=30 "
                          "distill.temperature=0.1 ...")
@@ -269,7 +271,8 @@ def _semisup(a: argparse.Namespace) -> int:
             raise ConfigError(f"--resume continues '{a.out}' with its own settings ({given[0]} cannot change); "
                               f"start a new recipe in another --out to change them")
         ft = FinetuneConfig(device=a.device or "auto")
-        semisup(a.out, pretrain_cfg=None, pretrained=None, finetune_cfg=ft, distill_cfg=StudentConfig(), resume=True)
+        semisup(a.out, pretrain_cfg=None, pretrained=None, finetune_cfg=ft, distill_cfg=StudentConfig(), resume=True,
+                data_changed_ok=a.data_changed_ok)
         print(f"-> {a.out}/results.md")
         return 0
     if not a.data:

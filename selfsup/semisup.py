@@ -507,13 +507,15 @@ def _distill_loss(cfg: StudentConfig, teacher: Classifier, student: Classifier, 
 
 
 def semisup(out: str | Path, *, pretrain_cfg: Config | None, pretrained: str | None,
-            finetune_cfg: FinetuneConfig, distill_cfg: StudentConfig, resume: bool = False) -> dict:
+            finetune_cfg: FinetuneConfig, distill_cfg: StudentConfig, resume: bool = False,
+            data_changed_ok: bool = False) -> dict:
     """Pre-train (unless ``pretrained`` names a run) -> fine-tune -> distil, plus the fine-tuning
     of a randomly initialised network on the same labels; writes ``results.json`` / ``.md``.
 
     The folder is locked while the recipe runs and its settings are in ``semisup.yaml``.
     ``resume``: continue the recipe in ``out`` with those settings (where it runs: the
-    ``device`` of ``finetune_cfg``), each step resumed from its checkpoint or started afresh."""
+    ``device`` of ``finetune_cfg``), each step resumed from its checkpoint or started afresh
+    (``data_changed_ok``: on data that changed since)."""
     out = Path(out)
     with guarded() as (stop, held):
         stop.phase = "between the recipe's steps: each step's checkpoint so far is kept"
@@ -531,7 +533,7 @@ def semisup(out: str | Path, *, pretrain_cfg: Config | None, pretrained: str | N
                     "finetune": dataclasses.asdict(finetune_cfg), "distill": dataclasses.asdict(distill_cfg)}
             ckpt.write_text_atomic(yaml.safe_dump(plan, sort_keys=False), out / PLAN)
         try:
-            table = _recipe(out, pretrain_cfg, pretrained, finetune_cfg, distill_cfg, resume)
+            table = _recipe(out, pretrain_cfg, pretrained, finetune_cfg, distill_cfg, resume, data_changed_ok)
         except Interrupted as e:  # a step's stop: the recipe continues where that step does
             raise e.continued_by(f"selfsup semisup --out {out} --resume") from None
     return table
@@ -573,15 +575,16 @@ def _read_plan(out: Path, device: str) -> tuple[Config | None, str | None, Finet
 
 
 def _recipe(out: Path, pretrain_cfg: Config | None, pretrained: str | None, finetune_cfg: FinetuneConfig,
-            distill_cfg: StudentConfig, resume: bool) -> dict:
-    """The steps of :func:`semisup` (each resumed when ``resume`` and it has a checkpoint) and the table."""
+            distill_cfg: StudentConfig, resume: bool, data_changed_ok: bool = False) -> dict:
+    """The steps of :func:`semisup` (each resumed when ``resume`` and it has a checkpoint; on
+    changed data if ``data_changed_ok``) and the table."""
     def again(folder: Path) -> bool:
         return resume and (folder / CHECKPOINT).exists()
 
     rows: list[dict] = []
     if pretrained is None:
         pretrain_cfg.out = str(out / "pretrain")
-        result = pretrain(pretrain_cfg, resume=again(out / "pretrain"))
+        result = pretrain(pretrain_cfg, resume=again(out / "pretrain"), data_changed_ok=data_changed_ok)
         pretrained = pretrain_cfg.out
         knn = result.get("knn_top1")
         if knn is None and again(out / "pretrain"):  # finished before: its last epoch's figure
@@ -593,12 +596,12 @@ def _recipe(out: Path, pretrain_cfg: Config | None, pretrained: str | None, fine
     for name, folder, random_init in steps:
         cfg = dataclasses.replace(finetune_cfg, checkpoint=str(pretrained), out=str(out / folder),
                                   random_init=random_init, labels=labels)
-        result = finetune(cfg, resume=again(out / folder))
+        result = finetune(cfg, resume=again(out / folder), data_changed_ok=data_changed_ok)
         labels = str(Path(result["out"]) / L.LABELS_FILE)
         rows.append({"step": name, "run": result["out"], "top1": result["test_top1"],
                      "labelled": result["labelled"]})
     dcfg = dataclasses.replace(distill_cfg, teacher=str(out / "finetune"), out=str(out / "distill"))
-    result = distill(dcfg, resume=again(out / "distill"))
+    result = distill(dcfg, resume=again(out / "distill"), data_changed_ok=data_changed_ok)
     rows.append({"step": "3. distil (student)", "run": result["out"], "top1": result["test_top1"]})
 
     table = {"labels": finetune_cfg.labels, "pretrained": str(pretrained), "head_layers": finetune_cfg.head_layers,
