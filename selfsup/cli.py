@@ -338,6 +338,7 @@ def _pretrain(a: argparse.Namespace) -> int:
     from . import distributed as D
     from .config import flatten, resolve
     from .presets import load_yaml, preset_names, read_preset
+    from .resume import WHERE
     from .train import pretrain
 
     if a.list_presets:
@@ -358,7 +359,7 @@ def _pretrain(a: argparse.Namespace) -> int:
     if a.resume:  # the saved settings hold: flags naming a different run are a mistake, not an override
         expect = {k: v for k, v in [("method", a.method), ("model.backbone", a.backbone), ("preset", a.preset)]
                   if v is not None}
-        where = {"train.device", "train.max_minutes", "train.progress", "out"}
+        where = set(WHERE)
         changes = _resume_changes(a.sets, flatten(overrides), where, flatten(load_yaml(a.config)) if a.config else None)
         pretrain(cfg, resume=True, expect=expect, changes=changes, data_changed_ok=a.data_changed_ok)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,10 +22,12 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import Config, apply_updates, flatten, from_dict, nest, validate
+from .data import DataSplits
 from .errors import CheckpointError, ConfigError, DataError
 from .loop import Position, fresh_out, lock_folder, log, refuse_existing
 from .presets import load_yaml
 from .runs import CHECKPOINT, CONFIG, load_run, make_consistent, saved_config
+from .stream import ImageStream
 
 #: The command that wrote a run checkpoint, by its ``kind`` entry (pre-training writes none).
 PRETRAIN = "pretrain"
@@ -130,6 +133,24 @@ def hand_edits(out: Path, saved: Config, changes: dict) -> dict:
                               f"{before.get(key)}; resume cannot change it (put it back, or start a new run)")
         log(f"resume: {key} = {value} taken from '{path}' (edited by hand)")
     return edits
+
+
+def data_identity(source: str, images, splits: DataSplits | None = None) -> dict:
+    """What a checkpoint records of the data it trained on, so a resume on other data is refused
+    (:func:`check_same_data`): the source and the image count of ``images`` (a uint8 array or an
+    :class:`~selfsup.stream.ImageStream`); the decoded images' side and the cache key of
+    ``splits`` (which files, their sizes and times), or a stream's index (a digest of its file
+    names, or of its shards and members)."""
+    identity = {"source": str(source), "images": len(images)}
+    if isinstance(images, ImageStream):
+        digest = hashlib.sha256("\n".join(images.files or images.shards).encode())
+        digest.update(images.members.tobytes())
+        identity["index"] = digest.hexdigest()
+    else:
+        identity["image_size"] = [int(side) for side in images.shape[1:3]]
+        if splits is not None and splits.cache_key:  # the files' paths, sizes and times
+            identity["cache_key"] = splits.cache_key
+    return identity
 
 
 def check_same_data(state: dict, now: dict, allow: bool) -> None:

@@ -36,7 +36,7 @@ from .backbones import NAMES as BACKBONE_NAMES, build_backbone, is_vit
 from . import checkpoint as ckpt
 from .config import MIN_TEMPERATURE, Config, from_dict, parse_set, seed_check
 from .config import apply_updates as apply_settings  # the typed --set machinery of run configs
-from .data import DataSplits, ImageDataset, load_data
+from .data import ImageDataset, load_data
 from .device import autocast, grad_scaler, resolve_device
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from .evaluate import extract_features
@@ -47,7 +47,7 @@ from .loop import (Loop, Position, Schedule, backward_step, fresh_out, guarded, 
 from .losses import distill as distill_loss
 from .norm import plain_batchnorm
 from .optim import build_optimizer, param_groups, scale_lr
-from .resume import apply_changes, check_same_data, open_run, restore
+from .resume import apply_changes, check_same_data, data_identity, open_run, restore
 from .runguard import StopSignals
 from .runs import CHECKPOINT, BackboneSpec, load_run, read_metrics, run_dir, run_spec, saved_config
 from .train import build_method, pretrain
@@ -277,12 +277,6 @@ def top1(model: nn.Module, data: ImageDataset, spec: BackboneSpec, device: torch
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
-def data_identity(source: str, splits: DataSplits, n: int) -> dict:
-    """What a step's checkpoint records of its data (``n`` training images of ``source``), so a
-    resume on other data is refused (:func:`resume.check_same_data`), as pre-training's is."""
-    return {"source": str(source), "images": n, **({"cache_key": splits.cache_key} if splits.cache_key else {})}
-
-
 def _fit(model: Classifier, batch_loss: Callable[[Tensor, torch.Generator], Tensor], n: int, cfg: StepConfig,
          out: Path, kind: str, spec: BackboneSpec, test: ImageDataset, device: torch.device,
          dtype: torch.dtype | None, state: dict | None, stop: StopSignals, data_id: dict,
@@ -380,7 +374,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, changes: dict | None 
             return F.cross_entropy(logits.float(), targets[idx])
 
         metrics = _fit(model, batch_loss, len(indices), cfg, out, "finetune", spec, splits.test, device, dtype,
-                       state, run.stop, data_identity(cfg.data, splits, len(splits.train)), data_changed_ok)
+                       state, run.stop, data_identity(cfg.data, splits.train.images, splits), data_changed_ok)
     return dict(metrics, out=str(out), labelled=len(indices))
 
 
@@ -435,7 +429,7 @@ def distill(cfg: StudentConfig, *, resume: bool = False, changes: dict | None = 
             f"(width {spec.width:g}) on {len(all_images)} images, tau {cfg.temperature:g}, alpha {cfg.alpha:g}")
         batch_loss = _distill_loss(cfg, teacher, student, spec, all_images, labels, device, dtype)
         metrics = _fit(student, batch_loss, len(all_images), cfg, out, "distill", spec, splits.test, device, dtype,
-                       state, run.stop, data_identity(cfg.data, splits, len(all_images)), data_changed_ok)
+                       state, run.stop, data_identity(cfg.data, all_images, splits), data_changed_ok)
     return dict(metrics, out=str(out), teacher_top1=teacher_top1)
 
 

@@ -9,7 +9,6 @@ end of each epoch (each read is a host-device synchronisation).
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import shlex
 import sys
@@ -34,7 +33,7 @@ from .loop import (Loop, Position, Schedule, backward_step, guarded, log, prepar
                    save_checkpoint, start_folder)
 from .methods import METHODS, Method, StepInfo, check_config
 from .optim import build_optimizer, scale_lr
-from .resume import check_same_data, open_folder, restore
+from .resume import check_same_data, data_identity, open_folder, restore
 from .runguard import StopSignals
 from .runs import CHECKPOINT, TENSORBOARD, BackboneSpec, load_backbone, load_run, saved_config
 from .stream import ImageStream, StreamLoader
@@ -155,25 +154,7 @@ class Run:
     start: Position
     stop: StopSignals
     held: ExitStack             # the run lock and what closes with the run
-    data_id: dict               # what the checkpoint records of the data (:func:`data_identity`)
-
-
-def data_identity(cfg: Config, data: Images) -> dict:
-    """What a checkpoint records of the data it trained on, so a resume on other data is refused
-    (:func:`resume.check_same_data`): the source and the image count; the decoded images' side and
-    the cache key (which files, their sizes and times), or a stream's index (a digest of its file
-    names, or of its shards and members)."""
-    images = data.images
-    identity = {"source": str(cfg.data.source), "images": len(images)}
-    if isinstance(images, ImageStream):
-        digest = hashlib.sha256("\n".join(images.files or images.shards).encode())
-        digest.update(images.members.tobytes())
-        identity["index"] = digest.hexdigest()
-    else:
-        identity["image_size"] = [int(side) for side in images.shape[1:3]]
-        if data.splits is not None and data.splits.cache_key:  # the files' paths, sizes and times
-            identity["cache_key"] = data.splits.cache_key
-    return identity
+    data_id: dict               # what the checkpoint records of the data (:func:`resume.data_identity`)
 
 
 def build_run(cfg: Config, *, resume: bool = False, expect: dict | None = None,
@@ -187,7 +168,7 @@ def build_run(cfg: Config, *, resume: bool = False, expect: dict | None = None,
     cfg, out, state = open_folder(cfg, resume, expect or {}, held, changes)
     dtype = prepare_device(device, cfg.train.precision, cfg.train.seed, cfg.train.cudnn_benchmark)
     data = load_images(cfg)
-    data_id = data_identity(cfg, data)
+    data_id = data_identity(cfg.data.source, data.images, data.splits)
     if state is not None:
         check_same_data(state, data_id, data_changed_ok)
     spec = backbone_spec(cfg, data.size, data.mean, data.std)
